@@ -1,0 +1,98 @@
+"""Small building blocks shared by every family: pooling, drop path, init helpers."""
+from __future__ import annotations
+
+import math
+
+import mindspore.common.initializer as init
+from mindspore import Tensor, nn, ops
+
+POOL_PAD_MODES = ("same", "pad")
+
+
+def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+           groups: int = 1, bias: bool = False, dilation: int = 1) -> nn.Conv2d:
+    """A conv with PyTorch-style symmetric padding (k // 2 * dilation), no bias by default."""
+    padding = (kernel_size // 2) * dilation
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                     pad_mode="pad" if padding else "valid", padding=padding,
+                     dilation=dilation, group=groups, has_bias=bias)
+
+
+def pool3x3(kind: str, stride: int, pad_mode: str) -> nn.Cell:
+    """A 3x3 max or average pool.
+
+    ``pad_mode="same"`` is MindSpore/TF 'same' padding (extra row/column at the bottom/right,
+    averages exclude padding) as mindcv's released weights were trained with; ``"pad"`` pads one
+    pixel of zeros on every side as PyTorch/timm do (averages include padding; zeros are exact
+    for max pooling because every pool in these nets follows a ReLU).
+    """
+    if pad_mode not in POOL_PAD_MODES:
+        raise ValueError(f"pool pad_mode must be one of {POOL_PAD_MODES}, got {pad_mode!r}")
+    pool_cls = nn.MaxPool2d if kind == "max" else nn.AvgPool2d
+    if pad_mode == "same":
+        return pool_cls(kernel_size=3, stride=stride, pad_mode="same")
+    return nn.SequentialCell([nn.Pad(paddings=((0, 0), (0, 0), (1, 1), (1, 1)), mode="CONSTANT"),
+                              pool_cls(kernel_size=3, stride=stride)])
+
+
+class GlobalAvgPool(nn.Cell):
+    """Mean over H and W: (N, C, H, W) -> (N, C) or (N, C, 1, 1) with ``keep_dims``."""
+
+    def __init__(self, keep_dims: bool = False) -> None:
+        super().__init__()
+        self.keep_dims = keep_dims
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.mean(x, axis=(2, 3), keep_dims=self.keep_dims)
+
+
+class DropPath(nn.Cell):
+    """Stochastic depth: zero a sample's residual branch with probability ``drop_prob``."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {drop_prob}")
+        self.keep_prob = 1.0 - drop_prob
+        self.uniform = ops.UniformReal()
+
+    def construct(self, x: Tensor) -> Tensor:
+        if not self.training or self.keep_prob == 1.0:
+            return x
+        mask = ops.floor(self.uniform((x.shape[0], 1, 1, 1)) + self.keep_prob)
+        return x / self.keep_prob * mask
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round ``value`` to a multiple of ``divisor``, never below ``min_value`` or 90 % of it."""
+    min_value = min_value or divisor
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def init_weights(net: nn.Cell, zero_init_last: bool = False) -> None:
+    """He-normal (fan_out) convs, unit BN, uniform Dense: the init of torchvision and mindcv.
+
+    With ``zero_init_last`` the last BN of every residual block starts at gamma=0, so each block
+    begins as identity (Goyal et al.).
+    """
+    for _, cell in net.cells_and_names():
+        if isinstance(cell, nn.Conv2d):
+            cell.weight.set_data(init.initializer(init.HeNormal(mode="fan_out", nonlinearity="relu"),
+                                                  cell.weight.shape, cell.weight.dtype))
+            if cell.bias is not None:
+                cell.bias.set_data(init.initializer("zeros", cell.bias.shape, cell.bias.dtype))
+        elif isinstance(cell, nn.BatchNorm2d):
+            cell.gamma.set_data(init.initializer("ones", cell.gamma.shape, cell.gamma.dtype))
+            cell.beta.set_data(init.initializer("zeros", cell.beta.shape, cell.beta.dtype))
+        elif isinstance(cell, nn.Dense):
+            bound = 1.0 / math.sqrt(cell.in_channels)
+            cell.weight.set_data(init.initializer(init.Uniform(bound), cell.weight.shape, cell.weight.dtype))
+            if cell.bias is not None:
+                cell.bias.set_data(init.initializer(init.Uniform(bound), cell.bias.shape, cell.bias.dtype))
+    if zero_init_last:
+        for _, cell in net.cells_and_names():
+            bn_name = getattr(cell, "last_bn_name", None)
+            if bn_name:
+                last_bn = getattr(cell, bn_name)
+                last_bn.gamma.set_data(init.initializer("zeros", last_bn.gamma.shape, last_bn.gamma.dtype))

@@ -1,0 +1,197 @@
+"""Released weights as data (URL, hash, accuracy, eval transform), and their safe download.
+
+Each entry is one set of released ImageNet weights, like a torchvision weights enum: where it
+lives, the SHA-256 prefix in its file name (checked before use), its published accuracy and the
+eval transform it was measured with. Models without released MindSpore weights keep their
+published accuracy (paper, PaddleClas) with ``url=None``.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+from mindspore import nn
+
+from .weights import WeightsError, load_weights, read_checkpoint
+
+logger = logging.getLogger("resgarden")
+
+MINDCV_URL = "https://download.mindspore.cn/toolkits/mindcv/"
+CACHE_ENV = "RESGARDEN_CACHE"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """One set of ImageNet weights and what was published about it."""
+
+    top1: float
+    top5: float | None
+    source: str
+    url: str | None = None
+    recipe: str | None = None
+    num_classes: int = 1000
+    image_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def filename(self) -> str:
+        return os.path.basename(urllib.parse.urlparse(self.url or "").path)
+
+    @property
+    def sha256_prefix(self) -> str:
+        """The hex digest prefix in the file name, as in ``res2net50-f42cf71b.ckpt``."""
+        match = re.search(r"-([0-9a-f]{8,64})\.ckpt$", self.filename)
+        if not match:
+            raise WeightsError(f"weights URL {self.url} carries no SHA-256 prefix in its file name")
+        return match.group(1)
+
+
+def _mindcv(path: str, top1: float, top5: float, recipe: str, **kwargs) -> Pretrained:
+    return Pretrained(top1, top5, "mindcv", url=MINDCV_URL + path,
+                      recipe=f"https://github.com/mindspore-lab/mindcv/blob/main/configs/{recipe}", **kwargs)
+
+
+PRETRAINED: dict[str, Pretrained] = {
+    "resnet18": _mindcv("resnet/resnet18-1e65cd21.ckpt", 70.21, 89.62, "resnet/resnet_18_ascend.yaml"),
+    "resnet34": _mindcv("resnet/resnet34-f297d27e.ckpt", 74.15, 91.98, "resnet/resnet_34_ascend.yaml"),
+    "resnet50": _mindcv("resnet/resnet50-e0733ab8.ckpt", 76.69, 93.50, "resnet/resnet_50_ascend.yaml"),
+    "resnet101": _mindcv("resnet/resnet101-689c5e77.ckpt", 78.24, 94.09, "resnet/resnet_101_ascend.yaml"),
+    "resnet152": _mindcv("resnet/resnet152-beb689d8.ckpt", 78.72, 94.45, "resnet/resnet_152_ascend.yaml"),
+    "resnext50_32x4d": _mindcv("resnext/resnext50_32x4d-af8aba16.ckpt", 78.53, 94.10,
+                               "resnext/resnext50_32x4d_ascend.yaml"),
+    "resnext101_32x4d": _mindcv("resnext/resnext101_32x4d-3c1e9c51.ckpt", 79.83, 94.80,
+                                "resnext/resnext101_32x4d_ascend.yaml"),
+    "resnext101_64x4d": _mindcv("resnext/resnext101_64x4d-8929255b.ckpt", 80.30, 94.82,
+                                "resnext/resnext101_64x4d_ascend.yaml"),
+    "res2net50": _mindcv("res2net/res2net50-f42cf71b.ckpt", 79.35, 94.64, "res2net/res2net_50_ascend.yaml"),
+    "res2net101": _mindcv("res2net/res2net101-8ae60132.ckpt", 79.56, 94.70, "res2net/res2net_101_ascend.yaml"),
+    "res2net50_v1b": _mindcv("res2net/res2net50_v1b-99304e92.ckpt", 80.32, 95.09,
+                             "res2net/res2net_50_v1b_ascend.yaml"),
+    "res2net101_v1b": _mindcv("res2net/res2net101_v1b-7e6db001.ckpt", 81.14, 95.41,
+                              "res2net/res2net_101_v1b_ascend.yaml"),
+    "resnest50": _mindcv("resnest/resnest50-f2e7fc9c.ckpt", 80.81, 95.16, "resnest/resnest50_ascend.yaml"),
+    "resnest101": _mindcv("resnest/resnest101-7cc5c258.ckpt", 82.90, 96.12, "resnest/resnest101_ascend.yaml",
+                          image_size=256, crop_pct=0.9),
+    # No released MindSpore weights: accuracy as published (Res2Net paper / PaddleClas).
+    "res2net50_14w_8s": Pretrained(79.5, 94.7, "PaddleClas"),
+    "res2net50_48w_2s": Pretrained(77.32, 93.53, "paper"),
+    "res2net50_26w_6s": Pretrained(78.58, 94.13, "paper"),
+    "res2net50_26w_8s": Pretrained(79.20, 94.37, "paper"),
+}
+
+
+def published_top1(name: str) -> tuple[float, str] | None:
+    """(top-1 %, source) as published for ``name``, if known."""
+    entry = PRETRAINED.get(name)
+    return (entry.top1, entry.source) if entry else None
+
+
+def cache_dir(override: str | None = None) -> str:
+    """Where downloaded weights live: ``override``, else $RESGARDEN_CACHE, else ~/.cache/resgarden."""
+    return override or os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "resgarden")
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_url(url: str) -> None:
+    """HTTPS only (certificates verified by urllib); plain HTTP only to this machine, for tests."""
+    parsed = urllib.parse.urlparse(url)
+    loopback = parsed.hostname in ("127.0.0.1", "localhost", "::1")
+    if parsed.scheme != "https" and not (parsed.scheme == "http" and loopback):
+        raise WeightsError(f"refusing to download weights over {parsed.scheme or 'no scheme'}: {url} (HTTPS only)")
+
+
+def download_verified(url: str, sha256_prefix: str, directory: str | None = None, timeout: float = 60.0) -> str:
+    """Return a local copy of ``url`` whose SHA-256 starts with ``sha256_prefix``.
+
+    A cached copy is reused when its hash is right and replaced when it is not. The download goes
+    to a temporary file in the cache folder, is hashed, and is renamed into place only if the
+    hash matches; on any failure nothing is left behind and the error names the URL and the path
+    where a manually downloaded file can be placed.
+    """
+    _check_url(url)
+    directory = cache_dir(directory)
+    dest = os.path.join(directory, os.path.basename(urllib.parse.urlparse(url).path))
+    if os.path.isfile(dest):
+        if sha256_of(dest).startswith(sha256_prefix):
+            return dest
+        logger.warning("cached %s has the wrong SHA-256; downloading it again", dest)
+        os.remove(dest)
+    os.makedirs(directory, exist_ok=True)
+    fd, part = tempfile.mkstemp(prefix=os.path.basename(dest) + ".", suffix=".part", dir=directory)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            expected_size = response.headers.get("Content-Length")
+            size = 0
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                out.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+        if expected_size is not None and size != int(expected_size):
+            raise WeightsError(f"download of {url} was truncated ({size} of {expected_size} bytes)")
+        if not digest.hexdigest().startswith(sha256_prefix):
+            raise WeightsError(f"SHA-256 of {url} is {digest.hexdigest()[:16]}..., expected {sha256_prefix}...: "
+                               "the file is corrupt or was replaced; it was deleted")
+        os.replace(part, dest)
+        return dest
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        if isinstance(exc, WeightsError):
+            raise
+        raise WeightsError(f"cannot download {url} ({reason}). Without network, download it by hand "
+                           f"and place it at {dest}") from None
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+
+
+def load_pretrained(model: nn.Cell, name: str, directory: str | None = None) -> None:
+    """Download (or reuse), verify and load the released weights of ``name`` into ``model``.
+
+    A 1001-class release (class 0..999 + an unused last output) is cut to 1000 classes; when the
+    model has another number of classes, the classifier is left freshly initialised and the log
+    says so.
+    """
+    entry = PRETRAINED.get(name)
+    if entry is None or entry.url is None:
+        source = f" (published top-1 {entry.top1} from {entry.source})" if entry else ""
+        raise WeightsError(f"{name} has no released MindSpore weights{source}; train it, or load converted "
+                           "weights with checkpoint_path=...")
+    state = dict(read_checkpoint(download_verified(entry.url, entry.sha256_prefix, directory)))
+    params = model.parameters_dict()
+    head_w = state.get("classifier.weight", state.get("fc.weight"))
+    head_names = [k for k in ("classifier.weight", "classifier.bias", "fc.weight", "fc.bias") if k in state]
+    model_classes = params["classifier.weight"].shape[0] if "classifier.weight" in params else 0
+    replaced_head: tuple[str, ...] = ()
+    if head_w is not None and head_w.shape[0] == 1001 and model_classes == 1000:
+        for key in head_names:
+            state[key] = state[key].asnumpy()[:1000]
+        logger.info("%s: released head has 1001 outputs; using the first 1000", name)
+    elif head_w is not None and head_w.shape[0] != model_classes:
+        for key in head_names:
+            del state[key]
+        replaced_head = ("classifier.",)
+        logger.info("%s: released head has %d classes, model has %d: classifier left freshly initialised",
+                    name, head_w.shape[0], model_classes)
+    report = load_weights(model, state, may_be_missing=replaced_head)
+    logger.info("%s: loaded pretrained weights from %s: %s", name, entry.url, report.table())

@@ -1,0 +1,120 @@
+"""Res2Net: the Bottle2neck block and the Res2Net / Res2Net-v1b variants on the shared trunk."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from mindspore import Tensor, nn, ops
+
+from .layers import DropPath, conv2d, pool3x3
+from .registry import register_model
+from .resnet import ResNet
+
+
+class Bottle2neck(nn.Cell):
+    """Res2Net bottleneck: the 3x3 conv is split into ``scale`` groups of ``width`` channels,
+    each conv seeing its own split plus the previous output (hierarchical residual).
+
+    The first block of a stage ('stage' type) convolves each split independently and avg-pools
+    the last one instead of passing it through.
+    """
+
+    expansion = 4
+    last_bn_name = "bn3"
+    uses_pool_pad = True
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1,
+                 down_sample: nn.Cell | None = None, drop_path: float = 0.0,
+                 groups: int = 1, base_width: int = 26, scale: int = 4, pool_pad: str = "pad") -> None:
+        super().__init__()
+        if scale < 2:
+            raise ValueError(f"Res2Net scale must be >= 2, got {scale}")
+        width = int(math.floor(planes * (base_width / 64.0))) * groups
+        self.width = width
+        self.scale = scale
+        self.num_convs = scale - 1
+        self.is_stage = stride > 1 or down_sample is not None
+        self.conv1 = conv2d(in_channels, width * scale, 1)
+        self.bn1 = nn.BatchNorm2d(width * scale)
+        self.convs = nn.CellList([conv2d(width, width, 3, stride, groups=groups) for _ in range(self.num_convs)])
+        self.bns = nn.CellList([nn.BatchNorm2d(width) for _ in range(self.num_convs)])
+        self.pool = pool3x3("avg", stride, pool_pad) if self.is_stage else None
+        self.conv3 = conv2d(width * scale, planes * self.expansion, 1)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU()
+        self.down_sample = down_sample
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
+
+    def construct(self, x: Tensor) -> Tensor:
+        shortcut = x if self.down_sample is None else self.down_sample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        splits = ops.split(out, self.width, axis=1)
+        sp = splits[0]
+        outs = []
+        for i in range(self.num_convs):
+            if i > 0:
+                sp = splits[i] if self.is_stage else sp + splits[i]
+            sp = self.relu(self.bns[i](self.convs[i](sp)))
+            outs.append(sp)
+        last = splits[self.num_convs]
+        outs.append(self.pool(last) if self.is_stage else last)
+        out = self.bn3(self.conv3(ops.concat(outs, axis=1)))
+        if self.drop_path is not None:
+            out = self.drop_path(out)
+        return self.relu(out + shortcut)
+
+
+def _res2net(layers: tuple[int, ...], base_width: int, scale: int, v1b: bool = False, **kwargs: Any) -> ResNet:
+    """Res2Net trunk; v1b adds the deep stem (width 32) and the avg-pool shortcut."""
+    kwargs.setdefault("pool_pad", "pad")
+    if v1b:
+        kwargs.update(deep_stem=True, stem_width=32, avg_down=True)
+    return ResNet(Bottle2neck, layers, block_args=dict(base_width=base_width, scale=scale), **kwargs)
+
+
+@register_model
+def res2net50(**kwargs: Any) -> ResNet:
+    """Res2Net-50 26w x 4s."""
+    return _res2net((3, 4, 6, 3), 26, 4, **kwargs)
+
+
+@register_model
+def res2net101(**kwargs: Any) -> ResNet:
+    """Res2Net-101 26w x 4s."""
+    return _res2net((3, 4, 23, 3), 26, 4, **kwargs)
+
+
+@register_model
+def res2net50_14w_8s(**kwargs: Any) -> ResNet:
+    """Res2Net-50 14w x 8s."""
+    return _res2net((3, 4, 6, 3), 14, 8, **kwargs)
+
+
+@register_model
+def res2net50_48w_2s(**kwargs: Any) -> ResNet:
+    """Res2Net-50 48w x 2s."""
+    return _res2net((3, 4, 6, 3), 48, 2, **kwargs)
+
+
+@register_model
+def res2net50_26w_6s(**kwargs: Any) -> ResNet:
+    """Res2Net-50 26w x 6s."""
+    return _res2net((3, 4, 6, 3), 26, 6, **kwargs)
+
+
+@register_model
+def res2net50_26w_8s(**kwargs: Any) -> ResNet:
+    """Res2Net-50 26w x 8s."""
+    return _res2net((3, 4, 6, 3), 26, 8, **kwargs)
+
+
+@register_model
+def res2net50_v1b(**kwargs: Any) -> ResNet:
+    """Res2Net-50-v1b 26w x 4s: deep stem and avg-pool shortcut."""
+    return _res2net((3, 4, 6, 3), 26, 4, v1b=True, **kwargs)
+
+
+@register_model
+def res2net101_v1b(**kwargs: Any) -> ResNet:
+    """Res2Net-101-v1b 26w x 4s: deep stem and avg-pool shortcut."""
+    return _res2net((3, 4, 23, 3), 26, 4, v1b=True, **kwargs)

@@ -1,0 +1,104 @@
+"""ResNeSt: the split-attention bottleneck and the ResNeSt variants on the shared trunk."""
+from __future__ import annotations
+
+from typing import Any
+
+from mindspore import Tensor, nn, ops
+
+from .layers import DropPath, GlobalAvgPool, conv2d, make_divisible, pool3x3
+from .registry import register_model
+from .resnet import ResNet
+
+
+class SplitAttn(nn.Cell):
+    """Split-attention conv: ``radix`` grouped 3x3 branches weighted by a softmax over the radix
+    axis, computed from their pooled sum (ResNeSt, Zhang et al. 2020)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1,
+                 radix: int = 2, rd_ratio: float = 0.25, rd_divisor: int = 8) -> None:
+        super().__init__()
+        self.radix = radix
+        self.groups = groups
+        mid_channels = out_channels * radix
+        attn_channels = make_divisible(in_channels * radix * rd_ratio, rd_divisor, min_value=32)
+        self.conv = conv2d(in_channels, mid_channels, 3, stride, groups=groups * radix)
+        self.bn0 = nn.BatchNorm2d(mid_channels)
+        self.relu = nn.ReLU()
+        self.pool = GlobalAvgPool(keep_dims=True)
+        self.fc1 = conv2d(out_channels, attn_channels, 1, groups=groups, bias=True)
+        self.bn1 = nn.BatchNorm2d(attn_channels)
+        self.fc2 = conv2d(attn_channels, mid_channels, 1, groups=groups, bias=True)
+
+    def construct(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn0(self.conv(x)))
+        batch, channels, height, width = x.shape
+        if self.radix > 1:
+            x = ops.reshape(x, (batch, self.radix, channels // self.radix, height, width))
+            gap = x.sum(axis=1)
+        else:
+            gap = x
+        attn = self.fc2(self.relu(self.bn1(self.fc1(self.pool(gap)))))
+        if self.radix > 1:
+            attn = ops.reshape(attn, (batch, self.groups, self.radix, -1))
+            attn = ops.softmax(ops.transpose(attn, (0, 2, 1, 3)), axis=1)
+            attn = ops.reshape(attn, (batch, self.radix, channels // self.radix, 1, 1))
+            return (x * attn).sum(axis=1)
+        return x * ops.reshape(ops.sigmoid(attn), (batch, -1, 1, 1))
+
+
+class ResNestBottleneck(nn.Cell):
+    """1x1 -> split-attention 3x3 -> (avg-pool for the stride, 'avd') -> 1x1 x4."""
+
+    expansion = 4
+    last_bn_name = "bn3"
+    uses_pool_pad = True
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1,
+                 down_sample: nn.Cell | None = None, drop_path: float = 0.0,
+                 radix: int = 2, cardinality: int = 1, base_width: int = 64, avd: bool = True,
+                 avd_first: bool = False, pool_pad: str = "same") -> None:
+        super().__init__()
+        group_width = int(planes * (base_width / 64.0)) * cardinality
+        avd_stride = stride if avd and stride > 1 else 0
+        conv_stride = 1 if avd_stride else stride
+        self.avd_first = avd_first
+        self.conv1 = conv2d(in_channels, group_width, 1)
+        self.bn1 = nn.BatchNorm2d(group_width)
+        self.conv2 = SplitAttn(group_width, group_width, conv_stride, groups=cardinality, radix=radix)
+        self.avd_layer = pool3x3("avg", avd_stride, pool_pad) if avd_stride else None
+        self.conv3 = conv2d(group_width, planes * self.expansion, 1)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU()
+        self.down_sample = down_sample
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
+
+    def construct(self, x: Tensor) -> Tensor:
+        shortcut = x if self.down_sample is None else self.down_sample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        if self.avd_layer is not None and self.avd_first:
+            out = self.avd_layer(out)
+        out = self.conv2(out)
+        if self.avd_layer is not None and not self.avd_first:
+            out = self.avd_layer(out)
+        out = self.bn3(self.conv3(out))
+        if self.drop_path is not None:
+            out = self.drop_path(out)
+        return self.relu(out + shortcut)
+
+
+def _resnest(layers: tuple[int, ...], stem_width: int, **kwargs: Any) -> ResNet:
+    """ResNeSt-xxd trunk: deep stem, avg-pool shortcut, radix-2 split attention with avd."""
+    return ResNet(ResNestBottleneck, layers, deep_stem=True, stem_width=stem_width, avg_down=True,
+                  block_args=dict(radix=2, avd=True), **kwargs)
+
+
+@register_model
+def resnest50(**kwargs: Any) -> ResNet:
+    """ResNeSt-50 2s1x64d."""
+    return _resnest((3, 4, 6, 3), 32, **kwargs)
+
+
+@register_model
+def resnest101(**kwargs: Any) -> ResNet:
+    """ResNeSt-101 2s1x64d."""
+    return _resnest((3, 4, 23, 3), 64, **kwargs)

@@ -1,0 +1,244 @@
+"""The one ResNet trunk shared by every family, plus BasicBlock / Bottleneck and the ResNet and
+ResNeXt variants.
+
+Parameter names follow mindcv's ResNet (``conv1``, ``bn1``, ``layerN.i.down_sample``,
+``classifier``) so that mindcv's released ResNet/ResNeXt/Res2Net checkpoints load unchanged;
+the other layouts are mapped in :mod:`models.weights`.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from mindspore import Tensor, nn
+
+from .layers import DropPath, GlobalAvgPool, conv2d, init_weights, pool3x3
+from .registry import register_model
+
+STAGE_PLANES = (64, 128, 256, 512)
+
+
+class BasicBlock(nn.Cell):
+    """Two 3x3 convs (ResNet-18/34)."""
+
+    expansion = 1
+    last_bn_name = "bn2"
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1,
+                 down_sample: nn.Cell | None = None, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.conv1 = conv2d(in_channels, planes, 3, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv2d(planes, planes, 3)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU()
+        self.down_sample = down_sample
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
+
+    def construct(self, x: Tensor) -> Tensor:
+        shortcut = x if self.down_sample is None else self.down_sample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.drop_path is not None:
+            out = self.drop_path(out)
+        return self.relu(out + shortcut)
+
+
+class Bottleneck(nn.Cell):
+    """1x1 -> 3x3 (stride, groups) -> 1x1 x4; ``groups`` and ``base_width`` give ResNeXt."""
+
+    expansion = 4
+    last_bn_name = "bn3"
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1,
+                 down_sample: nn.Cell | None = None, drop_path: float = 0.0,
+                 groups: int = 1, base_width: int = 64) -> None:
+        super().__init__()
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv2d(in_channels, width, 1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv2d(width, width, 3, stride, groups=groups)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv2d(width, planes * self.expansion, 1)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU()
+        self.down_sample = down_sample
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
+
+    def construct(self, x: Tensor) -> Tensor:
+        shortcut = x if self.down_sample is None else self.down_sample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.drop_path is not None:
+            out = self.drop_path(out)
+        return self.relu(out + shortcut)
+
+
+def make_shortcut(in_channels: int, out_channels: int, stride: int, avg_down: bool) -> nn.SequentialCell:
+    """Projection shortcut: strided 1x1 conv + BN, or (ResNet-D) avg-pool, 1x1 conv, BN."""
+    if not avg_down:
+        return nn.SequentialCell([conv2d(in_channels, out_channels, 1, stride), nn.BatchNorm2d(out_channels)])
+    pool = nn.AvgPool2d(kernel_size=stride, stride=stride, pad_mode="same") if stride > 1 else nn.Identity()
+    return nn.SequentialCell([pool, conv2d(in_channels, out_channels, 1), nn.BatchNorm2d(out_channels)])
+
+
+def make_stem(in_channels: int, deep_stem: bool, stem_width: int) -> tuple[nn.Cell, int]:
+    """The 7x7/2 conv, or the deep 3x3/2-3x3-3x3 stem (ResNet-C); returns it and its width."""
+    if not deep_stem:
+        return conv2d(in_channels, 64, 7, 2), 64
+    stem = nn.SequentialCell([
+        conv2d(in_channels, stem_width, 3, 2), nn.BatchNorm2d(stem_width), nn.ReLU(),
+        conv2d(stem_width, stem_width, 3), nn.BatchNorm2d(stem_width), nn.ReLU(),
+        conv2d(stem_width, stem_width * 2, 3),
+    ])
+    return stem, stem_width * 2
+
+
+class ResNet(nn.Cell):
+    """ResNet trunk: stem, four stages of ``block``, global pool, dropout, classifier.
+
+    Args:
+        block: residual block class (``BasicBlock``, ``Bottleneck``, ``Bottle2neck``,
+            ``ResNestBottleneck``); it must have ``expansion`` and take
+            ``(in_channels, planes, stride, down_sample, drop_path, **block_args)``.
+        layers: blocks per stage.
+        num_classes: classifier outputs; 0 removes the classifier (the net returns pooled features).
+        in_channels: input image channels.
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth, rising linearly to this value at the last block.
+        deep_stem: three 3x3 convs (widths ``stem_width``, ``stem_width``, ``2*stem_width``)
+            instead of the 7x7 conv.
+        stem_width: width of the deep stem.
+        avg_down: avg-pool + 1x1 conv shortcut instead of a strided 1x1 conv.
+        pool_pad: ``"same"`` (MindSpore/mindcv) or ``"pad"`` (PyTorch/timm) padding for the 3x3 pools.
+        block_args: extra block arguments (groups, base_width, scale, radix, avd, ...).
+        features_only: ``construct`` returns the four stage maps (strides 4, 8, 16, 32).
+        zero_init_last: start every block's last BN at gamma=0.
+    """
+
+    def __init__(self, block: type, layers: Sequence[int], num_classes: int = 1000, in_channels: int = 3,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, deep_stem: bool = False,
+                 stem_width: int = 64, avg_down: bool = False, pool_pad: str = "same",
+                 block_args: dict[str, Any] | None = None, features_only: bool = False,
+                 zero_init_last: bool = False) -> None:
+        super().__init__()
+        if len(layers) != 4:
+            raise ValueError(f"ResNet needs 4 stages, got layers={list(layers)}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        block_args = dict(block_args or {})
+        if getattr(block, "uses_pool_pad", False):
+            block_args.setdefault("pool_pad", pool_pad)
+        self.conv1, width = make_stem(in_channels, deep_stem, stem_width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.max_pool = pool3x3("max", 2, pool_pad)
+        self.feature_info = []
+        total_blocks, block_index = sum(layers), 0
+        for stage, (planes, num_blocks) in enumerate(zip(STAGE_PLANES, layers)):
+            stride = 1 if stage == 0 else 2
+            out_width = planes * block.expansion
+            blocks = []
+            for i in range(num_blocks):
+                down_sample = None
+                if i == 0 and (stride != 1 or width != out_width):
+                    down_sample = make_shortcut(width, out_width, stride, avg_down)
+                drop_path = drop_path_rate * block_index / max(total_blocks - 1, 1)
+                blocks.append(block(width, planes, stride if i == 0 else 1, down_sample=down_sample,
+                                    drop_path=drop_path, **block_args))
+                width, block_index = out_width, block_index + 1
+            setattr(self, f"layer{stage + 1}", nn.SequentialCell(blocks))
+            self.feature_info.append(dict(chs=width, reduction=4 * 2 ** stage, name=f"layer{stage + 1}"))
+        self.num_features = width
+        self.features_only = features_only
+        self.pool = GlobalAvgPool()
+        self.dropout = nn.Dropout(p=drop_rate) if drop_rate > 0 else None
+        self.classifier = nn.Dense(width, num_classes) if num_classes > 0 and not features_only else None
+        init_weights(self, zero_init_last)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one of ``num_classes`` outputs (0: none)."""
+        self.classifier = nn.Dense(self.num_features, num_classes) if num_classes > 0 else None
+        if self.classifier is not None:
+            init_weights(self.classifier)
+
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.max_pool(self.relu(self.bn1(self.conv1(x))))
+
+    def forward_stages(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The four stage outputs, strides 4, 8, 16 and 32."""
+        c2 = self.layer1(self.forward_stem(x))
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return c2, c3, c4, c5
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last feature map (N, num_features, H/32, W/32)."""
+        x = self.forward_stem(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """Global pool, dropout, classifier; pooled features when there is no classifier."""
+        x = self.pool(x)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        if self.classifier is not None:
+            x = self.classifier(x)
+        return x
+
+    def construct(self, x: Tensor):
+        if self.features_only:
+            return self.forward_stages(x)
+        return self.forward_head(self.forward_features(x))
+
+
+@register_model
+def resnet18(**kwargs: Any) -> ResNet:
+    """ResNet-18."""
+    return ResNet(BasicBlock, (2, 2, 2, 2), **kwargs)
+
+
+@register_model
+def resnet34(**kwargs: Any) -> ResNet:
+    """ResNet-34."""
+    return ResNet(BasicBlock, (3, 4, 6, 3), **kwargs)
+
+
+@register_model
+def resnet50(**kwargs: Any) -> ResNet:
+    """ResNet-50."""
+    return ResNet(Bottleneck, (3, 4, 6, 3), **kwargs)
+
+
+@register_model
+def resnet101(**kwargs: Any) -> ResNet:
+    """ResNet-101."""
+    return ResNet(Bottleneck, (3, 4, 23, 3), **kwargs)
+
+
+@register_model
+def resnet152(**kwargs: Any) -> ResNet:
+    """ResNet-152."""
+    return ResNet(Bottleneck, (3, 8, 36, 3), **kwargs)
+
+
+@register_model
+def resnext50_32x4d(**kwargs: Any) -> ResNet:
+    """ResNeXt-50 32x4d."""
+    return ResNet(Bottleneck, (3, 4, 6, 3), block_args=dict(groups=32, base_width=4), **kwargs)
+
+
+@register_model
+def resnext101_32x4d(**kwargs: Any) -> ResNet:
+    """ResNeXt-101 32x4d."""
+    return ResNet(Bottleneck, (3, 4, 23, 3), block_args=dict(groups=32, base_width=4), **kwargs)
+
+
+@register_model
+def resnext101_64x4d(**kwargs: Any) -> ResNet:
+    """ResNeXt-101 64x4d."""
+    return ResNet(Bottleneck, (3, 4, 23, 3), block_args=dict(groups=64, base_width=4), **kwargs)

@@ -1,0 +1,1 @@
+"""The engine shared by train.py, validate.py, eval.py and benchmark.py."""

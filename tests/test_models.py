@@ -1,0 +1,137 @@
+"""The model zoo: exact parameter counts, registry behaviour, trunk options, both execution modes."""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+import models
+from models.profile import count_macs, count_params
+
+# Published trainable-parameter counts at num_classes=1000 (also what timm builds).
+EXPECTED_PARAMS = {
+    "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
+    "resnet101": 44_549_160, "resnet152": 60_192_808,
+    "resnext50_32x4d": 25_028_904, "resnext101_32x4d": 44_177_704, "resnext101_64x4d": 83_455_272,
+    "res2net50": 25_699_120, "res2net101": 45_206_688,
+    "res2net50_14w_8s": 25_059_816, "res2net50_48w_2s": 25_287_304,
+    "res2net50_26w_6s": 37_051_448, "res2net50_26w_8s": 48_403_776,
+    "res2net50_v1b": 25_718_352, "res2net101_v1b": 45_225_920,
+    "resnest50": 27_483_240, "resnest101": 48_275_016,
+}
+
+
+def _input(size: int = 32, batch: int = 2, channels: int = 3, seed: int = 0) -> ms.Tensor:
+    return ms.Tensor(np.random.RandomState(seed).randn(batch, channels, size, size).astype(np.float32))
+
+
+def test_registry_holds_exactly_the_table():
+    assert models.list_models() == sorted(EXPECTED_PARAMS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
+def test_param_count_is_exact(model_zoo, name):
+    assert count_params(model_zoo(name)) == EXPECTED_PARAMS[name]
+
+
+def test_list_models_pattern():
+    assert models.list_models("res2net50_*") == [
+        "res2net50_14w_8s", "res2net50_26w_6s", "res2net50_26w_8s", "res2net50_48w_2s", "res2net50_v1b"]
+    assert models.list_models("nothing*") == []
+
+
+def test_unknown_model_names_the_closest_ones():
+    with pytest.raises(ValueError, match=r"unknown model 'res2net5'.*Did you mean .*res2net50"):
+        models.create_model("res2net5")
+
+
+def test_pretrained_and_checkpoint_are_exclusive():
+    with pytest.raises(ValueError, match="not both"):
+        models.create_model("resnet18", pretrained=True, checkpoint_path="x.ckpt")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
+def test_forward_both_modes(model_zoo, exec_mode, name):
+    model = model_zoo(name)
+    model.set_train(False)
+    out = model(_input()).asnumpy()
+    assert out.shape == (2, 1000)
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d", "res2net50", "res2net50_v1b", "resnest50"])
+def test_full_resolution_forward_graph(model_zoo, graph_mode, name):
+    model = model_zoo(name)
+    model.set_train(False)
+    out = model(_input(224, batch=1)).asnumpy()
+    assert out.shape == (1, 1000) and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "res2net50_14w_8s", "resnest50"])
+def test_options_num_classes_in_channels_features(exec_mode, name):
+    x1 = _input(64, channels=1)
+    headless = models.create_model(name, num_classes=0, in_channels=1)
+    headless.set_train(False)
+    pooled = headless(x1).asnumpy()
+    assert pooled.shape == (2, headless.num_features)
+
+    features = models.create_model(name, in_channels=1, features_only=True)
+    features.set_train(False)
+    maps = features(x1)
+    assert len(maps) == 4
+    assert [m.shape[2] for m in maps] == [16, 8, 4, 2]  # strides 4, 8, 16, 32 at 64 px
+    assert [m.shape[1] for m in maps] == [info["chs"] for info in features.feature_info]
+
+
+def test_forward_features_and_head_compose(model_zoo):
+    model = model_zoo("resnet18")
+    model.set_train(False)
+    x = _input()
+    composed = model.forward_head(model.forward_features(x)).asnumpy()
+    np.testing.assert_allclose(composed, model(x).asnumpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_drop_rate_and_drop_path_are_active_only_in_training(exec_mode):
+    model = models.create_model("resnet18", num_classes=10, drop_rate=0.5, drop_path_rate=0.5)
+    x = _input()
+    model.set_train(False)
+    eval1, eval2 = model(x).asnumpy(), model(x).asnumpy()
+    np.testing.assert_array_equal(eval1, eval2)
+    model.set_train(True)
+    train1, train2 = model(x).asnumpy(), model(x).asnumpy()
+    assert not np.allclose(train1, train2)
+    # drop path rises linearly from 0 at the first block to the rate at the last block
+    assert model.layer1[0].drop_path is None
+    assert model.layer4[1].drop_path.keep_prob == pytest.approx(0.5)
+
+
+def test_zero_init_last_starts_blocks_as_identity():
+    model = models.create_model("res2net50_48w_2s", zero_init_last=True)
+    assert not model.layer2[1].bn3.gamma.asnumpy().any()
+    assert model.layer2[1].bn1.gamma.asnumpy().all()
+
+
+def test_reset_classifier(model_zoo):
+    model = models.create_model("resnet18")
+    model.reset_classifier(7)
+    model.set_train(False)
+    assert model(_input()).shape == (2, 7)
+    model.reset_classifier(0)
+    assert model(_input()).shape == (2, 512)
+
+
+def test_macs_match_published_figures(model_zoo):
+    # published: ResNet-50 4.1 GFLOPs (MACs), ResNet-18 1.8, Res2Net-50 4.2, ResNeSt-50 5.4
+    assert count_macs(model_zoo("resnet50")) / 1e9 == pytest.approx(4.09, abs=0.01)
+    assert count_macs(model_zoo("resnet18")) / 1e9 == pytest.approx(1.81, abs=0.01)
+    assert count_macs(model_zoo("res2net50")) / 1e9 == pytest.approx(4.26, abs=0.01)
+    assert count_macs(model_zoo("resnest50")) / 1e9 == pytest.approx(5.37, abs=0.01)
+
+
+def test_bad_trunk_arguments_fail_clearly():
+    with pytest.raises(ValueError, match="pool pad_mode"):
+        models.create_model("resnet18", pool_pad="reflect")
+    with pytest.raises(ValueError, match="num_classes must be >= 0"):
+        models.create_model("resnet18", num_classes=-1)
+    with pytest.raises(ValueError, match="drop path rate"):
+        models.create_model("resnet18", drop_path_rate=1.0)
