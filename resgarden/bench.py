@@ -1,0 +1,102 @@
+"""Throughput measurement of one (framework, model, task, mode) in a fresh process.
+
+Each measurement runs in its own subprocess so that compile caches, allocator pools and peak
+memory of one cannot leak into the next, and MindSpore and PyTorch never share a process.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from typing import Callable
+
+# Our registry names -> the same architecture in timm.
+TIMM_NAMES = {
+    "resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50", "resnet101": "resnet101",
+    "resnet152": "resnet152", "resnext50_32x4d": "resnext50_32x4d", "resnext101_32x4d": "resnext101_32x4d",
+    "resnext101_64x4d": "resnext101_64x4d", "res2net50": "res2net50_26w_4s", "res2net101": "res2net101_26w_4s",
+    "res2net50_14w_8s": "res2net50_14w_8s", "res2net50_48w_2s": "res2net50_48w_2s",
+    "res2net50_26w_6s": "res2net50_26w_6s", "res2net50_26w_8s": "res2net50_26w_8s",
+    "res2net50_v1b": "res2net50d", "res2net101_v1b": "res2net101d",
+    "resnest50": "resnest50d", "resnest101": "resnest101e",
+}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _time_steps(step: Callable[[], None], steps: int, batch: int) -> tuple[float, float]:
+    """(first call seconds = compile + one step, images/second over the next ``steps`` calls)."""
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    step()  # one warm-up call after compilation
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return first, steps * batch / (time.perf_counter() - start)
+
+
+def measure_mindspore(model_name: str, task: str, mode: str, batch: int, size: int, steps: int) -> dict:
+    from resgarden.platform import apply_cpu_speed_guard
+
+    guard = apply_cpu_speed_guard()
+    import mindspore as ms
+    import numpy as np
+    from mindspore import nn
+
+    import models
+
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    net = models.create_model(model_name)
+    rng = np.random.RandomState(0)
+    images = ms.Tensor(rng.randn(batch, 3, size, size).astype(np.float32))
+    if task == "infer":
+        net.set_train(False)
+
+        def step() -> None:
+            net(images).asnumpy()
+    else:
+        labels = ms.Tensor(rng.randint(0, 1000, batch).astype(np.int32))
+        loss = nn.WithLossCell(net, nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean"))
+        train = nn.TrainOneStepCell(loss, nn.Momentum(net.trainable_params(), 0.01, 0.9))
+        train.set_train(True)
+
+        def step() -> None:
+            train(images, labels).asnumpy()
+    first, img_s = _time_steps(step, steps, batch)
+    return dict(first_call_s=first, img_s=img_s, peak_rss_mb=_peak_rss_mb(), note=guard)
+
+
+def measure_timm(model_name: str, task: str, mode: str, batch: int, size: int, steps: int) -> dict:
+    import timm
+    import torch
+
+    net = timm.create_model(TIMM_NAMES[model_name])
+    images = torch.randn(batch, 3, size, size)
+    if task == "infer":
+        net.eval()
+
+        def step() -> None:
+            with torch.inference_mode():
+                net(images)
+    else:
+        net.train()
+        labels = torch.randint(0, 1000, (batch,))
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        criterion = torch.nn.CrossEntropyLoss()
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            criterion(net(images), labels).backward()
+            optimizer.step()
+    first, img_s = _time_steps(step, steps, batch)
+    return dict(first_call_s=first, img_s=img_s, peak_rss_mb=_peak_rss_mb(),
+                note=f"torch {torch.__version__} eager, timm {timm.__version__} {TIMM_NAMES[model_name]}, "
+                     f"{torch.get_num_threads()} threads")
+
+
+def run_worker(framework: str, model_name: str, task: str, mode: str, batch: int, size: int, steps: int) -> None:
+    measure = measure_mindspore if framework == "mindspore" else measure_timm
+    print("RESULT " + json.dumps(measure(model_name, task, mode, batch, size, steps)), flush=True)
