@@ -7,18 +7,15 @@ published accuracy (paper, PaddleClas) with ``url=None``.
 """
 from __future__ import annotations
 
-import hashlib
-import http.client
 import logging
 import os
 import re
-import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 
 from mindspore import nn
+
+from resgarden.download import DownloadError, download_verified
 
 from .weights import WeightsError, load_weights, read_checkpoint
 
@@ -104,67 +101,6 @@ def cache_dir(override: str | None = None) -> str:
     return override or os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "resgarden")
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _check_url(url: str) -> None:
-    """HTTPS only (certificates verified by urllib); plain HTTP only to this machine, for tests."""
-    parsed = urllib.parse.urlparse(url)
-    loopback = parsed.hostname in ("127.0.0.1", "localhost", "::1")
-    if parsed.scheme != "https" and not (parsed.scheme == "http" and loopback):
-        raise WeightsError(f"refusing to download weights over {parsed.scheme or 'no scheme'}: {url} (HTTPS only)")
-
-
-def download_verified(url: str, sha256_prefix: str, directory: str | None = None, timeout: float = 60.0) -> str:
-    """Return a local copy of ``url`` whose SHA-256 starts with ``sha256_prefix``.
-
-    A cached copy is reused when its hash is right and replaced when it is not. The download goes
-    to a temporary file in the cache folder, is hashed, and is renamed into place only if the
-    hash matches; on any failure nothing is left behind and the error names the URL and the path
-    where a manually downloaded file can be placed.
-    """
-    _check_url(url)
-    directory = cache_dir(directory)
-    dest = os.path.join(directory, os.path.basename(urllib.parse.urlparse(url).path))
-    if os.path.isfile(dest):
-        if sha256_of(dest).startswith(sha256_prefix):
-            return dest
-        logger.warning("cached %s has the wrong SHA-256; downloading it again", dest)
-        os.remove(dest)
-    os.makedirs(directory, exist_ok=True)
-    fd, part = tempfile.mkstemp(prefix=os.path.basename(dest) + ".", suffix=".part", dir=directory)
-    digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            expected_size = response.headers.get("Content-Length")
-            size = 0
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                out.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-        if expected_size is not None and size != int(expected_size):
-            raise WeightsError(f"download of {url} was truncated ({size} of {expected_size} bytes)")
-        if not digest.hexdigest().startswith(sha256_prefix):
-            raise WeightsError(f"SHA-256 of {url} is {digest.hexdigest()[:16]}..., expected {sha256_prefix}...: "
-                               "the file is corrupt or was replaced; it was deleted")
-        os.replace(part, dest)
-        return dest
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        if isinstance(exc, WeightsError):
-            raise
-        raise WeightsError(f"cannot download {url} ({reason}). Without network, download it by hand "
-                           f"and place it at {dest}") from None
-    finally:
-        if os.path.exists(part):
-            os.remove(part)
-
-
 def load_pretrained(model: nn.Cell, name: str, directory: str | None = None) -> None:
     """Download (or reuse), verify and load the released weights of ``name`` into ``model``.
 
@@ -177,7 +113,11 @@ def load_pretrained(model: nn.Cell, name: str, directory: str | None = None) -> 
         source = f" (published top-1 {entry.top1} from {entry.source})" if entry else ""
         raise WeightsError(f"{name} has no released MindSpore weights{source}; train it, or load converted "
                            "weights with checkpoint_path=...")
-    state = dict(read_checkpoint(download_verified(entry.url, entry.sha256_prefix, directory)))
+    try:
+        path = download_verified(entry.url, entry.sha256_prefix, cache_dir(directory))
+    except DownloadError as exc:
+        raise WeightsError(str(exc)) from None
+    state = dict(read_checkpoint(path))
     params = model.parameters_dict()
     head_w = state.get("classifier.weight", state.get("fc.weight"))
     head_names = [k for k in ("classifier.weight", "classifier.bias", "fc.weight", "fc.bias") if k in state]

@@ -13,7 +13,8 @@ import pytest
 
 import models
 from models import pretrained
-from models.pretrained import PRETRAINED, download_verified, load_pretrained
+from models.pretrained import PRETRAINED
+from resgarden.download import DownloadError, download_verified
 from models.weights import WeightsError, load_weights
 
 
@@ -94,7 +95,7 @@ def test_bad_hash_fails_and_leaves_nothing(server, cache, monkeypatch, resnet18_
     www, base = server
     filename = _publish(www, resnet18_state, wrong_hash=True)
     _point_entry(monkeypatch, f"{base}/{filename}")
-    with pytest.raises(WeightsError, match="SHA-256 .* expected 00000000.*deleted"):
+    with pytest.raises(WeightsError, match="sha256 of .* expected 00000000.*deleted"):
         models.create_model("resnet18", pretrained=True)
     assert os.listdir(cache) == []
 
@@ -104,7 +105,7 @@ def test_corrupt_cached_copy_is_replaced(server, cache, monkeypatch, resnet18_st
     filename = _publish(www, resnet18_state)
     cache.mkdir()
     (cache / filename).write_bytes(b"garbage")
-    path = download_verified(f"{base}/{filename}", filename.split("-")[1][:8])
+    path = download_verified(f"{base}/{filename}", filename.split("-")[1][:8], str(cache))
     assert hashlib.sha256(open(path, "rb").read()).hexdigest().startswith(filename.split("-")[1][:8])
 
 
@@ -134,8 +135,8 @@ def test_offline_names_url_and_manual_path(cache, monkeypatch):
 
 
 def test_plain_http_to_other_hosts_is_refused(cache):
-    with pytest.raises(WeightsError, match="HTTPS only"):
-        download_verified("http://example.com/resnet18-1e65cd21.ckpt", "1e65cd21")
+    with pytest.raises(DownloadError, match="HTTPS only"):
+        download_verified("http://example.com/resnet18-1e65cd21.ckpt", "1e65cd21", str(cache))
 
 
 def test_model_without_released_weights_says_so():

@@ -1,0 +1,224 @@
+"""The one configuration of train.py, validate.py and eval.py: defaults < YAML < command line.
+
+Every setting is declared once in SETTINGS with its type, default, help and the other names
+users bring from mindcv (``--data_dir --ckpt_save_dir --distribute --epoch_size``) and from
+mindspore/models (``--data_path --output_path --run_distribute --config_path``). Booleans read
+the same from the command line and YAML (``--pretrained``, ``--pretrained=False``,
+``--run_distribute=1``); lists take several values (``--scale 0.08 1.0``); ``key=value``
+without dashes is accepted as an override. An unknown key is an error naming the closest one.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad flag, YAML key or value; the message is meant for the user as is."""
+
+
+def parse_bool(value: Any) -> bool:
+    """True/False from bools, 0/1 and the usual words, as in YAML and on the command line."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "y", "on"):
+        return True
+    if text in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false/1/0), got {value!r}")
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    help: str
+    type: Callable[[Any], Any] = str
+    aliases: tuple[str, ...] = ()
+    choices: tuple[Any, ...] | None = None
+    nargs: str | None = None  # "+" for lists
+
+
+S = Setting
+SETTINGS: tuple[Setting, ...] = (
+    # run
+    S("config", None, "YAML recipe; command-line flags override it", aliases=("config_path", "c")),
+    S("mode", 0, "0: graph mode, 1: PyNative mode", int, choices=(0, 1)),
+    S("device_target", "CPU", "CPU, GPU or Ascend", choices=("CPU", "GPU", "Ascend")),
+    S("seed", 42, "random seed of weights, data order and augmentation", int),
+    S("distribute", False, "data-parallel training over several processes", parse_bool,
+      aliases=("run_distribute",)),
+    # data
+    S("dataset", "auto", "imagenet (class folders or list files), cifar10, digits (embedded), or auto: "
+      "imagenet when --data_dir is given, else digits", choices=("auto", "imagenet", "cifar10", "digits")),
+    S("data_dir", None, "data set root (or its train/ split folder)", aliases=("data_path",)),
+    S("train_split", "train", "training split folder / list-file name"),
+    S("val_split", "val", "validation split folder / list-file name"),
+    S("dataset_download", False, "download CIFAR-10 if it is missing", parse_bool),
+    S("num_parallel_workers", 2, "data loading workers", int),
+    S("batch_size", 32, "images per step (per process)", int),
+    S("image_size", 224, "training / evaluation crop size", int),
+    S("scale", [0.08, 1.0], "RandomResizedCrop area range", float, nargs="+"),
+    S("ratio", [0.75, 1.333], "RandomResizedCrop aspect ratio range", float, nargs="+"),
+    S("hflip", 0.5, "horizontal flip probability", float),
+    S("interpolation", "bilinear", "resize interpolation", choices=("bilinear", "bicubic", "nearest")),
+    S("crop_pct", 0.875, "evaluation: resize to image_size / crop_pct, then center crop", float),
+    S("mean", [0.485, 0.456, 0.406], "normalisation mean (0-1 scale)", float, nargs="+"),
+    S("std", [0.229, 0.224, 0.225], "normalisation std (0-1 scale)", float, nargs="+"),
+    S("label_smoothing", 0.0, "label smoothing of the cross-entropy loss", float),
+    # model
+    S("model", "resnet50", "registered model name (python -m models --list)"),
+    S("num_classes", None, "classifier outputs (default: the number of classes in the data)", int),
+    S("in_channels", 3, "input image channels", int),
+    S("pretrained", False, "start from the released ImageNet weights", parse_bool),
+    S("ckpt_path", None, "weights to start from / evaluate (file, or a run directory)",
+      aliases=("checkpoint_file_path", "checkpoint_path")),
+    S("drop_rate", 0.0, "dropout before the classifier", float),
+    S("drop_path_rate", 0.0, "stochastic depth rate", float),
+    # optimisation
+    S("opt", "momentum", "optimizer", choices=("momentum", "nesterov", "sgd", "adamw")),
+    S("lr", 0.1, "peak learning rate", float),
+    S("momentum", 0.9, "momentum (momentum/nesterov) or beta1 (adamw)", float),
+    S("weight_decay", 1e-4, "weight decay", float),
+    S("filter_bias_and_bn", True, "no weight decay on biases and BN parameters", parse_bool),
+    S("scheduler", "cosine", "per-step LR schedule after warm-up",
+      choices=("cosine", "step", "multistep", "constant")),
+    S("warmup_epochs", 0.0, "linear warm-up from 0 to lr", float),
+    S("min_lr", 0.0, "cosine: final learning rate", float),
+    S("decay_epochs", 30, "step: epochs between decays", int),
+    S("decay_rate", 0.1, "step/multistep: decay factor", float),
+    S("milestones", [30, 60, 90], "multistep: epochs where the LR decays", int, nargs="+"),
+    S("epoch_size", 90, "training epochs", int, aliases=("epochs",)),
+    # checkpoints and logging
+    S("ckpt_save_dir", "./runs", "runs go to <dir>/<YYYY-MM-DD_time_HH_MM_SS>/ckpt_<rank>/",
+      aliases=("output_path",)),
+    S("ckpt_save_interval", 1, "save a checkpoint every N epochs", int),
+    S("keep_checkpoint_max", 5, "keep the latest N epoch checkpoints (the best one is kept apart)", int),
+    S("resume", None, "continue a run: its checkpoint file, or its run/ckpt directory"),
+    S("val_while_train", True, "evaluate on the validation split during training", parse_bool),
+    S("val_interval", 1, "evaluate every N epochs", int),
+    S("log_interval", 10, "log every N steps", int),
+    S("json", None, "validate/eval: also write the metrics to this JSON file"),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+ALIASES = {alias: s.name for s in SETTINGS for alias in (s.name, *s.aliases)}
+
+
+def _canonical(key: str) -> str:
+    """Map a flag or YAML key (any dialect, dashes or underscores) to its setting name."""
+    name = key.lstrip("-").replace("-", "_")
+    if name in ALIASES:
+        return ALIASES[name]
+    close = difflib.get_close_matches(name, list(ALIASES), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"unknown setting {key!r}{hint}")
+
+
+def _coerce(setting: Setting, value: Any, origin: str) -> Any:
+    """Convert a YAML value to the setting's type, with the same rules as the command line."""
+    try:
+        if value is None:
+            return None
+        if setting.nargs:
+            items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+            converted = [setting.type(v) for v in items]
+        else:
+            converted = setting.type(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        raise ConfigError(f"{origin}: bad value {value!r} for {setting.name!r}: {exc}") from None
+    if setting.choices and converted not in setting.choices:
+        raise ConfigError(f"{origin}: {setting.name}={converted!r} is not one of {list(setting.choices)}")
+    return converted
+
+
+def build_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+                                     allow_abbrev=False)
+    for s in SETTINGS:
+        flags = []
+        for name in (s.name, *s.aliases):
+            flags.append(f"-{name}" if len(name) == 1 else f"--{name}")
+            if "_" in name:
+                flags.append(f"--{name.replace('_', '-')}")
+        kwargs: dict[str, Any] = dict(dest=s.name, help=f"{s.help} (default: {s.default})")
+        if s.type is parse_bool:
+            kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            kwargs.update(type=s.type)
+            if s.nargs:
+                kwargs["nargs"] = s.nargs
+            if s.choices:
+                kwargs["choices"] = s.choices
+        parser.add_argument(*flags, **kwargs)
+    return parser
+
+
+def _normalise_argv(argv: Sequence[str]) -> list[str]:
+    """Turn documented ``key=value`` overrides (no dashes) into ``--key=value``."""
+    out = []
+    for token in argv:
+        if not token.startswith("-") and "=" in token and token.split("=", 1)[0].isidentifier():
+            key, value = token.split("=", 1)
+            token = f"--{key}={value}"
+        out.append(token)
+    return out
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML recipe into {setting name: value}, rejecting unknown keys and bad values."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    values = {}
+    for key, value in raw.items():
+        try:
+            name = _canonical(str(key))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        values[name] = _coerce(BY_NAME[name], value, path)
+    return values
+
+
+def parse_config(argv: Sequence[str] | None = None, prog: str | None = None,
+                 description: str | None = None) -> argparse.Namespace:
+    """Merge defaults, the YAML named by --config and the command line (highest precedence)."""
+    parser = build_parser(prog, description)
+    args = _normalise_argv(sys.argv[1:] if argv is None else argv)
+    try:
+        cli, unknown = parser.parse_known_args(args)
+    except SystemExit as exc:  # argparse already printed its message (or --help)
+        raise SystemExit(exc.code) from None
+    for token in unknown:
+        if token.startswith("-"):
+            _canonical(token.split("=", 1)[0])  # raises with a suggestion
+        raise ConfigError(f"unexpected argument {token!r}")
+    merged = {s.name: s.default for s in SETTINGS}
+    config_path = getattr(cli, "config", None)
+    if config_path:
+        merged.update(load_yaml(config_path))
+    merged.update(vars(cli))
+    return argparse.Namespace(**merged)
+
+
+def save_config(config: argparse.Namespace, path: str) -> None:
+    """Write the merged settings as YAML, atomically (temp file + rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml", dir=directory)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(vars(config), handle, sort_keys=False)
+    os.replace(tmp, path)
