@@ -117,8 +117,8 @@ def _canonical(key: str) -> str:
     name = key.lstrip("-").replace("-", "_")
     if name in ALIASES:
         return ALIASES[name]
-    close = difflib.get_close_matches(name, list(ALIASES), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    close = difflib.get_close_matches(name, list(ALIASES), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     raise ConfigError(f"unknown setting {key!r}{hint}")
 
 

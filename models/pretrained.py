@@ -17,7 +17,7 @@ from mindspore import nn
 
 from resgarden.download import DownloadError, download_verified
 
-from .weights import WeightsError, load_weights, read_checkpoint
+from .weights import WeightsError, adapt_head, load_weights, read_checkpoint
 
 logger = logging.getLogger("resgarden")
 
@@ -104,9 +104,8 @@ def cache_dir(override: str | None = None) -> str:
 def load_pretrained(model: nn.Cell, name: str, directory: str | None = None) -> None:
     """Download (or reuse), verify and load the released weights of ``name`` into ``model``.
 
-    A 1001-class release (class 0..999 + an unused last output) is cut to 1000 classes; when the
-    model has another number of classes, the classifier is left freshly initialised and the log
-    says so.
+    The classifier is fitted by :func:`models.weights.adapt_head` (1001 -> 1000 classes, or a
+    fresh head for another number of classes).
     """
     entry = PRETRAINED.get(name)
     if entry is None or entry.url is None:
@@ -118,20 +117,6 @@ def load_pretrained(model: nn.Cell, name: str, directory: str | None = None) -> 
     except DownloadError as exc:
         raise WeightsError(str(exc)) from None
     state = dict(read_checkpoint(path))
-    params = model.parameters_dict()
-    head_w = state.get("classifier.weight", state.get("fc.weight"))
-    head_names = [k for k in ("classifier.weight", "classifier.bias", "fc.weight", "fc.bias") if k in state]
-    model_classes = params["classifier.weight"].shape[0] if "classifier.weight" in params else 0
-    replaced_head: tuple[str, ...] = ()
-    if head_w is not None and head_w.shape[0] == 1001 and model_classes == 1000:
-        for key in head_names:
-            state[key] = state[key].asnumpy()[:1000]
-        logger.info("%s: released head has 1001 outputs; using the first 1000", name)
-    elif head_w is not None and head_w.shape[0] != model_classes:
-        for key in head_names:
-            del state[key]
-        replaced_head = ("classifier.",)
-        logger.info("%s: released head has %d classes, model has %d: classifier left freshly initialised",
-                    name, head_w.shape[0], model_classes)
+    replaced_head = adapt_head(state, model)
     report = load_weights(model, state, may_be_missing=replaced_head)
     logger.info("%s: loaded pretrained weights from %s: %s", name, entry.url, report.table())

@@ -1,6 +1,7 @@
 """Loading weights into our models: checkpoint reading, mindcv name mapping, readable reports."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -9,6 +10,8 @@ from typing import Mapping
 import mindspore as ms
 import numpy as np
 from mindspore import nn
+
+logger = logging.getLogger("resgarden")
 
 # mindcv layouts -> ours. Applied only to names the model does not have, first match wins.
 # ResNeSt names its shortcut `downsample` and its head `fc`; Res2Net-v1b's stride-1 avg-down
@@ -19,6 +22,19 @@ MINDCV_NAME_MAP: tuple[tuple[str, str], ...] = (
     (r"^(layer1\.0\.down_sample\.)0\.", r"\g<1>1."),
     (r"^(layer1\.0\.down_sample\.)1\.", r"\g<1>2."),
 )
+
+
+# Entries of a training checkpoint that are not model weights: optimizer moments and counters,
+# loss-scale state, and the run metadata saved beside the weights (see resgarden/checkpoint.py).
+TRAINING_STATE_GROUPS = ("moments.", "accum.", "stat.", "adam_m.", "adam_v.", "ema.", "meta.")
+TRAINING_STATE_NAMES = frozenset({"global_step", "learning_rate", "momentum", "beta1_power", "beta2_power",
+                                  "scale_sense", "current_iterator_step", "last_overflow_iterator_step",
+                                  "epoch_num", "step_num"})
+
+
+def is_training_state(name: str) -> bool:
+    """True for optimizer / loss-scale / run-metadata entries of a training checkpoint."""
+    return name in TRAINING_STATE_NAMES or name.startswith(TRAINING_STATE_GROUPS)
 
 
 class WeightsError(ValueError):
@@ -91,12 +107,14 @@ def load_weights(model: nn.Cell, source: str | Mapping[str, object], strict: boo
     """Load a checkpoint path or a name -> Parameter/Tensor/ndarray dict into ``model``.
 
     Names in mindcv's layout are mapped to ours. Entries that are not parameters of the model
-    (optimizer moments, step counters) are reported as unexpected. With ``strict`` any missing,
+    are reported as unexpected; optimizer state and run metadata of our training checkpoints are
+    skipped. With ``strict`` any missing,
     unexpected or mismatched parameter raises :class:`WeightsError` carrying the report table,
     and nothing is loaded. Parameters whose names start with one of ``may_be_missing`` (a head
     being replaced) keep their current values without counting as missing.
     """
     state = read_checkpoint(source) if isinstance(source, str) else dict(source)
+    state = {k: v for k, v in state.items() if not is_training_state(k)}
     params = model.parameters_dict()
     state, renamed = remap_names(state, set(params))
     report = LoadReport(renamed=renamed)
@@ -116,3 +134,33 @@ def load_weights(model: nn.Cell, source: str | Mapping[str, object], strict: boo
         raise WeightsError(f"weights from {origin} do not fit {type(model).__name__}:\n{report.table()}")
     ms.load_param_into_net(model, to_load, strict_load=False)
     return report
+
+
+def adapt_head(state: dict[str, object], model: nn.Cell) -> tuple[str, ...]:
+    """Fit a checkpoint's classifier to ``model``'s, in place; return the prefixes left unloaded.
+
+    A 1001-class head (1000 classes + an unused last output, as some MindSpore releases have)
+    is cut to 1000; any other difference in classes drops the head so the model keeps its freshly
+    initialised one (fine-tuning), and the log says so.
+    """
+    renamed_state, _ = remap_names(state, set(model.parameters_dict()))
+    state.clear()
+    state.update(renamed_state)
+    head = [k for k in ("classifier.weight", "classifier.bias") if k in state]
+    if not head:
+        return ()
+    params = model.parameters_dict()
+    have = _shape(state["classifier.weight"])[0] if "classifier.weight" in state else _shape(state[head[0]])[0]
+    want = params["classifier.weight"].shape[0] if "classifier.weight" in params else 0
+    if have == want:
+        return ()
+    if have == 1001 and want == 1000:
+        for key in head:
+            value = state[key]
+            state[key] = (value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value))[:1000]
+        logger.info("checkpoint head has 1001 outputs; using the first 1000")
+        return ()
+    for key in head:
+        del state[key]
+    logger.info("checkpoint head has %d classes, model has %d: classifier replaced by a fresh one", have, want)
+    return ("classifier.",)

@@ -1,0 +1,288 @@
+"""Data sets and input pipelines: ImageNet layout (class folders or PaddleClas list files),
+CIFAR-10 binary, and an embedded digits set written in the ImageNet layout.
+
+Images are decoded in Python (PIL) so that a corrupt file is reported by path and replaced by
+the next sample instead of ending an epoch; resizing, cropping, flipping and normalisation run
+on MindSpore's C++ dataset ops.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .download import download_verified
+
+logger = logging.getLogger("resgarden")
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_DIR = "cifar-10-batches-bin"
+
+
+class DataError(ValueError):
+    """Missing or malformed data; the message is for the user as is."""
+
+
+@dataclass
+class Split:
+    """One split: image files (paths) or decoded images (arrays), labels and class names."""
+
+    classes: list[str]
+    labels: np.ndarray
+    paths: list[str] | None = None
+    images: np.ndarray | None = None  # (N, H, W, 3) uint8 when in memory
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+# ---------------------------------------------------------------- ImageNet layout
+
+def scan_class_folders(split_dir: str) -> Split:
+    """``split_dir/<class>/<image>``; classes in sorted order, files in sorted order."""
+    classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    paths, labels = [], []
+    for index, name in enumerate(classes):
+        folder = os.path.join(split_dir, name)
+        for file in sorted(os.listdir(folder)):
+            if file.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(folder, file))
+                labels.append(index)
+    if not paths:
+        raise DataError(f"no images found in class folders under {split_dir}")
+    return Split(classes, np.asarray(labels, np.int32), paths=paths)
+
+
+def read_list_file(root: str, list_path: str) -> Split:
+    """PaddleClas list file: lines ``train/n01440764/x.JPEG 0`` relative to ``root``.
+
+    Class names are the parent folder names of each label's files (label order).
+    """
+    paths, labels, names = [], [], {}
+    with open(list_path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise DataError(f"{list_path}:{number}: expected '<relative path> <label>', got {line.strip()!r}")
+            label = int(parts[1])
+            paths.append(os.path.join(root, parts[0]))
+            labels.append(label)
+            names.setdefault(label, os.path.basename(os.path.dirname(parts[0])) or str(label))
+    if not paths:
+        raise DataError(f"{list_path} lists no images")
+    if min(labels) < 0 or sorted(names) != list(range(max(labels) + 1)):
+        raise DataError(f"{list_path}: labels must be 0..N-1 with every class present")
+    return Split([names[i] for i in range(len(names))], np.asarray(labels, np.int32), paths=paths)
+
+
+def load_imagenet_split(data_dir: str, split: str) -> Split:
+    """A split of an ImageNet-layout root: ``<split>_list.txt`` if present, else ``<split>/``.
+
+    ``data_dir`` may also be the split folder itself (``--data_path=/imagenet/train``) or a
+    sibling of it (the val split of ``/imagenet/train`` is ``/imagenet/val``).
+    """
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory not found: {data_dir}")
+    candidates = [data_dir, os.path.dirname(os.path.abspath(data_dir))]
+    for root in candidates:
+        list_path = os.path.join(root, f"{split}_list.txt")
+        if os.path.isfile(list_path):
+            return read_list_file(root, list_path)
+        if os.path.isdir(os.path.join(root, split)):
+            return scan_class_folders(os.path.join(root, split))
+    if os.path.basename(os.path.abspath(data_dir)) == split:
+        return scan_class_folders(data_dir)
+    raise DataError(f"no '{split}' split in {data_dir}: expected {split}_list.txt or a {split}/ folder "
+                    "of class sub-folders")
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+def _cifar_root(data_dir: str) -> str:
+    return data_dir if os.path.basename(os.path.normpath(data_dir)) == CIFAR10_DIR else os.path.join(data_dir, CIFAR10_DIR)
+
+
+def download_cifar10(data_dir: str) -> None:
+    """Fetch the official binary archive (MD5-checked, atomic) and unpack it into ``data_dir``."""
+    archive = download_verified(CIFAR10_URL, CIFAR10_MD5, data_dir, algorithm="md5")
+    staging = tempfile.mkdtemp(prefix=".cifar10.", dir=data_dir)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(staging, filter="data")
+        os.replace(os.path.join(staging, CIFAR10_DIR), os.path.join(data_dir, CIFAR10_DIR))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_cifar10_split(data_dir: str, train: bool, download: bool = False) -> Split:
+    """CIFAR-10 binary batches (``cifar-10-batches-bin``) under ``data_dir``."""
+    root = _cifar_root(data_dir)
+    if not os.path.isdir(root):
+        if not download:
+            raise DataError(f"CIFAR-10 not found at {root}; add --dataset_download, or place the unpacked "
+                            f"{os.path.basename(CIFAR10_URL)} ({CIFAR10_URL}) there")
+        os.makedirs(data_dir, exist_ok=True)
+        download_cifar10(data_dir)
+    files = [f"data_batch_{i}.bin" for i in range(1, 6)] if train else ["test_batch.bin"]
+    images, labels = [], []
+    for name in files:
+        path = os.path.join(root, name)
+        if not os.path.isfile(path):
+            raise DataError(f"CIFAR-10 file missing: {path}")
+        raw = np.fromfile(path, dtype=np.uint8)
+        if raw.size % 3073:
+            raise DataError(f"{path} is truncated: {raw.size} bytes is not a whole number of 3073-byte records")
+        records = raw.reshape(-1, 3073)
+        labels.append(records[:, 0].astype(np.int32))
+        images.append(records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return Split(list(CIFAR10_CLASSES), np.concatenate(labels), images=np.concatenate(images))
+
+
+# ---------------------------------------------------------------- embedded digits
+
+def ensure_digits(root: str, image_size: int = 32, val_fraction: float = 0.2) -> str:
+    """Write scikit-learn's 1,797 handwritten digits once as ``root/{train,val}/<digit>/*.png``.
+
+    The 8x8 scans are scaled to ``image_size`` px RGB; 20 % per class (fixed order) go to val.
+    Returns ``root``. Written into a temporary folder and renamed, so a half-written set never exists.
+    """
+    if os.path.isdir(os.path.join(root, "val")):
+        return root
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".digits.", dir=parent)
+    try:
+        for label in range(10):
+            indices = np.flatnonzero(digits.target == label)
+            n_val = int(round(len(indices) * val_fraction))
+            for position, index in enumerate(indices):
+                split = "val" if position < n_val else "train"
+                folder = os.path.join(staging, split, str(label))
+                os.makedirs(folder, exist_ok=True)
+                pixels = (digits.images[index] * (255.0 / 16.0)).astype(np.uint8)
+                image = Image.fromarray(pixels, mode="L").resize((image_size, image_size), Image.BILINEAR)
+                image.convert("RGB").save(os.path.join(folder, f"{index:04d}.png"))
+        os.replace(staging, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
+# ---------------------------------------------------------------- pipeline
+
+class SampleSource:
+    """Random-access source for GeneratorDataset over one epoch's order of a Split.
+
+    A file that cannot be decoded is logged with its path (once) and replaced by the next sample.
+    """
+
+    def __init__(self, split: Split, order: np.ndarray) -> None:
+        self.split = split
+        self.order = order
+        self.bad_files: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def _decode(self, index: int) -> np.ndarray:
+        if self.split.images is not None:
+            return self.split.images[index]
+        with Image.open(self.split.paths[index]) as image:
+            return np.asarray(image.convert("RGB"))
+
+    def __getitem__(self, position: int) -> tuple[np.ndarray, np.int32]:
+        n = len(self.order)
+        for attempt in range(n):
+            index = int(self.order[(position + attempt) % n])
+            try:
+                return self._decode(index), self.split.labels[index]
+            except (OSError, ValueError, SyntaxError) as exc:
+                path = self.split.paths[index]
+                if path not in self.bad_files:
+                    self.bad_files.add(path)
+                    logger.warning("skipping unreadable image %s (%s)", path, exc)
+        raise DataError("no readable image in the data set")
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The sample order of one epoch: a permutation fixed by (seed, epoch), so resumes replay it."""
+    if not shuffle:
+        return np.arange(num_samples)
+    return np.random.RandomState((seed * 1_000_003 + epoch) % (2**32)).permutation(num_samples)
+
+
+def _interpolation(name: str):
+    from mindspore.dataset.vision import Inter
+
+    return {"bilinear": Inter.BILINEAR, "bicubic": Inter.BICUBIC, "nearest": Inter.NEAREST}[name]
+
+
+def transforms(cfg, training: bool) -> list:
+    """Training: RandomResizedCrop + flip; eval: resize by crop_pct + center crop; then normalise."""
+    from mindspore.dataset import vision
+
+    size = cfg.image_size
+    if training:
+        ops = [vision.RandomResizedCrop(size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
+                                        interpolation=_interpolation(cfg.interpolation))]
+        if cfg.hflip > 0:
+            ops.append(vision.RandomHorizontalFlip(cfg.hflip))
+    else:
+        ops = [vision.Resize(int(round(size / cfg.crop_pct)), interpolation=_interpolation(cfg.interpolation)),
+               vision.CenterCrop(size)]
+    ops += [vision.Normalize([m * 255 for m in cfg.mean], [s * 255 for s in cfg.std]), vision.HWC2CHW()]
+    return ops
+
+
+def make_loader(split: Split, cfg, training: bool, epoch: int = 0):
+    """A batched MindSpore dataset for one epoch (training drops the last partial batch)."""
+    import mindspore.dataset as ds
+
+    ds.config.set_seed(cfg.seed + epoch)
+    source = SampleSource(split, epoch_order(len(split), cfg.seed, epoch, shuffle=training))
+    dataset = ds.GeneratorDataset(source, column_names=["image", "label"], shuffle=False,
+                                  num_parallel_workers=1)
+    dataset = dataset.map(transforms(cfg, training), input_columns="image",
+                          num_parallel_workers=max(1, cfg.num_parallel_workers))
+    return dataset.batch(cfg.batch_size, drop_remainder=training), source
+
+
+def load_splits(cfg) -> tuple[Split, Split | None]:
+    """(train split, validation split or None) for the configured data set."""
+    dataset = resolve_dataset(cfg)
+    if dataset == "cifar10":
+        data_dir = cfg.data_dir or "./data/cifar10"
+        train = load_cifar10_split(data_dir, True, cfg.dataset_download)
+        return train, load_cifar10_split(data_dir, False)
+    data_dir = cfg.data_dir if dataset == "imagenet" else ensure_digits(cfg.data_dir or "./data/digits")
+    if dataset == "imagenet" and not data_dir:
+        raise DataError("--dataset=imagenet needs --data_dir (or --data_path)")
+    train = load_imagenet_split(data_dir, cfg.train_split)
+    try:
+        val = load_imagenet_split(data_dir, cfg.val_split)
+    except DataError:
+        logger.warning("no '%s' split next to %s: training without validation", cfg.val_split, data_dir)
+        val = None
+    if val is not None and val.classes != train.classes:
+        raise DataError(f"the {cfg.val_split} split's classes differ from the {cfg.train_split} split's")
+    return train, val
+
+
+def resolve_dataset(cfg) -> str:
+    if cfg.dataset != "auto":
+        return cfg.dataset
+    return "imagenet" if cfg.data_dir else "digits"

@@ -1,0 +1,41 @@
+"""Top-1 / top-5 accuracy and mean cross-entropy of a model over a data split."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from mindspore import nn
+
+from .data import Split, make_loader
+
+
+def accumulate(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int, float]:
+    """(top-1 hits, top-5 hits, summed cross-entropy) of one batch of logits."""
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    hits1 = int((top5[:, 0] == labels).sum())
+    hits5 = int((top5 == labels[:, None]).any(axis=1).sum())
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return hits1, hits5, float(-log_probs[np.arange(len(labels)), labels].sum())
+
+
+def evaluate(model: nn.Cell, split: Split, cfg) -> dict[str, float]:
+    """Score ``model`` on ``split`` with the eval transform; restores the model's train flag."""
+    was_training = model.training
+    model.set_train(False)
+    loader, source = make_loader(split, cfg, training=False)
+    hits1 = hits5 = count = 0
+    loss_sum = 0.0
+    start = time.perf_counter()
+    try:
+        for images, labels in loader.create_tuple_iterator(num_epochs=1):
+            logits = model(images).asnumpy().astype(np.float64)
+            y = labels.asnumpy()
+            h1, h5, loss = accumulate(logits, y)
+            hits1, hits5, loss_sum, count = hits1 + h1, hits5 + h5, loss_sum + loss, count + len(y)
+    finally:
+        model.set_train(was_training)
+    seconds = time.perf_counter() - start
+    return dict(top1=100.0 * hits1 / max(count, 1), top5=100.0 * hits5 / max(count, 1),
+                loss=loss_sum / max(count, 1), count=count, img_s=count / max(seconds, 1e-9),
+                unreadable=len(source.bad_files))

@@ -1,0 +1,160 @@
+"""The training loop: data, model, optimizer, logging, validation, checkpoints and exact resume."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+import mindspore as ms
+from mindspore import nn
+
+import models
+from config import ConfigError, save_config
+from models.profile import count_params
+from models.weights import adapt_head, load_weights, read_checkpoint
+
+from .checkpoint import CheckpointManager, find_checkpoint, load_training_state
+from .data import load_splits, make_loader
+from .evaluate import evaluate
+from .optim import create_optimizer, lr_per_step
+
+logger = logging.getLogger("resgarden")
+
+
+def setup_logging(log_file: str | None = None) -> None:
+    """INFO to stdout, and to ``log_file`` when given (once per process)."""
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stdout
+               for h in logger.handlers):
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(console)
+    if log_file:
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+
+
+def set_context(cfg) -> None:
+    """Execution mode and device; one clear error where the device is not available."""
+    if cfg.distribute:
+        raise ConfigError("--distribute / --run_distribute=1: data-parallel training is not available yet; "
+                          "run on one process")
+    ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == 0 else ms.PYNATIVE_MODE)
+    try:
+        ms.set_device(cfg.device_target)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"device_target={cfg.device_target} is not usable here: {str(exc).splitlines()[0]}") from None
+    ms.set_seed(cfg.seed)
+
+
+def build_model(cfg, num_classes: int) -> nn.Cell:
+    """The model with pretrained weights or ``--ckpt_path`` weights, the head fitted to the data."""
+    model = models.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes,
+                                in_channels=cfg.in_channels, drop_rate=cfg.drop_rate,
+                                drop_path_rate=cfg.drop_path_rate)
+    if cfg.ckpt_path and not cfg.resume:
+        path = find_checkpoint(cfg.ckpt_path, prefer_best=True)
+        state = dict(read_checkpoint(path))
+        report = load_weights(model, state, may_be_missing=adapt_head(state, model))
+        logger.info("initial weights from %s: %s", path, report.table())
+    return model
+
+
+def _run_dirs(cfg) -> tuple[str, str]:
+    if cfg.resume:
+        ckpt_dir = os.path.dirname(os.path.abspath(find_checkpoint(cfg.resume)))
+        return os.path.dirname(ckpt_dir), ckpt_dir
+    run_dir = os.path.join(cfg.ckpt_save_dir, datetime.now().strftime("%Y-%m-%d_time_%H_%M_%S"))
+    suffix, candidate = 1, run_dir
+    while os.path.exists(candidate):
+        suffix, candidate = suffix + 1, f"{run_dir}_{suffix}"
+    return candidate, os.path.join(candidate, "ckpt_0")
+
+
+def train(cfg) -> dict[str, Any]:
+    """Train as configured; returns the final epoch's metrics and the run folder."""
+    try:
+        models.check_model_name(cfg.model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    set_context(cfg)
+    train_split, val_split = load_splits(cfg)
+    num_classes = cfg.num_classes or len(train_split.classes)
+    if num_classes < len(train_split.classes):
+        raise ConfigError(f"num_classes={num_classes} but the data has {len(train_split.classes)} classes")
+    steps_per_epoch = len(train_split) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {len(train_split)} training images")
+
+    run_dir, ckpt_dir = _run_dirs(cfg)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    setup_logging(os.path.join(run_dir, "train.log"))
+    model = build_model(cfg, num_classes)
+    lrs = lr_per_step(cfg, steps_per_epoch)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    optimizer = create_optimizer(model, cfg, lrs)
+    train_cell = nn.TrainOneStepCell(nn.WithLossCell(model, loss_fn), optimizer)
+    train_cell.set_train(True)
+
+    start_epoch, global_step, best = 0, 0, float("-inf")
+    if cfg.resume:
+        path = find_checkpoint(cfg.resume)
+        meta = load_training_state(train_cell, path)
+        if meta.get("classes") != train_split.classes:
+            raise ConfigError(f"{path} was trained on other classes than {cfg.data_dir}")
+        start_epoch, global_step = meta["epoch"] + 1, meta["global_step"]
+        best = meta.get("best_metric", best)
+        logger.info("resumed from %s: epoch %d, step %d", path, start_epoch, global_step)
+    save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    manager = CheckpointManager(ckpt_dir, cfg.model, cfg.keep_checkpoint_max)
+    logger.info("model %s: %d classes, %s params | %d train / %s val images | %d steps/epoch, batch %d | run %s",
+                cfg.model, num_classes, f"{count_params(model):,}", len(train_split),
+                len(val_split) if val_split else "no", steps_per_epoch, cfg.batch_size, run_dir)
+
+    total_steps = cfg.epoch_size * steps_per_epoch
+    record: dict[str, Any] = {}
+    run_start, run_start_step = time.perf_counter(), global_step
+    for epoch in range(start_epoch, cfg.epoch_size):
+        loader, source = make_loader(train_split, cfg, training=True, epoch=epoch)
+        epoch_start, loss_sum, seen = time.perf_counter(), 0.0, 0
+        for i, (images, labels) in enumerate(loader.create_tuple_iterator(num_epochs=1)):
+            loss = float(train_cell(images, labels).asnumpy())
+            global_step += 1
+            loss_sum, seen = loss_sum + loss * len(labels), seen + len(labels)
+            if (i + 1) % cfg.log_interval == 0 or i + 1 == steps_per_epoch:
+                elapsed = time.perf_counter() - run_start
+                per_step = elapsed / max(global_step - run_start_step, 1)
+                logger.info("epoch %d/%d step %d/%d loss %.4f lr %.6f %.1f img/s eta %s",
+                            epoch + 1, cfg.epoch_size, i + 1, steps_per_epoch, loss, lrs[global_step - 1],
+                            seen / (time.perf_counter() - epoch_start),
+                            _format_eta(per_step * (total_steps - global_step)))
+        record = dict(epoch=epoch + 1, global_step=global_step, train_loss=loss_sum / max(seen, 1),
+                      lr=float(lrs[global_step - 1]), epoch_seconds=time.perf_counter() - epoch_start,
+                      unreadable_images=len(source.bad_files))
+        last = epoch + 1 == cfg.epoch_size
+        if val_split is not None and cfg.val_while_train and ((epoch + 1) % cfg.val_interval == 0 or last):
+            metrics = evaluate(model, val_split, cfg)
+            record.update(val_top1=metrics["top1"], val_top5=metrics["top5"], val_loss=metrics["loss"])
+            logger.info("epoch %d validation: top-1 %.2f%% top-5 %.2f%% loss %.4f (%d images)",
+                        epoch + 1, metrics["top1"], metrics["top5"], metrics["loss"], metrics["count"])
+        metric = record.get("val_top1", -record["train_loss"])
+        is_best = metric > best
+        best = max(best, metric)
+        if (epoch + 1) % cfg.ckpt_save_interval == 0 or last:
+            meta = dict(epoch=epoch, global_step=global_step, metric=metric, best_metric=best,
+                        model=cfg.model, num_classes=num_classes, classes=train_split.classes)
+            logger.info("saved %s", manager.save(train_cell, meta, is_best))
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+    record["run_dir"] = run_dir
+    return record
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,36 @@
+"""Tiny data sets written by the tests themselves."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+COLORS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
+
+
+def write_imagenet_layout(root: str, per_class: int = 6, size: int = 40, splits=("train", "val"),
+                          classes=("n01440764", "n01443537", "n01484850", "n01491361"), seed: int = 0) -> list[str]:
+    """``root/<split>/<wnid>/<wnid>_<i>.JPEG``: noisy images whose colour is the class."""
+    rs = np.random.RandomState(seed)
+    for split in splits:
+        for index, wnid in enumerate(classes):
+            folder = os.path.join(root, split, wnid)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(per_class):
+                pixels = np.clip(rs.normal(COLORS[index % len(COLORS)], 40, (size, size, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{wnid}_{i}.JPEG"), quality=90)
+    return list(classes)
+
+
+def write_cifar10_binary(folder: str, per_file: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``folder/cifar-10-batches-bin`` with 5 train batches and a test batch; returns test (images, labels)."""
+    rs = np.random.RandomState(seed)
+    root = os.path.join(folder, "cifar-10-batches-bin")
+    os.makedirs(root, exist_ok=True)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        labels = rs.randint(0, 10, per_file).astype(np.uint8)
+        images = rs.randint(0, 256, (per_file, 3, 32, 32)).astype(np.uint8)
+        records = np.concatenate([labels[:, None], images.reshape(per_file, -1)], axis=1)
+        records.tofile(os.path.join(root, name))
+    return images.transpose(0, 2, 3, 1), labels.astype(np.int32)

@@ -1,0 +1,106 @@
+"""train.py end to end on a tiny ImageNet-layout set: learning, run layout, atomic and exact resume."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+import train as train_entry
+from config import parse_config
+from resgarden import checkpoint
+from resgarden.checkpoint import find_checkpoint, read_meta
+from resgarden.trainer import train
+from tests.helpers import write_imagenet_layout
+
+BASE = ["--model=resnet18", "--image_size=32", "--batch_size=8", "--num_parallel_workers=1", "--lr=0.05",
+        "--warmup_epochs=0", "--weight_decay=0", "--log_interval=1", "--scale", "0.6", "1.0", "--crop_pct=1.0"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    write_imagenet_layout(str(root), per_class=8, size=36)
+    return str(root)
+
+
+def _weights(path: str) -> dict[str, np.ndarray]:
+    return {k: v.asnumpy() for k, v in ms.load_checkpoint(path).items() if not k.startswith("meta.")}
+
+
+def test_learns_and_writes_the_run_layout(tiny, tmp_path):
+    out = tmp_path / "out"
+    result = train(parse_config(BASE + [f"--data_path={tiny}", f"--output_path={out}", "--epoch_size=5",
+                                        "--keep_checkpoint_max=2"]))
+    run_dir = result["run_dir"]
+    assert os.path.dirname(run_dir) == str(out) and "_time_" in os.path.basename(run_dir)
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[-1]["train_loss"] < 0.6 * records[0]["train_loss"]
+    assert records[-1]["val_top1"] > 50.0  # 4 colour classes: chance is 25 %
+    ckpt_dir = os.path.join(run_dir, "ckpt_0")
+    assert sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".ckpt")) == \
+        ["resnet18-best.ckpt", "resnet18-e004.ckpt", "resnet18-e005.ckpt"]
+    assert os.path.isfile(os.path.join(run_dir, "config.yaml")) and os.path.isfile(os.path.join(run_dir, "train.log"))
+    meta = read_meta(ms.load_checkpoint(find_checkpoint(run_dir)))
+    assert meta["epoch"] == 4 and meta["global_step"] == 5 * 4 and meta["classes"][0] == "n01440764"
+    assert not [f for f in os.listdir(ckpt_dir) if f.startswith(".tmp")]
+
+
+def test_resume_is_exact(tiny, tmp_path):
+    args = BASE + [f"--data_dir={tiny}", f"--ckpt_save_dir={tmp_path}", "--epoch_size=3",
+                   "--keep_checkpoint_max=3", "--val_while_train=False"]
+    full = train(parse_config(args))
+    ckpt_dir = os.path.join(full["run_dir"], "ckpt_0")
+    uninterrupted = _weights(os.path.join(ckpt_dir, "resnet18-e003.ckpt"))
+    # as if the run had stopped after epoch 2: forget epoch 3 and resume from the run folder
+    os.remove(os.path.join(ckpt_dir, "resnet18-e003.ckpt"))
+    manifest = os.path.join(ckpt_dir, checkpoint.MANIFEST)
+    entries = [e for e in json.load(open(manifest)) if e["epoch"] < 2]
+    json.dump(entries, open(manifest, "w"))
+    resumed = train(parse_config(args + [f"--resume={full['run_dir']}"]))
+    assert resumed["run_dir"] == full["run_dir"] and resumed["global_step"] == full["global_step"]
+    again = _weights(os.path.join(ckpt_dir, "resnet18-e003.ckpt"))
+    assert set(again) == set(uninterrupted)
+    worst = max(float(np.abs(again[k] - uninterrupted[k]).max()) for k in again)
+    assert worst < 1e-5, f"resumed weights differ by {worst}"
+    assert "moments.conv1.weight" in again and int(again["global_step"]) == 12
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    net = ms.nn.Dense(3, 2)
+    target = tmp_path / "x.ckpt"
+    checkpoint.save_atomic(net, str(target), dict(epoch=0))
+    before = target.read_bytes()
+
+    def crash(cell, path, append_dict=None):
+        open(path, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.ms, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic(net, str(target), dict(epoch=1))
+    assert target.read_bytes() == before and os.listdir(tmp_path) == ["x.ckpt"]
+
+
+def test_finetune_from_a_run_replaces_the_head(tiny, tmp_path, caplog):
+    first = train(parse_config(BASE + [f"--data_dir={tiny}", f"--ckpt_save_dir={tmp_path}", "--epoch_size=1"]))
+    with caplog.at_level("INFO", logger="resgarden"):
+        second = train(parse_config(BASE + [f"--data_dir={tiny}", f"--ckpt_save_dir={tmp_path}", "--epoch_size=1",
+                                            "--num_classes=6", f"--ckpt_path={first['run_dir']}"]))
+    assert "classifier replaced by a fresh one" in caplog.text
+    head = ms.load_checkpoint(find_checkpoint(second["run_dir"]))["classifier.weight"]
+    assert head.shape == (6, 512)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert train_entry.main([f"--data_path={tmp_path / 'missing'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"train.py: error: data directory not found: {tmp_path / 'missing'}"]
+    assert train_entry.main(["--modle=resnet18"]) == 2
+    assert "did you mean" in capsys.readouterr().err
+    assert train_entry.main(["--model=resnet5", "--dataset=digits", f"--data_dir={tmp_path / 'd'}"]) == 2
+    assert "unknown model 'resnet5'" in capsys.readouterr().err
