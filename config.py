@@ -195,7 +195,11 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 def parse_config(argv: Sequence[str] | None = None, prog: str | None = None,
                  description: str | None = None) -> argparse.Namespace:
-    """Merge defaults, the YAML named by --config and the command line (highest precedence)."""
+    """Merge defaults, the YAML named by --config and the command line (highest precedence).
+
+    ``explicit`` on the result lists the settings the user gave (YAML or command line), so that
+    defaults taken from elsewhere (e.g. a weights' eval transform) never override them.
+    """
     parser = build_parser(prog, description)
     args = _normalise_argv(sys.argv[1:] if argv is None else argv)
     try:
@@ -211,7 +215,9 @@ def parse_config(argv: Sequence[str] | None = None, prog: str | None = None,
     if config_path:
         merged.update(load_yaml(config_path))
     merged.update(vars(cli))
-    return argparse.Namespace(**merged)
+    config = argparse.Namespace(**merged)
+    config.explicit = sorted(set(vars(cli)) | (set(load_yaml(config_path)) if config_path else set()))
+    return config
 
 
 def save_config(config: argparse.Namespace, path: str) -> None:
@@ -220,5 +226,5 @@ def save_config(config: argparse.Namespace, path: str) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml", dir=directory)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(vars(config), handle, sort_keys=False)
+        yaml.safe_dump({k: v for k, v in vars(config).items() if k in BY_NAME}, handle, sort_keys=False)
     os.replace(tmp, path)

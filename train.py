@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("train.py: interrupted; resume with --resume=<run folder>", file=sys.stderr)
         return 130
-    print(f"done: {result}")
+    accuracy = f", val top-1 {result['val_top1']:.2f}%" if "val_top1" in result else ""
+    print(f"done: {result['epoch']} epochs, train loss {result['train_loss']:.4f}{accuracy}; run folder "
+          f"{result['run_dir']}")
     return 0
 
 

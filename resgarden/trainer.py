@@ -23,6 +23,7 @@ from .evaluate import evaluate
 from .optim import create_optimizer, lr_per_step
 
 logger = logging.getLogger("resgarden")
+EVAL_TRANSFORM_KEYS = ("image_size", "crop_pct", "interpolation", "mean", "std")
 
 
 def setup_logging(log_file: str | None = None) -> None:
@@ -147,7 +148,8 @@ def train(cfg) -> dict[str, Any]:
         best = max(best, metric)
         if (epoch + 1) % cfg.ckpt_save_interval == 0 or last:
             meta = dict(epoch=epoch, global_step=global_step, metric=metric, best_metric=best,
-                        model=cfg.model, num_classes=num_classes, classes=train_split.classes)
+                        model=cfg.model, num_classes=num_classes, classes=train_split.classes,
+                        eval_transform={k: getattr(cfg, k) for k in EVAL_TRANSFORM_KEYS})
             logger.info("saved %s", manager.save(train_cell, meta, is_best))
         with open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
