@@ -103,8 +103,8 @@ def load_imagenet_split(data_dir: str, split: str) -> Split:
             return scan_class_folders(os.path.join(root, split))
     if os.path.basename(os.path.abspath(data_dir)) == split:
         return scan_class_folders(data_dir)
-    raise DataError(f"no '{split}' split in {data_dir}: expected {split}_list.txt or a {split}/ folder "
-                    "of class sub-folders")
+    raise DataError(f"no '{split}' split in {os.path.abspath(data_dir)}: expected {split}_list.txt or a {split}/ "
+                    "folder of class sub-folders (set --data_dir)")
 
 
 # ---------------------------------------------------------------- CIFAR-10
@@ -268,9 +268,7 @@ def load_splits(cfg) -> tuple[Split, Split | None]:
         data_dir = cfg.data_dir or "./data/cifar10"
         train = load_cifar10_split(data_dir, True, cfg.dataset_download)
         return train, load_cifar10_split(data_dir, False)
-    data_dir = cfg.data_dir if dataset == "imagenet" else ensure_digits(cfg.data_dir or "./data/digits")
-    if dataset == "imagenet" and not data_dir:
-        raise DataError("--dataset=imagenet needs --data_dir (or --data_path)")
+    data_dir = imagenet_root(cfg) if dataset == "imagenet" else ensure_digits(cfg.data_dir or "./data/digits")
     train = load_imagenet_split(data_dir, cfg.train_split)
     try:
         val = load_imagenet_split(data_dir, cfg.val_split)
@@ -280,6 +278,11 @@ def load_splits(cfg) -> tuple[Split, Split | None]:
     if val is not None and val.classes != train.classes:
         raise DataError(f"the {cfg.val_split} split's classes differ from the {cfg.train_split} split's")
     return train, val
+
+
+def imagenet_root(cfg) -> str:
+    """``--data_dir``, or the current folder as mindcv does (its train/ and val/ are looked up there)."""
+    return cfg.data_dir or "."
 
 
 def resolve_dataset(cfg) -> str:

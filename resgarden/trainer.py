@@ -47,7 +47,8 @@ def set_context(cfg) -> None:
                           "run on one process")
     ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == 0 else ms.PYNATIVE_MODE)
     try:
-        ms.set_device(cfg.device_target)
+        if ms.get_context("device_target") != cfg.device_target:
+            ms.set_device(cfg.device_target)
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(f"device_target={cfg.device_target} is not usable here: {str(exc).splitlines()[0]}") from None
     ms.set_seed(cfg.seed)

@@ -13,7 +13,7 @@ from models.pretrained import PRETRAINED
 from models.weights import adapt_head, load_weights, read_checkpoint
 
 from .checkpoint import find_checkpoint, read_meta
-from .data import load_cifar10_split, load_imagenet_split, ensure_digits, resolve_dataset
+from .data import ensure_digits, imagenet_root, load_cifar10_split, load_imagenet_split, resolve_dataset
 from .evaluate import evaluate
 from .trainer import set_context
 
@@ -26,9 +26,7 @@ def _eval_split(cfg):
         return load_cifar10_split(cfg.data_dir or "./data/cifar10", False, cfg.dataset_download)
     if dataset == "digits":
         return load_imagenet_split(ensure_digits(cfg.data_dir or "./data/digits"), cfg.val_split)
-    if not cfg.data_dir:
-        raise ConfigError("--dataset=imagenet needs --data_dir (or --data_path)")
-    return load_imagenet_split(cfg.data_dir, cfg.val_split)
+    return load_imagenet_split(imagenet_root(cfg), cfg.val_split)
 
 
 def _apply_eval_transform(cfg, transform: dict[str, Any]) -> None:
