@@ -107,6 +107,11 @@ SETTINGS: tuple[Setting, ...] = (
     S("val_interval", 1, "evaluate every N epochs", int),
     S("log_interval", 10, "log every N steps", int),
     S("json", None, "validate/eval: also write the metrics to this JSON file"),
+    S("images", [], "infer: image files to classify", str, nargs="+"),
+    # export
+    S("file_format", "MINDIR", "export format", choices=("MINDIR", "ONNX", "AIR")),
+    S("file_name", None, "export: output file (default: <model>.<format>)"),
+    S("dynamic_batch", False, "export: batch dimension left dynamic (MINDIR)", parse_bool),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 ALIASES = {alias: s.name for s in SETTINGS for alias in (s.name, *s.aliases)}

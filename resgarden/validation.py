@@ -29,8 +29,15 @@ def _eval_split(cfg):
     return load_imagenet_split(imagenet_root(cfg), cfg.val_split)
 
 
-def _apply_eval_transform(cfg, transform: dict[str, Any]) -> None:
-    """Take the weights' eval transform for every setting the user did not give."""
+def apply_weights_transform(cfg, meta: dict[str, Any]) -> None:
+    """Use the eval transform the weights were published or trained with (released weights'
+    table entry, or a run checkpoint's metadata) for every setting the user did not give."""
+    transform: dict[str, Any] = {}
+    if cfg.pretrained and cfg.model in PRETRAINED:
+        entry = PRETRAINED[cfg.model]
+        transform = dict(image_size=entry.image_size, crop_pct=entry.crop_pct, interpolation=entry.interpolation,
+                         mean=list(entry.mean), std=list(entry.std))
+    transform.update(meta.get("eval_transform", {}))
     for key, value in transform.items():
         if key not in cfg.explicit:
             setattr(cfg, key, value)
@@ -52,12 +59,7 @@ def validate(cfg) -> dict[str, Any]:
         models.check_model_name(cfg.model)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if cfg.pretrained and cfg.model in PRETRAINED:
-        entry = PRETRAINED[cfg.model]
-        _apply_eval_transform(cfg, dict(image_size=entry.image_size, crop_pct=entry.crop_pct,
-                                        interpolation=entry.interpolation, mean=list(entry.mean),
-                                        std=list(entry.std)))
-    _apply_eval_transform(cfg, meta.get("eval_transform", {}))
+    apply_weights_transform(cfg, meta)
     split = _eval_split(cfg)
     if meta.get("classes") and meta["classes"] != split.classes:
         raise ConfigError(f"{source} was trained on other classes than the {cfg.val_split} split here")

@@ -1,0 +1,126 @@
+"""Import PyTorch weights (timm / torchvision layout) into our models.
+
+    python -m models.convert --model res2net50_14w_8s --src res2net50_14w_8s.safetensors --out r2n.ckpt
+
+``.safetensors`` files are read without PyTorch; ``.pth``/``.pt``/``.bin`` only through
+``torch.load(weights_only=True)`` when PyTorch is installed, never by a bare unpickle. timm and
+torchvision pad their 3x3 pools PyTorch-style, so converted weights are used with
+``create_model(name, pool_pad="pad", checkpoint_path=...)`` (Res2Net models default to it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from typing import Mapping
+
+import numpy as np
+
+# PyTorch module names -> ours, then BN tensor names -> MindSpore's.
+TORCH_MODULE_MAP = ((r"^fc\.", "classifier."), (r"\.downsample\.", ".down_sample."))
+TORCH_BN_MAP = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
+
+
+class ConversionError(ValueError):
+    """Weights that cannot be read or mapped; the message is for the user."""
+
+
+def read_torch_weights(path: str) -> dict[str, np.ndarray]:
+    """name -> float32 array from a .safetensors (no torch needed) or a torch .pth/.pt/.bin file."""
+    if not os.path.isfile(path):
+        raise ConversionError(f"weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        try:
+            return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+        except Exception as exc:  # safetensors raises its own error types
+            raise ConversionError(f"cannot read {path}: {exc}") from None
+    if path.endswith((".pth", ".pt", ".bin")):
+        try:
+            import torch
+        except ImportError:
+            raise ConversionError(f"{path} is a PyTorch pickle: install torch to read it safely, or convert it "
+                                  "to .safetensors") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+        return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
+    raise ConversionError(f"unsupported weights format: {path} (use .safetensors, .pth, .pt or .bin)")
+
+
+def torch_to_ours(state: Mapping[str, np.ndarray], our_names: set[str]) -> dict[str, np.ndarray]:
+    """Rename a timm/torchvision state dict to our parameter names; drop BN step counters.
+
+    Raises ConversionError listing the tensors that match no parameter of ours.
+    """
+    out, unmatched = {}, []
+    for name, value in state.items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        module, _, tensor = name.rpartition(".")
+        path = module + "."
+        for pattern, repl in TORCH_MODULE_MAP:
+            path = re.sub(pattern, repl, path)
+        module = path[:-1]
+        candidates = [f"{module}.{tensor}"] + ([f"{module}.{TORCH_BN_MAP[tensor]}"] if tensor in TORCH_BN_MAP else [])
+        target = next((c for c in candidates if c in our_names), None)
+        if target is None:
+            unmatched.append(name)
+        else:
+            out[target] = value
+    if unmatched:
+        raise ConversionError(f"{len(unmatched)} tensors match no parameter of the model, e.g. {unmatched[:5]}")
+    return out
+
+
+def convert(model_name: str, src: str, out: str, num_classes: int | None = None) -> str:
+    """Convert ``src`` into a MindSpore checkpoint ``out`` for ``model_name``; returns the load report."""
+    import mindspore as ms
+
+    from . import create_model
+    from .weights import load_weights
+
+    state = read_torch_weights(src)
+    classes = num_classes or (state["fc.weight"].shape[0] if "fc.weight" in state else 1000)
+    model = create_model(model_name, num_classes=classes, pool_pad="pad")
+    mapped = torch_to_ours(state, set(model.parameters_dict()))
+    report = load_weights(model, mapped)  # strict: every parameter present with the right shape
+    directory = os.path.dirname(os.path.abspath(out))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=directory)
+    os.close(fd)
+    try:
+        ms.save_checkpoint(model, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return report.table()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from resgarden.platform import apply_cpu_speed_guard
+
+    apply_cpu_speed_guard()
+    parser = argparse.ArgumentParser(prog="python -m models.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="our model name (python -m models --list)")
+    parser.add_argument("--src", required=True, help="timm/torchvision weights (.safetensors, .pth, .pt, .bin)")
+    parser.add_argument("--out", required=True, help="MindSpore checkpoint to write")
+    parser.add_argument("--num_classes", type=int, default=None, help="default: the size of the source's fc")
+    args = parser.parse_args(argv)
+    from .weights import WeightsError
+
+    try:
+        print(convert(args.model, args.src, args.out, args.num_classes))
+    except (ConversionError, WeightsError, ValueError) as exc:
+        print(f"convert: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}; load it with create_model({args.model!r}, pool_pad='pad', checkpoint_path=...)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""PyTorch (timm / torchvision layout) weights import."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import mindspore as ms
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import models
+from models.convert import ConversionError, convert, read_torch_weights, torch_to_ours
+from resgarden.bench import TIMM_NAMES
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OURS_TO_TORCH = ((".gamma", ".weight"), (".beta", ".bias"), (".moving_mean", ".running_mean"),
+                 (".moving_variance", ".running_var"), (".down_sample.", ".downsample."))
+
+
+def _as_torch_layout(model) -> dict[str, np.ndarray]:
+    """Our parameters under timm's names, plus the BN counters PyTorch adds."""
+    state = {}
+    for name, param in model.parameters_dict().items():
+        torch_name = "fc." + name[len("classifier."):] if name.startswith("classifier.") else name
+        for ours, theirs in OURS_TO_TORCH:
+            torch_name = torch_name.replace(ours, theirs)
+        state[torch_name] = param.asnumpy()
+        if torch_name.endswith(".running_var"):
+            state[torch_name.replace("running_var", "num_batches_tracked")] = np.array(7, np.int64)
+    return state
+
+
+@pytest.mark.parametrize("name", ["resnet18", "res2net50_14w_8s", "res2net50_v1b", "resnest50"])
+def test_timm_layout_round_trips(tmp_path, name):
+    source = models.create_model(name, num_classes=5)
+    path = tmp_path / "w.safetensors"
+    save_file(_as_torch_layout(source), str(path))
+    out = tmp_path / "w.ckpt"
+    convert(name, str(path), str(out))
+    loaded = models.create_model(name, num_classes=5, pool_pad="pad", checkpoint_path=str(out))
+    for key, param in source.parameters_dict().items():
+        np.testing.assert_array_equal(loaded.parameters_dict()[key].asnumpy(), param.asnumpy())
+
+
+def test_unmatched_tensors_and_formats_fail_clearly(tmp_path):
+    with pytest.raises(ConversionError, match="match no parameter.*extra.weight"):
+        torch_to_ours({"extra.weight": np.zeros(3)}, {"conv1.weight"})
+    (tmp_path / "x.pkl").write_bytes(b"x")
+    with pytest.raises(ConversionError, match="unsupported weights format"):
+        read_torch_weights(str(tmp_path / "x.pkl"))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not safetensors")
+    with pytest.raises(ConversionError, match="cannot read"):
+        read_torch_weights(str(bad))
+
+
+def _torch_python() -> str | None:
+    """A Python with torch + timm: $RESGARDEN_TORCH_PYTHON, if set."""
+    python = os.environ.get("RESGARDEN_TORCH_PYTHON")
+    return python if python and shutil.which(python) else None
+
+
+@pytest.mark.skipif(_torch_python() is None, reason="set RESGARDEN_TORCH_PYTHON to a Python with torch + timm")
+@pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d", "res2net50_14w_8s", "res2net50_v1b", "resnest50"])
+def test_converted_timm_model_gives_timm_logits(tmp_path, graph_mode, name):
+    subprocess.run([_torch_python(), os.path.join(HERE, "timm_reference.py"), TIMM_NAMES[name], str(tmp_path)],
+                   check=True, capture_output=True)
+    convert(name, str(tmp_path / "weights.safetensors"), str(tmp_path / "w.ckpt"))
+    model = models.create_model(name, pool_pad="pad", checkpoint_path=str(tmp_path / "w.ckpt"))
+    model.set_train(False)
+    got = model(ms.Tensor(np.load(tmp_path / "images.npy"))).asnumpy()
+    expected = np.load(tmp_path / "logits.npy")
+    assert np.abs(got - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
