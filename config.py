@@ -97,6 +97,15 @@ SETTINGS: tuple[Setting, ...] = (
     S("decay_rate", 0.1, "step/multistep: decay factor", float),
     S("milestones", [30, 60, 90], "multistep: epochs where the LR decays", int, nargs="+"),
     S("epoch_size", 90, "training epochs", int, aliases=("epochs",)),
+    S("amp_level", "O0", "mixed precision: O0 fp32, O2 fp16 except BN, O3 all fp16 (O1's network rewrite "
+      "fails in MindSpore 2.10)", choices=("O0", "O2", "O3")),
+    S("loss_scale_type", "fixed", "fixed or dynamic loss scale", choices=("fixed", "dynamic")),
+    S("loss_scale", 1.0, "(initial) loss scale", float),
+    S("clip_grad", False, "clip the global gradient norm", parse_bool),
+    S("clip_value", 15.0, "global gradient norm limit", float),
+    S("gradient_accumulation_steps", 1, "apply the optimizer every N steps on the mean gradient", int),
+    S("ema", False, "keep an exponential moving average of the weights; validate and export it", parse_bool),
+    S("ema_decay", 0.9999, "EMA decay", float),
     # checkpoints and logging
     S("ckpt_save_dir", "./runs", "runs go to <dir>/<YYYY-MM-DD_time_HH_MM_SS>/ckpt_<rank>/",
       aliases=("output_path",)),

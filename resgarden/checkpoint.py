@@ -8,6 +8,7 @@ their epoch and metric, so that resuming from a folder never parses file names.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from typing import Any
@@ -19,6 +20,8 @@ from models.weights import WeightsError, read_checkpoint
 
 MANIFEST = "checkpoints.json"
 META_PREFIX = "meta."
+EMA_PREFIX = "ema."
+logger = logging.getLogger("resgarden")
 
 
 def save_atomic(cell: nn.Cell, path: str, meta: dict[str, Any]) -> None:
@@ -109,6 +112,21 @@ def find_checkpoint(path: str, prefer_best: bool = False) -> str:
         raise WeightsError(f"{manifest} lists no checkpoints")
     latest = max(entries, key=lambda e: (e["epoch"], e["global_step"]))
     return os.path.join(folder, latest["file"])
+
+
+def read_run_weights(path: str, prefer_ema: bool = True) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(model weights, run metadata, file) of a checkpoint file or run folder (best, else latest).
+
+    When the run kept an EMA of the weights, those are returned (and the log says so).
+    """
+    source = find_checkpoint(path, prefer_best=True)
+    state = dict(read_checkpoint(source))
+    meta = read_meta(state)
+    ema = {k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
+    if ema and prefer_ema:
+        logger.info("%s: using its EMA weights", source)
+        return ema, meta, source
+    return state, meta, source
 
 
 def load_training_state(train_cell: nn.Cell, path: str) -> dict[str, Any]:

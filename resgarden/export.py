@@ -7,12 +7,9 @@ import os
 import mindspore as ms
 import numpy as np
 
-import models
 from config import ConfigError
-from models.weights import load_weights, read_checkpoint
 
-from .checkpoint import find_checkpoint, read_meta
-from .trainer import set_context
+from .inference import build_inference_model, resolve_weights
 
 logger = logging.getLogger("resgarden")
 EXTENSIONS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
@@ -20,30 +17,12 @@ EXTENSIONS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
 
 def export_model(cfg) -> str:
     """Build the model with ``--pretrained`` or ``--ckpt_path`` weights and export it; return the path."""
-    if cfg.pretrained == bool(cfg.ckpt_path):
-        raise ConfigError("give exactly one of --pretrained or --ckpt_path")
     if cfg.dynamic_batch and cfg.file_format != "MINDIR":
         raise ConfigError("--dynamic_batch is supported for MINDIR only")
-    set_context(cfg)
-    state, meta = None, {}
-    if cfg.ckpt_path:
-        state = dict(read_checkpoint(find_checkpoint(cfg.ckpt_path, prefer_best=True)))
-        meta = read_meta(state)
-        if meta.get("model") and "model" not in cfg.explicit:
-            cfg.model = meta["model"]
-        if "image_size" not in cfg.explicit:
-            cfg.image_size = meta.get("eval_transform", {}).get("image_size", cfg.image_size)
-    try:
-        models.check_model_name(cfg.model)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    state, meta, _ = resolve_weights(cfg)
     num_classes = cfg.num_classes or meta.get("num_classes") or (
         state["classifier.weight"].shape[0] if state is not None and "classifier.weight" in state else 1000)
-    net = models.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes,
-                              in_channels=cfg.in_channels)
-    if state is not None:
-        load_weights(net, state)
-    net.set_train(False)
+    net = build_inference_model(cfg, num_classes, state)
     batch = None if cfg.dynamic_batch else cfg.batch_size
     shape = (batch, cfg.in_channels, cfg.image_size, cfg.image_size)
     sample = ms.Tensor(shape=shape, dtype=ms.float32) if batch is None else ms.Tensor(np.zeros(shape, np.float32))

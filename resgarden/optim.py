@@ -7,9 +7,12 @@ import numpy as np
 from mindspore import nn
 
 
-def lr_per_step(cfg, steps_per_epoch: int) -> np.ndarray:
-    """The LR of every training step: linear warm-up to ``lr``, then the configured schedule."""
-    total = cfg.epoch_size * steps_per_epoch
+def lr_per_step(cfg, steps_per_epoch: float) -> np.ndarray:
+    """The LR of every optimizer step: linear warm-up to ``lr``, then the configured schedule.
+
+    ``steps_per_epoch`` may be fractional (gradient accumulation over an uneven epoch).
+    """
+    total = max(1, int(math.ceil(cfg.epoch_size * steps_per_epoch)))
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total)
     lrs = np.empty(total, np.float32)
     main_steps = max(total - warmup, 1)
@@ -18,7 +21,7 @@ def lr_per_step(cfg, steps_per_epoch: int) -> np.ndarray:
             lrs[step] = cfg.lr * (step + 1) / warmup
             continue
         t = step - warmup
-        epoch = step // steps_per_epoch
+        epoch = int(step // steps_per_epoch)
         if cfg.scheduler == "cosine":
             lrs[step] = cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t / main_steps))
         elif cfg.scheduler == "step":

@@ -8,14 +8,10 @@ import mindspore as ms
 import numpy as np
 from PIL import Image
 
-import models
 from config import ConfigError
-from models.weights import adapt_head, load_weights, read_checkpoint
 
-from .checkpoint import find_checkpoint, read_meta
 from .data import DataError, transforms
-from .trainer import set_context
-from .validation import apply_weights_transform
+from .inference import build_inference_model, resolve_weights
 
 CLASS_NAMES_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models",
                                 "imagenet_classes.tsv")
@@ -32,30 +28,11 @@ def predict(cfg) -> list[dict[str, Any]]:
     """Top-5 (name, probability) for each of ``cfg.images``."""
     if not cfg.images:
         raise ConfigError("give the images to classify: --images a.jpg [b.jpg ...]")
-    if cfg.pretrained == bool(cfg.ckpt_path):
-        raise ConfigError("give exactly one of --pretrained or --ckpt_path")
-    set_context(cfg)
     lemmas = imagenet_lemmas()
-    state, meta = None, {}
-    if cfg.ckpt_path:
-        state = dict(read_checkpoint(find_checkpoint(cfg.ckpt_path, prefer_best=True)))
-        meta = read_meta(state)
-        if meta.get("model") and "model" not in cfg.explicit:
-            cfg.model = meta["model"]
-    try:
-        models.check_model_name(cfg.model)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    apply_weights_transform(cfg, meta)
+    state, meta, _ = resolve_weights(cfg)
     classes = meta.get("classes") or list(lemmas)
     names = [lemmas.get(c, c) for c in classes]
-    model = models.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=len(classes),
-                                in_channels=cfg.in_channels)
-    if state is not None:
-        if adapt_head(state, model):
-            raise ConfigError("the checkpoint's classifier does not match its class list")
-        load_weights(model, state)
-    model.set_train(False)
+    model = build_inference_model(cfg, len(classes), state)
     pipeline = transforms(cfg, training=False)
     results = []
     for path in cfg.images:

@@ -15,12 +15,13 @@ from mindspore import nn
 import models
 from config import ConfigError, save_config
 from models.profile import count_params
-from models.weights import adapt_head, load_weights, read_checkpoint
+from models.weights import adapt_head, load_weights
 
-from .checkpoint import CheckpointManager, find_checkpoint, load_training_state
+from .checkpoint import EMA_PREFIX, CheckpointManager, find_checkpoint, load_training_state, read_run_weights
 from .data import load_splits, make_loader
 from .evaluate import evaluate
 from .optim import create_optimizer, lr_per_step
+from .train_step import TrainStep
 
 logger = logging.getLogger("resgarden")
 EVAL_TRANSFORM_KEYS = ("image_size", "crop_pct", "interpolation", "mean", "std")
@@ -42,6 +43,8 @@ def setup_logging(log_file: str | None = None) -> None:
 
 def set_context(cfg) -> None:
     """Execution mode and device; one clear error where the device is not available."""
+    if cfg.amp_level != "O0" and cfg.device_target == "CPU":
+        logger.warning("amp_level=%s on CPU: float16 kernels are slow here; O0 is faster on CPU", cfg.amp_level)
     if cfg.distribute:
         raise ConfigError("--distribute / --run_distribute=1: data-parallel training is not available yet; "
                           "run on one process")
@@ -60,8 +63,7 @@ def build_model(cfg, num_classes: int) -> nn.Cell:
                                 in_channels=cfg.in_channels, drop_rate=cfg.drop_rate,
                                 drop_path_rate=cfg.drop_path_rate)
     if cfg.ckpt_path and not cfg.resume:
-        path = find_checkpoint(cfg.ckpt_path, prefer_best=True)
-        state = dict(read_checkpoint(path))
+        state, _, path = read_run_weights(cfg.ckpt_path)
         report = load_weights(model, state, may_be_missing=adapt_head(state, model))
         logger.info("initial weights from %s: %s", path, report.table())
     return model
@@ -97,11 +99,20 @@ def train(cfg) -> dict[str, Any]:
     os.makedirs(ckpt_dir, exist_ok=True)
     setup_logging(os.path.join(run_dir, "train.log"))
     model = build_model(cfg, num_classes)
-    lrs = lr_per_step(cfg, steps_per_epoch)
+    accumulation = max(1, cfg.gradient_accumulation_steps)
+    lrs = lr_per_step(cfg, steps_per_epoch / accumulation)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     optimizer = create_optimizer(model, cfg, lrs)
-    train_cell = nn.TrainOneStepCell(nn.WithLossCell(model, loss_fn), optimizer)
+    network = nn.WithLossCell(model, loss_fn)
+    if cfg.amp_level != "O0":
+        network = nn.WithLossCell(ms.amp.auto_mixed_precision(model, cfg.amp_level), loss_fn)
+    train_cell = TrainStep(network, optimizer, loss_scale=cfg.loss_scale,
+                           dynamic_loss_scale=cfg.loss_scale_type == "dynamic",
+                           clip_norm=cfg.clip_value if cfg.clip_grad else 0.0, accumulation_steps=accumulation,
+                           ema_decay=cfg.ema_decay if cfg.ema else 0.0)
     train_cell.set_train(True)
+    ema_model = models.create_model(cfg.model, num_classes=num_classes, in_channels=cfg.in_channels) \
+        if cfg.ema else None
 
     start_epoch, global_step, best = 0, 0, float("-inf")
     if cfg.resume:
@@ -132,15 +143,15 @@ def train(cfg) -> dict[str, Any]:
                 elapsed = time.perf_counter() - run_start
                 per_step = elapsed / max(global_step - run_start_step, 1)
                 logger.info("epoch %d/%d step %d/%d loss %.4f lr %.6f %.1f img/s eta %s",
-                            epoch + 1, cfg.epoch_size, i + 1, steps_per_epoch, loss, lrs[global_step - 1],
+                            epoch + 1, cfg.epoch_size, i + 1, steps_per_epoch, loss, _lr(lrs, global_step, accumulation),
                             seen / (time.perf_counter() - epoch_start),
                             _format_eta(per_step * (total_steps - global_step)))
         record = dict(epoch=epoch + 1, global_step=global_step, train_loss=loss_sum / max(seen, 1),
-                      lr=float(lrs[global_step - 1]), epoch_seconds=time.perf_counter() - epoch_start,
+                      lr=_lr(lrs, global_step, accumulation), epoch_seconds=time.perf_counter() - epoch_start,
                       unreadable_images=len(source.bad_files))
         last = epoch + 1 == cfg.epoch_size
         if val_split is not None and cfg.val_while_train and ((epoch + 1) % cfg.val_interval == 0 or last):
-            metrics = evaluate(model, val_split, cfg)
+            metrics = evaluate(_with_ema_weights(ema_model, train_cell) if ema_model else model, val_split, cfg)
             record.update(val_top1=metrics["top1"], val_top5=metrics["top5"], val_loss=metrics["loss"])
             logger.info("epoch %d validation: top-1 %.2f%% top-5 %.2f%% loss %.4f (%d images)",
                         epoch + 1, metrics["top1"], metrics["top5"], metrics["loss"], metrics["count"])
@@ -156,6 +167,19 @@ def train(cfg) -> dict[str, Any]:
             handle.write(json.dumps(record) + "\n")
     record["run_dir"] = run_dir
     return record
+
+
+def _lr(lrs, global_step: int, accumulation: int) -> float:
+    """The LR of the optimizer step that micro-step ``global_step`` belongs to."""
+    return float(lrs[min((global_step - 1) // accumulation, len(lrs) - 1)])
+
+
+def _with_ema_weights(ema_model: nn.Cell, train_cell: TrainStep) -> nn.Cell:
+    """``ema_model`` holding the current EMA of the trained weights."""
+    ema = {p.name[len(EMA_PREFIX):]: ms.Parameter(p.value(), name=p.name[len(EMA_PREFIX):])
+           for p in train_cell.ema_params}
+    ms.load_param_into_net(ema_model, ema, strict_load=True)
+    return ema_model
 
 
 def _format_eta(seconds: float) -> str:

@@ -1,0 +1,126 @@
+"""One training step as a Cell: loss scaling (fixed or dynamic), gradient clipping, gradient
+accumulation and an exponential moving average (EMA) of the weights.
+
+All of its state (loss scale, good-step counter, accumulated gradients, micro-step, EMA weights
+and their update count) are Parameters, so checkpoints of this Cell resume exactly.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+_unscale = ops.MultitypeFuncGraph("unscale")
+_finite = ops.MultitypeFuncGraph("finite")
+_accumulate = ops.MultitypeFuncGraph("accumulate")
+_average = ops.MultitypeFuncGraph("average")
+_zero = ops.MultitypeFuncGraph("zero")
+_ema = ops.MultitypeFuncGraph("ema")
+
+
+@_unscale.register("Tensor", "Tensor")
+def _unscale_grad(scale: Tensor, grad: Tensor) -> Tensor:
+    return grad / ops.cast(scale, grad.dtype)
+
+
+@_finite.register("Tensor")
+def _is_finite(grad: Tensor) -> Tensor:
+    return ops.isfinite(grad).all()
+
+
+@_accumulate.register("Tensor", "Tensor")
+def _accumulate_grad(total: Tensor, grad: Tensor) -> Tensor:
+    return ops.assign_add(total, grad)
+
+
+@_average.register("Tensor", "Tensor")
+def _average_grad(count: Tensor, total: Tensor) -> Tensor:
+    return total / count
+
+
+@_zero.register("Tensor")
+def _zero_grad(total: Tensor) -> Tensor:
+    return ops.assign(total, ops.zeros_like(total))
+
+
+@_ema.register("Tensor", "Tensor", "Tensor")
+def _ema_update(decay: Tensor, average: Tensor, value: Tensor) -> Tensor:
+    return ops.assign(average, average * decay + value * (1.0 - decay))
+
+
+class TrainStep(nn.Cell):
+    """loss -> scaled grads -> unscale -> [accumulate] -> finite check -> [dynamic scale] -> [clip]
+    -> optimizer (skipped on overflow) -> [EMA]. Returns the loss.
+
+    Args:
+        network: a Cell returning the loss of ``*inputs``.
+        optimizer: the optimizer over ``network``'s trainable parameters.
+        loss_scale: initial loss scale (1.0: none).
+        dynamic_loss_scale: halve the scale on overflow, double it after ``scale_window`` good steps.
+        clip_norm: clip the global gradient norm to this value (0: off).
+        accumulation_steps: apply the optimizer every N calls on the mean gradient.
+        ema_decay: keep an EMA of all weights and BN statistics (0: off), warmed up as
+            ``min(decay, (1 + t) / (10 + t))``.
+    """
+
+    def __init__(self, network: nn.Cell, optimizer: nn.Optimizer, loss_scale: float = 1.0,
+                 dynamic_loss_scale: bool = False, scale_window: int = 2000, clip_norm: float = 0.0,
+                 accumulation_steps: int = 1, ema_decay: float = 0.0) -> None:
+        super().__init__(auto_prefix=False)
+        self.network = network
+        self.network.set_grad()
+        self.optimizer = optimizer
+        self.weights = optimizer.parameters
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        self.hyper_map = ops.HyperMap()
+        self.loss_scale = Parameter(Tensor(loss_scale, ms.float32), name="loss_scale", requires_grad=False)
+        self.good_steps = Parameter(Tensor(0, ms.int32), name="loss_scale_good_steps", requires_grad=False)
+        self.dynamic_loss_scale = dynamic_loss_scale
+        self.scale_window = scale_window
+        self.clip_norm = clip_norm
+        self.accumulation_steps = accumulation_steps
+        if accumulation_steps > 1:
+            self.accumulated = self.weights.clone(prefix="accum_grads", init="zeros")
+            self.micro_step = Parameter(Tensor(0, ms.int32), name="accum_micro_step", requires_grad=False)
+        self.ema_decay = ema_decay
+        if ema_decay > 0:
+            self.model_params = ParameterTuple(list(network.get_parameters()))
+            self.ema_params = self.model_params.clone(prefix="ema", init="same")
+            self.ema_updates = Parameter(Tensor(0.0, ms.float32), name="ema_updates", requires_grad=False)
+
+    def _apply(self, grads: tuple) -> Tensor:
+        finite = ops.stack(self.hyper_map(_finite, grads)).all()
+        if self.dynamic_loss_scale:
+            good = ops.select(finite, self.good_steps + 1, ops.zeros_like(self.good_steps))
+            grow = good >= self.scale_window
+            scale = ops.select(finite, ops.select(grow, self.loss_scale * 2.0, self.loss_scale),
+                               ops.maximum(self.loss_scale * 0.5, ops.ones_like(self.loss_scale)))
+            ops.assign(self.loss_scale, scale)
+            ops.assign(self.good_steps, ops.select(grow, ops.zeros_like(good), good))
+        if self.clip_norm > 0:
+            grads = ops.clip_by_global_norm(grads, self.clip_norm)
+        if finite:
+            self.optimizer(grads)
+            if self.ema_decay > 0:
+                updates = self.ema_updates + 1.0
+                ops.assign(self.ema_updates, updates)
+                decay = ops.minimum(Tensor(self.ema_decay, ms.float32), (1.0 + updates) / (10.0 + updates))
+                self.hyper_map(ops.partial(_ema, decay), self.ema_params, self.model_params)
+        return finite
+
+    def construct(self, *inputs):
+        loss = self.network(*inputs)
+        sens = ops.ones_like(loss) * ops.cast(self.loss_scale, loss.dtype)
+        grads = self.grad(self.network, self.weights)(*inputs, sens)
+        grads = self.hyper_map(ops.partial(_unscale, self.loss_scale), grads)
+        if self.accumulation_steps > 1:
+            self.hyper_map(_accumulate, self.accumulated, grads)
+            step = self.micro_step + 1
+            ops.assign(self.micro_step, step)
+            if step % self.accumulation_steps == 0:
+                mean = self.hyper_map(ops.partial(_average, Tensor(self.accumulation_steps, ms.float32)),
+                                      self.accumulated)
+                self._apply(mean)
+                self.hyper_map(_zero, self.accumulated)
+            return loss
+        self._apply(grads)
+        return loss
