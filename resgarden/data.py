@@ -231,34 +231,91 @@ def _interpolation(name: str):
     return {"bilinear": Inter.BILINEAR, "bicubic": Inter.BICUBIC, "nearest": Inter.NEAREST}[name]
 
 
+AUTO_AUGMENT_PREFIXES = ("randaug", "autoaug", "3a", "trivialaugwide")
+
+
+def _to_array(image) -> np.ndarray:
+    return np.asarray(image)
+
+
+def auto_augment_policy(cfg) -> list:
+    """mindcv's PIL policy for ``cfg.auto_augment``, wrapped to take and return HWC uint8 arrays."""
+    from mindcv.data import auto_augment as policies
+    from mindspore.dataset import vision
+
+    name = cfg.auto_augment
+    hparams = dict(translate_const=int(cfg.image_size * 0.45), interpolation=_interpolation(cfg.interpolation),
+                   img_mean=tuple(min(255, round(m * 255)) for m in cfg.mean))
+    if name.startswith("randaug"):
+        policy = policies.rand_augment_transform(name, hparams)
+    elif name.startswith(("autoaug", "3a")):
+        policy = policies.auto_augment_transform(name, hparams)
+    elif name.startswith("trivialaugwide"):
+        policy = policies.trivial_augment_wide_transform(name, hparams)
+    else:
+        raise DataError(f"unknown auto_augment policy {name!r}; use one starting with {', '.join(AUTO_AUGMENT_PREFIXES)}")
+    return [vision.ToPIL(), policy, _to_array]
+
+
 def transforms(cfg, training: bool) -> list:
-    """Training: RandomResizedCrop + flip; eval: resize by crop_pct + center crop; then normalise."""
+    """Training: RandomResizedCrop, flip, auto-augment or colour jitter, normalise, random erasing;
+    eval: resize to image_size / crop_pct, center crop, normalise."""
     from mindspore.dataset import vision
 
     size = cfg.image_size
-    if training:
-        ops = [vision.RandomResizedCrop(size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
-                                        interpolation=_interpolation(cfg.interpolation))]
-        if cfg.hflip > 0:
-            ops.append(vision.RandomHorizontalFlip(cfg.hflip))
-    else:
-        ops = [vision.Resize(int(round(size / cfg.crop_pct)), interpolation=_interpolation(cfg.interpolation)),
-               vision.CenterCrop(size)]
-    ops += [vision.Normalize([m * 255 for m in cfg.mean], [s * 255 for s in cfg.std]), vision.HWC2CHW()]
+    normalize = [vision.Normalize([m * 255 for m in cfg.mean], [s * 255 for s in cfg.std]), vision.HWC2CHW()]
+    if not training:
+        return [vision.Resize(int(round(size / cfg.crop_pct)), interpolation=_interpolation(cfg.interpolation)),
+                vision.CenterCrop(size)] + normalize
+    ops = [vision.RandomResizedCrop(size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
+                                    interpolation=_interpolation(cfg.interpolation))]
+    if cfg.hflip > 0:
+        ops.append(vision.RandomHorizontalFlip(cfg.hflip))
+    if cfg.auto_augment:
+        ops += auto_augment_policy(cfg)
+    elif cfg.color_jitter:
+        ops.append(vision.RandomColorAdjust(*(3 * (cfg.color_jitter,))))
+    ops += normalize
+    if cfg.re_prob > 0:
+        ops.append(vision.RandomErasing(prob=cfg.re_prob))
     return ops
 
 
-def make_loader(split: Split, cfg, training: bool, epoch: int = 0):
-    """A batched MindSpore dataset for one epoch (training drops the last partial batch)."""
+def uses_soft_targets(cfg) -> bool:
+    """Mixup/cutmix produce soft (N, classes) targets for the whole run."""
+    return cfg.mixup > 0 or cfg.cutmix > 0
+
+
+def mixing(cfg, num_classes: int, epoch: int):
+    """mindcv's batch Mixup/CutMix for this epoch (targets smoothed by ``label_smoothing``);
+    after ``mixup_off_epoch`` it only one-hot encodes and smooths."""
+    from mindcv.data.mixup import Mixup
+
+    mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+    mix.mixup_enabled = not (cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch)
+    return mix
+
+
+def make_loader(split: Split, cfg, training: bool, epoch: int = 0, num_classes: int | None = None):
+    """A batched MindSpore dataset for one epoch (training drops the last partial batch and, with
+    mixup/cutmix, yields soft targets)."""
+    import random
+
     import mindspore.dataset as ds
 
     ds.config.set_seed(cfg.seed + epoch)
+    random.seed(cfg.seed + epoch)  # Python-side augmentations (auto-augment policies, mixup)
+    np.random.seed((cfg.seed + epoch) % (2**32))
     source = SampleSource(split, epoch_order(len(split), cfg.seed, epoch, shuffle=training))
     dataset = ds.GeneratorDataset(source, column_names=["image", "label"], shuffle=False,
                                   num_parallel_workers=1)
     dataset = dataset.map(transforms(cfg, training), input_columns="image",
                           num_parallel_workers=max(1, cfg.num_parallel_workers))
-    return dataset.batch(cfg.batch_size, drop_remainder=training), source
+    dataset = dataset.batch(cfg.batch_size, drop_remainder=training)
+    if training and uses_soft_targets(cfg):
+        dataset = dataset.map(mixing(cfg, num_classes or len(split.classes), epoch), input_columns=["image", "label"])
+    return dataset, source
 
 
 def load_splits(cfg) -> tuple[Split, Split | None]:

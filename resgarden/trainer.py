@@ -18,7 +18,7 @@ from models.profile import count_params
 from models.weights import adapt_head, load_weights
 
 from .checkpoint import EMA_PREFIX, CheckpointManager, find_checkpoint, load_training_state, read_run_weights
-from .data import load_splits, make_loader
+from .data import load_splits, make_loader, uses_soft_targets
 from .evaluate import evaluate
 from .optim import create_optimizer, lr_per_step
 from .train_step import TrainStep
@@ -89,6 +89,8 @@ def train(cfg) -> dict[str, Any]:
     set_context(cfg)
     train_split, val_split = load_splits(cfg)
     num_classes = cfg.num_classes or len(train_split.classes)
+    if uses_soft_targets(cfg) and cfg.batch_size % 2:
+        raise ConfigError(f"mixup/cutmix pair up images: batch_size must be even, got {cfg.batch_size}")
     if num_classes < len(train_split.classes):
         raise ConfigError(f"num_classes={num_classes} but the data has {len(train_split.classes)} classes")
     steps_per_epoch = len(train_split) // cfg.batch_size
@@ -101,7 +103,8 @@ def train(cfg) -> dict[str, Any]:
     model = build_model(cfg, num_classes)
     accumulation = max(1, cfg.gradient_accumulation_steps)
     lrs = lr_per_step(cfg, steps_per_epoch / accumulation)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # with mixup/cutmix the targets arrive smoothed already
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.0 if uses_soft_targets(cfg) else cfg.label_smoothing)
     optimizer = create_optimizer(model, cfg, lrs)
     network = nn.WithLossCell(model, loss_fn)
     if cfg.amp_level != "O0":
@@ -133,7 +136,7 @@ def train(cfg) -> dict[str, Any]:
     record: dict[str, Any] = {}
     run_start, run_start_step = time.perf_counter(), global_step
     for epoch in range(start_epoch, cfg.epoch_size):
-        loader, source = make_loader(train_split, cfg, training=True, epoch=epoch)
+        loader, source = make_loader(train_split, cfg, training=True, epoch=epoch, num_classes=num_classes)
         epoch_start, loss_sum, seen = time.perf_counter(), 0.0, 0
         for i, (images, labels) in enumerate(loader.create_tuple_iterator(num_epochs=1)):
             loss = float(train_cell(images, labels).asnumpy())
