@@ -93,9 +93,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("drop_rate", 0.0, "dropout before the classifier", float),
     S("drop_path_rate", 0.0, "stochastic depth rate", float),
     # optimisation
-    S("opt", "momentum", "optimizer", choices=("momentum", "nesterov", "sgd", "adamw")),
+    S("opt", "momentum", "optimizer", choices=("momentum", "nesterov", "sgd", "adamw", "lamb")),
     S("lr", 0.1, "peak learning rate", float),
-    S("momentum", 0.9, "momentum (momentum/nesterov) or beta1 (adamw)", float),
+    S("momentum", 0.9, "momentum (momentum/nesterov) or beta1 (adamw, lamb)", float),
     S("weight_decay", 1e-4, "weight decay", float),
     S("filter_bias_and_bn", True, "no weight decay on biases and BN parameters", parse_bool),
     S("scheduler", "cosine", "per-step LR schedule after warm-up",

@@ -50,7 +50,7 @@ def param_groups(net: nn.Cell, weight_decay: float, filter_bias_and_bn: bool) ->
 
 
 def create_optimizer(net: nn.Cell, cfg, lrs: np.ndarray) -> nn.Optimizer:
-    """momentum / nesterov / sgd / adamw over ``net`` with the per-step LRs ``lrs``."""
+    """momentum / nesterov / sgd / adamw / lamb over ``net`` with the per-step LRs ``lrs``."""
     groups = param_groups(net, cfg.weight_decay, cfg.filter_bias_and_bn)
     wd = 0.0 if isinstance(groups[0], dict) else cfg.weight_decay
     lr = list(lrs)
@@ -58,4 +58,6 @@ def create_optimizer(net: nn.Cell, cfg, lrs: np.ndarray) -> nn.Optimizer:
         return nn.Momentum(groups, lr, cfg.momentum, weight_decay=wd, use_nesterov=cfg.opt == "nesterov")
     if cfg.opt == "sgd":
         return nn.SGD(groups, lr, weight_decay=wd)
+    if cfg.opt == "lamb":
+        return nn.Lamb(groups, lr, beta1=cfg.momentum, weight_decay=wd)
     return nn.AdamWeightDecay(groups, lr, beta1=cfg.momentum, weight_decay=wd)

@@ -21,6 +21,7 @@ from .checkpoint import EMA_PREFIX, CheckpointManager, find_checkpoint, load_tra
 from .data import load_splits, make_loader, uses_soft_targets
 from .evaluate import evaluate
 from .optim import create_optimizer, lr_per_step
+from .plot import plot_metrics
 from .train_step import TrainStep
 
 logger = logging.getLogger("resgarden")
@@ -45,6 +46,8 @@ def set_context(cfg) -> None:
     """Execution mode and device; one clear error where the device is not available."""
     if cfg.amp_level != "O0" and cfg.device_target == "CPU":
         logger.warning("amp_level=%s on CPU: float16 kernels are slow here; O0 is faster on CPU", cfg.amp_level)
+    if cfg.opt == "lamb" and cfg.device_target == "CPU":
+        raise ConfigError("--opt=lamb: MindSpore has no LAMB kernel on CPU; use adamw here, lamb on GPU/Ascend")
     if cfg.distribute:
         raise ConfigError("--distribute / --run_distribute=1: data-parallel training is not available yet; "
                           "run on one process")
@@ -168,6 +171,9 @@ def train(cfg) -> dict[str, Any]:
             logger.info("saved %s", manager.save(train_cell, meta, is_best))
         with open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+    if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        logger.info("curves: %s", plot_metrics(os.path.join(run_dir, "metrics.jsonl"),
+                                                os.path.join(run_dir, "curves.png")))
     record["run_dir"] = run_dir
     return record
 
