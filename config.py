@@ -119,7 +119,10 @@ SETTINGS: tuple[Setting, ...] = (
     S("ckpt_save_dir", "./runs", "runs go to <dir>/<YYYY-MM-DD_time_HH_MM_SS>/ckpt_<rank>/",
       aliases=("output_path",)),
     S("ckpt_save_interval", 1, "save a checkpoint every N epochs", int),
-    S("keep_checkpoint_max", 5, "keep the latest N epoch checkpoints (the best one is kept apart)", int),
+    S("keep_checkpoint_max", 5, "epoch checkpoints kept (the best one is kept apart as <model>-best.ckpt)", int),
+    S("ckpt_save_policy", "latest_k", "keep the latest k epoch checkpoints, or the top k by val top-1 (plus the "
+      "newest, for --resume)",
+      choices=("latest_k", "top_k")),
     S("resume", None, "continue a run: its checkpoint file, or its run/ckpt directory"),
     S("val_while_train", True, "evaluate on the validation split during training", parse_bool),
     S("val_interval", 1, "evaluate every N epochs", int),

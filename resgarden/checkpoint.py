@@ -57,12 +57,14 @@ def read_meta(state: dict[str, Any]) -> dict[str, Any]:
 
 
 class CheckpointManager:
-    """Epoch checkpoints ``<model>-e<epoch>.ckpt`` (latest ``keep`` kept) and ``<model>-best.ckpt``."""
+    """Epoch checkpoints ``<model>-e<epoch>.ckpt`` and ``<model>-best.ckpt``. Kept: the ``keep``
+    latest (``policy="latest_k"``), or the ``keep`` best by metric plus the newest ("top_k")."""
 
-    def __init__(self, directory: str, model_name: str, keep: int) -> None:
+    def __init__(self, directory: str, model_name: str, keep: int, policy: str = "latest_k") -> None:
         self.directory = directory
         self.model_name = model_name
         self.keep = max(1, keep)
+        self.policy = policy
         os.makedirs(directory, exist_ok=True)
         manifest = os.path.join(directory, MANIFEST)
         self.entries: list[dict[str, Any]] = []
@@ -77,8 +79,14 @@ class CheckpointManager:
         self.entries = [e for e in self.entries if e["file"] != name]
         self.entries.append(dict(file=name, epoch=meta["epoch"], global_step=meta["global_step"],
                                  metric=meta.get("metric")))
-        while len(self.entries) > self.keep:
-            old = self.entries.pop(0)
+        # top_k also keeps the newest checkpoint, whatever its metric: --resume needs it
+        while len(self.entries) > self.keep + (self.policy == "top_k"):
+            if self.policy == "top_k":
+                worst = min(range(len(self.entries) - 1),
+                            key=lambda i: (self.entries[i]["metric"], self.entries[i]["epoch"]))
+                old = self.entries.pop(worst)
+            else:
+                old = self.entries.pop(0)
             old_path = os.path.join(self.directory, old["file"])
             if os.path.exists(old_path):
                 os.remove(old_path)

@@ -11,6 +11,7 @@ from typing import Any
 
 import mindspore as ms
 from mindspore import nn
+from tqdm import tqdm
 
 import models
 from config import ConfigError, save_config
@@ -130,7 +131,7 @@ def train(cfg) -> dict[str, Any]:
         best = meta.get("best_metric", best)
         logger.info("resumed from %s: epoch %d, step %d", path, start_epoch, global_step)
     save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    manager = CheckpointManager(ckpt_dir, cfg.model, cfg.keep_checkpoint_max)
+    manager = CheckpointManager(ckpt_dir, cfg.model, cfg.keep_checkpoint_max, cfg.ckpt_save_policy)
     logger.info("model %s: %d classes, %s params | %d train / %s val images | %d steps/epoch, batch %d | run %s",
                 cfg.model, num_classes, f"{count_params(model):,}", len(train_split),
                 len(val_split) if val_split else "no", steps_per_epoch, cfg.batch_size, run_dir)
@@ -141,10 +142,14 @@ def train(cfg) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.epoch_size):
         loader, source = make_loader(train_split, cfg, training=True, epoch=epoch, num_classes=num_classes)
         epoch_start, loss_sum, seen = time.perf_counter(), 0.0, 0
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epoch_size}", leave=False,
+                   disable=not sys.stdout.isatty())
         for i, (images, labels) in enumerate(loader.create_tuple_iterator(num_epochs=1)):
             loss = float(train_cell(images, labels).asnumpy())
             global_step += 1
             loss_sum, seen = loss_sum + loss * len(labels), seen + len(labels)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{seen / (time.perf_counter() - epoch_start):.1f}")
             if (i + 1) % cfg.log_interval == 0 or i + 1 == steps_per_epoch:
                 elapsed = time.perf_counter() - run_start
                 per_step = elapsed / max(global_step - run_start_step, 1)
@@ -152,6 +157,7 @@ def train(cfg) -> dict[str, Any]:
                             epoch + 1, cfg.epoch_size, i + 1, steps_per_epoch, loss, _lr(lrs, global_step, accumulation),
                             seen / (time.perf_counter() - epoch_start),
                             _format_eta(per_step * (total_steps - global_step)))
+        bar.close()
         record = dict(epoch=epoch + 1, global_step=global_step, train_loss=loss_sum / max(seen, 1),
                       lr=_lr(lrs, global_step, accumulation), epoch_seconds=time.perf_counter() - epoch_start,
                       unreadable_images=len(source.bad_files))

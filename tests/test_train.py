@@ -117,3 +117,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "did you mean" in capsys.readouterr().err
     assert train_entry.main(["--model=resnet5", "--dataset=digits", f"--data_dir={tmp_path / 'd'}"]) == 2
     assert "unknown model 'resnet5'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy, kept", [("latest_k", [3, 4]), ("top_k", [1, 3, 4])])  # top_k + newest
+def test_keep_policies(tmp_path, policy, kept):
+    net = ms.nn.Dense(2, 2)
+    manager = checkpoint.CheckpointManager(str(tmp_path), "m", keep=2, policy=policy)
+    for epoch, metric in enumerate([0.9, 0.1, 0.8, 0.2]):
+        manager.save(net, dict(epoch=epoch, global_step=epoch, metric=metric), is_best=epoch == 0)
+    files = sorted(f for f in os.listdir(tmp_path) if f.endswith(".ckpt"))
+    assert files == ["m-best.ckpt"] + [f"m-e{e:03d}.ckpt" for e in kept]
+    reopened = checkpoint.CheckpointManager(str(tmp_path), "m", keep=2, policy=policy)
+    assert [e["file"] for e in reopened.entries] == [f"m-e{e:03d}.ckpt" for e in kept]
