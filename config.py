@@ -65,7 +65,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("dataset_download", False, "download CIFAR-10 if it is missing", parse_bool),
     S("num_parallel_workers", 2, "data loading workers", int),
     S("batch_size", 32, "images per step (per process)", int),
-    S("image_size", 224, "training / evaluation crop size", int),
+    S("image_size", 224, "training / evaluation crop size", int, aliases=("image_resize",)),
     S("scale", [0.08, 1.0], "RandomResizedCrop area range", float, nargs="+"),
     S("ratio", [0.75, 1.333], "RandomResizedCrop aspect ratio range", float, nargs="+"),
     S("hflip", 0.5, "horizontal flip probability", float),
