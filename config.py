@@ -98,6 +98,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("momentum", 0.9, "momentum (momentum/nesterov) or beta1 (adamw, lamb)", float),
     S("weight_decay", 1e-4, "weight decay", float),
     S("filter_bias_and_bn", True, "no weight decay on biases and BN parameters", parse_bool),
+    S("freeze_backbone", False, "fine-tuning: train the classifier only", parse_bool),
+    S("backbone_lr_scale", 1.0, "fine-tuning: LR multiplier for everything but the classifier", float),
     S("scheduler", "cosine", "per-step LR schedule after warm-up",
       choices=("cosine", "step", "multistep", "constant")),
     S("warmup_epochs", 0.0, "linear warm-up from 0 to lr", float),

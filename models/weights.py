@@ -26,7 +26,8 @@ MINDCV_NAME_MAP: tuple[tuple[str, str], ...] = (
 
 # Entries of a training checkpoint that are not model weights: optimizer moments and counters,
 # loss-scale state, and the run metadata saved beside the weights (see resgarden/checkpoint.py).
-TRAINING_STATE_GROUPS = ("moments.", "accum.", "stat.", "adam_m.", "adam_v.", "lamb_m.", "lamb_v.", "ema.", "meta.", "accum_grads.")
+TRAINING_STATE_GROUPS = ("moments.", "accum.", "stat.", "adam_m.", "adam_v.", "lamb_m.", "lamb_v.", "ema.",
+                         "meta.", "accum_grads.", "learning_rate_group_")
 TRAINING_STATE_NAMES = frozenset({"global_step", "learning_rate", "momentum", "beta1_power", "beta2_power",
                                   "scale_sense", "current_iterator_step", "last_overflow_iterator_step",
                                   "epoch_num", "step_num", "loss_scale", "loss_scale_good_steps",

@@ -37,27 +37,41 @@ def _no_decay(name: str) -> bool:
     return name.endswith((".gamma", ".beta", ".bias"))
 
 
-def param_groups(net: nn.Cell, weight_decay: float, filter_bias_and_bn: bool) -> list[dict] | list:
-    """Two groups (with and without weight decay) when filtering, else all parameters."""
+def param_groups(net: nn.Cell, cfg, lrs: np.ndarray) -> list[dict]:
+    """Parameter groups by (weight decay?, backbone?): no decay on BN/biases when
+    ``filter_bias_and_bn``; the backbone's LR scaled by ``backbone_lr_scale``."""
     params = net.trainable_params()
-    if not filter_bias_and_bn or weight_decay == 0:
-        return params
-    decay = [p for p in params if not _no_decay(p.name)]
-    no_decay = [p for p in params if _no_decay(p.name)]
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-            {"order_params": params}]
+    groups: dict[tuple[bool, bool], list] = {}
+    for p in params:
+        decay = cfg.weight_decay > 0 and not (cfg.filter_bias_and_bn and _no_decay(p.name))
+        groups.setdefault((decay, not p.name.startswith("classifier.")), []).append(p)
+    out = []
+    for (decay, backbone), members in groups.items():
+        scale = cfg.backbone_lr_scale if backbone else 1.0
+        out.append({"params": members, "weight_decay": cfg.weight_decay if decay else 0.0,
+                    "lr": [float(lr) * scale for lr in lrs]})
+    out.append({"order_params": params})
+    return out
+
+
+def freeze_backbone(net: nn.Cell) -> int:
+    """Make every parameter but the classifier's non-trainable; returns how many were frozen."""
+    frozen = 0
+    for p in net.trainable_params():
+        if not p.name.startswith("classifier."):
+            p.requires_grad = False
+            frozen += 1
+    return frozen
 
 
 def create_optimizer(net: nn.Cell, cfg, lrs: np.ndarray) -> nn.Optimizer:
     """momentum / nesterov / sgd / adamw / lamb over ``net`` with the per-step LRs ``lrs``."""
-    groups = param_groups(net, cfg.weight_decay, cfg.filter_bias_and_bn)
-    wd = 0.0 if isinstance(groups[0], dict) else cfg.weight_decay
+    groups = param_groups(net, cfg, lrs)
     lr = list(lrs)
     if cfg.opt in ("momentum", "nesterov"):
-        return nn.Momentum(groups, lr, cfg.momentum, weight_decay=wd, use_nesterov=cfg.opt == "nesterov")
+        return nn.Momentum(groups, lr, cfg.momentum, use_nesterov=cfg.opt == "nesterov")
     if cfg.opt == "sgd":
-        return nn.SGD(groups, lr, weight_decay=wd)
+        return nn.SGD(groups, lr)
     if cfg.opt == "lamb":
-        return nn.Lamb(groups, lr, beta1=cfg.momentum, weight_decay=wd)
-    return nn.AdamWeightDecay(groups, lr, beta1=cfg.momentum, weight_decay=wd)
+        return nn.Lamb(groups, lr, beta1=cfg.momentum)
+    return nn.AdamWeightDecay(groups, lr, beta1=cfg.momentum)

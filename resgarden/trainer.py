@@ -21,7 +21,7 @@ from models.weights import adapt_head, load_weights
 from .checkpoint import EMA_PREFIX, CheckpointManager, find_checkpoint, load_training_state, read_run_weights
 from .data import load_splits, make_loader, uses_soft_targets
 from .evaluate import evaluate
-from .optim import create_optimizer, lr_per_step
+from .optim import create_optimizer, freeze_backbone, lr_per_step
 from .plot import plot_metrics
 from .train_step import TrainStep
 
@@ -109,6 +109,8 @@ def train(cfg) -> dict[str, Any]:
     lrs = lr_per_step(cfg, steps_per_epoch / accumulation)
     # with mixup/cutmix the targets arrive smoothed already
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.0 if uses_soft_targets(cfg) else cfg.label_smoothing)
+    if cfg.freeze_backbone:
+        logger.info("frozen backbone: %d parameters fixed, training the classifier only", freeze_backbone(model))
     optimizer = create_optimizer(model, cfg, lrs)
     network = nn.WithLossCell(model, loss_fn)
     if cfg.amp_level != "O0":

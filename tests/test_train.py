@@ -129,3 +129,19 @@ def test_keep_policies(tmp_path, policy, kept):
     assert files == ["m-best.ckpt"] + [f"m-e{e:03d}.ckpt" for e in kept]
     reopened = checkpoint.CheckpointManager(str(tmp_path), "m", keep=2, policy=policy)
     assert [e["file"] for e in reopened.entries] == [f"m-e{e:03d}.ckpt" for e in kept]
+
+
+def test_freeze_backbone_and_backbone_lr_scale(tiny, tmp_path):
+    args = BASE + [f"--data_dir={tiny}", "--epoch_size=1", "--val_while_train=False", "--keep_checkpoint_max=1"]
+    start = train(parse_config(args + [f"--ckpt_save_dir={tmp_path / 'a'}"]))
+    before = _weights(find_checkpoint(start["run_dir"]))
+    frozen = train(parse_config(args + [f"--ckpt_save_dir={tmp_path / 'b'}", f"--ckpt_path={start['run_dir']}",
+                                        "--freeze_backbone"]))
+    after = _weights(find_checkpoint(frozen["run_dir"]))
+    np.testing.assert_array_equal(after["layer3.0.conv1.weight"], before["layer3.0.conv1.weight"])
+    assert not np.array_equal(after["classifier.weight"], before["classifier.weight"])
+    slow = train(parse_config(args + [f"--ckpt_save_dir={tmp_path / 'c'}", f"--ckpt_path={start['run_dir']}",
+                                      "--backbone_lr_scale=0", "--opt=sgd"]))
+    lr0 = _weights(find_checkpoint(slow["run_dir"]))
+    np.testing.assert_array_equal(lr0["layer3.0.conv1.weight"], before["layer3.0.conv1.weight"])
+    assert not np.array_equal(lr0["classifier.weight"], before["classifier.weight"])
