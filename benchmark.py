@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 
-from resgarden.bench import TIMM_NAMES, run_worker
+from resgarden.bench import TIMM_NAMES, measure_pipeline, run_worker
 
 
 def _measure(python: str, framework: str, model: str, task: str, mode: str, batch: int, size: int,
@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-timm", action="store_true", help="also measure timm's model (needs torch, timm)")
     parser.add_argument("--torch-python", default=sys.executable,
                         help="Python that has torch and timm (default: this one)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="instead: data pipeline img/s (JPEG decode + training augmentation) per worker count")
+    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="--pipeline: map workers to try")
+    parser.add_argument("--auto_augment", default=None, help="--pipeline: also apply this policy")
     parser.add_argument("--worker", choices=["mindspore", "timm"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -52,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
                    args.image_size, args.steps)
         return 0
 
+    if args.pipeline:
+        print(f"{'workers':>7s} {'batch':>5s} {'size':>4s} {'augment':16s} {'img/s':>8s}")
+        for workers in args.workers:
+            result = measure_pipeline(workers, args.image_size, args.train_batch, auto_augment=args.auto_augment)
+            print(f"{workers:7d} {args.train_batch:5d} {args.image_size:4d} {args.auto_augment or 'rrc+flip':16s} "
+                  f"{result['img_s']:8.1f}", flush=True)
+        return 0
     unknown = [m for m in args.models if m not in TIMM_NAMES]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {sorted(TIMM_NAMES)}")

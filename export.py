@@ -11,22 +11,13 @@ from resgarden.platform import apply_cpu_speed_guard
 
 apply_cpu_speed_guard()
 
-from config import ConfigError, parse_config  # noqa: E402
-from models.weights import WeightsError  # noqa: E402
-from resgarden.download import DownloadError  # noqa: E402
+from config import parse_config  # noqa: E402
+from resgarden.cli import run  # noqa: E402
 from resgarden.export import export_model  # noqa: E402
-from resgarden.trainer import setup_logging  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    try:
-        path = export_model(parse_config(argv, prog="export.py", description=__doc__))
-    except (ConfigError, WeightsError, DownloadError) as exc:
-        print(f"export.py: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
+    return run("export.py", lambda: f"wrote {export_model(parse_config(argv, prog='export.py', description=__doc__))}")
 
 
 if __name__ == "__main__":

@@ -11,26 +11,14 @@ from resgarden.platform import apply_cpu_speed_guard
 
 apply_cpu_speed_guard()
 
-from config import ConfigError, parse_config  # noqa: E402
-from models.weights import WeightsError  # noqa: E402
-from resgarden.data import DataError  # noqa: E402
-from resgarden.download import DownloadError  # noqa: E402
-from resgarden.predict import predict  # noqa: E402
-from resgarden.trainer import setup_logging  # noqa: E402
+from config import parse_config  # noqa: E402
+from resgarden.cli import run  # noqa: E402
+from resgarden.predict import format_predictions, predict  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    try:
-        results = predict(parse_config(argv, prog="infer.py", description=__doc__))
-    except (ConfigError, DataError, WeightsError, DownloadError) as exc:
-        print(f"infer.py: error: {exc}", file=sys.stderr)
-        return 2
-    for result in results:
-        print(result["image"])
-        for name, prob in result["top5"]:
-            print(f"  {prob * 100:6.2f}%  {name}")
-    return 0
+    return run("infer.py", lambda: format_predictions(predict(parse_config(argv, prog="infer.py",
+                                                                           description=__doc__))))
 
 
 if __name__ == "__main__":

@@ -11,23 +11,13 @@ from resgarden.platform import apply_cpu_speed_guard
 
 apply_cpu_speed_guard()
 
-from config import ConfigError, parse_config  # noqa: E402
-from models.weights import WeightsError  # noqa: E402
-from resgarden.data import DataError  # noqa: E402
-from resgarden.download import DownloadError  # noqa: E402
-from resgarden.trainer import setup_logging  # noqa: E402
+from config import parse_config  # noqa: E402
+from resgarden.cli import run  # noqa: E402
 from resgarden.validation import format_result, validate  # noqa: E402
 
 
 def main(argv: list[str] | None = None, prog: str = "validate.py") -> int:
-    setup_logging()
-    try:
-        result = validate(parse_config(argv, prog=prog, description=__doc__))
-    except (ConfigError, DataError, WeightsError, DownloadError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_result(result))
-    return 0
+    return run(prog, lambda: format_result(validate(parse_config(argv, prog=prog, description=__doc__))))
 
 
 if __name__ == "__main__":

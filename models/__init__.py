@@ -4,7 +4,7 @@ from resgarden.platform import apply_cpu_speed_guard
 apply_cpu_speed_guard()  # before MindSpore builds a kernel: see resgarden/platform.py
 
 from . import res2net, resnest, resnet  # noqa: E402,F401  (registers the variants)
-from .registry import check_model_name, create_model, list_models, model_family, register_model
-from .resnet import ResNet
+from .registry import check_model_name, create_model, list_models, model_family, register_model  # noqa: E402
+from .resnet import ResNet  # noqa: E402
 
 __all__ = ["ResNet", "check_model_name", "create_model", "list_models", "model_family", "register_model"]

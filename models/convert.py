@@ -82,6 +82,12 @@ def convert(model_name: str, src: str, out: str, num_classes: int | None = None)
     from . import create_model
     from .weights import load_weights
 
+    from .registry import check_model_name
+
+    try:
+        check_model_name(model_name)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
     state = read_torch_weights(src)
     classes = num_classes or (state["fc.weight"].shape[0] if "fc.weight" in state else 1000)
     model = create_model(model_name, num_classes=classes, pool_pad="pad")
@@ -111,15 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="MindSpore checkpoint to write")
     parser.add_argument("--num_classes", type=int, default=None, help="default: the size of the source's fc")
     args = parser.parse_args(argv)
-    from .weights import WeightsError
+    from resgarden.cli import run
 
-    try:
-        print(convert(args.model, args.src, args.out, args.num_classes))
-    except (ConversionError, WeightsError, ValueError) as exc:
-        print(f"convert: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}; load it with create_model({args.model!r}, pool_pad='pad', checkpoint_path=...)")
-    return 0
+    def action() -> str:
+        report = convert(args.model, args.src, args.out, args.num_classes)
+        return (f"{report}\nwrote {args.out}; load it with create_model({args.model!r}, pool_pad='pad', "
+                "checkpoint_path=...)")
+
+    return run("convert", action)
 
 
 if __name__ == "__main__":

@@ -96,3 +96,22 @@ def init_weights(net: nn.Cell, zero_init_last: bool = False) -> None:
             if bn_name:
                 last_bn = getattr(cell, bn_name)
                 last_bn.gamma.set_data(init.initializer("zeros", last_bn.gamma.shape, last_bn.gamma.dtype))
+
+
+class ResidualBlock(nn.Cell):
+    """What every residual block shares: the shortcut (identity or projection), stochastic depth
+    on the residual branch, the addition and the final ReLU. Subclasses build the branch."""
+
+    def __init__(self, down_sample: nn.Cell | None, drop_path: float) -> None:
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.down_sample = down_sample
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        return x if self.down_sample is None else self.down_sample(x)
+
+    def merge(self, branch: Tensor, shortcut: Tensor) -> Tensor:
+        if self.drop_path is not None:
+            branch = self.drop_path(branch)
+        return self.relu(branch + shortcut)

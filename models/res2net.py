@@ -6,12 +6,12 @@ from typing import Any
 
 from mindspore import Tensor, nn, ops
 
-from .layers import DropPath, conv2d, pool3x3
+from .layers import ResidualBlock, conv2d, pool3x3
 from .registry import register_model
 from .resnet import ResNet
 
 
-class Bottle2neck(nn.Cell):
+class Bottle2neck(ResidualBlock):
     """Res2Net bottleneck: the 3x3 conv is split into ``scale`` groups of ``width`` channels,
     each conv seeing its own split plus the previous output (hierarchical residual).
 
@@ -26,7 +26,7 @@ class Bottle2neck(nn.Cell):
     def __init__(self, in_channels: int, planes: int, stride: int = 1,
                  down_sample: nn.Cell | None = None, drop_path: float = 0.0,
                  groups: int = 1, base_width: int = 26, scale: int = 4, pool_pad: str = "pad") -> None:
-        super().__init__()
+        super().__init__(down_sample, drop_path)
         if scale < 2:
             raise ValueError(f"Res2Net scale must be >= 2, got {scale}")
         width = int(math.floor(planes * (base_width / 64.0))) * groups
@@ -41,12 +41,9 @@ class Bottle2neck(nn.Cell):
         self.pool = pool3x3("avg", stride, pool_pad) if self.is_stage else None
         self.conv3 = conv2d(width * scale, planes * self.expansion, 1)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU()
-        self.down_sample = down_sample
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
 
     def construct(self, x: Tensor) -> Tensor:
-        shortcut = x if self.down_sample is None else self.down_sample(x)
+        shortcut = self.shortcut(x)
         out = self.relu(self.bn1(self.conv1(x)))
         splits = ops.split(out, self.width, axis=1)
         sp = splits[0]
@@ -59,9 +56,7 @@ class Bottle2neck(nn.Cell):
         last = splits[self.num_convs]
         outs.append(self.pool(last) if self.is_stage else last)
         out = self.bn3(self.conv3(ops.concat(outs, axis=1)))
-        if self.drop_path is not None:
-            out = self.drop_path(out)
-        return self.relu(out + shortcut)
+        return self.merge(out, shortcut)
 
 
 def _res2net(layers: tuple[int, ...], base_width: int, scale: int, v1b: bool = False, **kwargs: Any) -> ResNet:

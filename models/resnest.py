@@ -5,7 +5,7 @@ from typing import Any
 
 from mindspore import Tensor, nn, ops
 
-from .layers import DropPath, GlobalAvgPool, conv2d, make_divisible, pool3x3
+from .layers import GlobalAvgPool, ResidualBlock, conv2d, make_divisible, pool3x3
 from .registry import register_model
 from .resnet import ResNet
 
@@ -46,7 +46,7 @@ class SplitAttn(nn.Cell):
         return x * ops.reshape(ops.sigmoid(attn), (batch, -1, 1, 1))
 
 
-class ResNestBottleneck(nn.Cell):
+class ResNestBottleneck(ResidualBlock):
     """1x1 -> split-attention 3x3 -> (avg-pool for the stride, 'avd') -> 1x1 x4."""
 
     expansion = 4
@@ -57,7 +57,7 @@ class ResNestBottleneck(nn.Cell):
                  down_sample: nn.Cell | None = None, drop_path: float = 0.0,
                  radix: int = 2, cardinality: int = 1, base_width: int = 64, avd: bool = True,
                  avd_first: bool = False, pool_pad: str = "same") -> None:
-        super().__init__()
+        super().__init__(down_sample, drop_path)
         group_width = int(planes * (base_width / 64.0)) * cardinality
         avd_stride = stride if avd and stride > 1 else 0
         conv_stride = 1 if avd_stride else stride
@@ -68,12 +68,9 @@ class ResNestBottleneck(nn.Cell):
         self.avd_layer = pool3x3("avg", avd_stride, pool_pad) if avd_stride else None
         self.conv3 = conv2d(group_width, planes * self.expansion, 1)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU()
-        self.down_sample = down_sample
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
 
     def construct(self, x: Tensor) -> Tensor:
-        shortcut = x if self.down_sample is None else self.down_sample(x)
+        shortcut = self.shortcut(x)
         out = self.relu(self.bn1(self.conv1(x)))
         if self.avd_layer is not None and self.avd_first:
             out = self.avd_layer(out)
@@ -81,9 +78,7 @@ class ResNestBottleneck(nn.Cell):
         if self.avd_layer is not None and not self.avd_first:
             out = self.avd_layer(out)
         out = self.bn3(self.conv3(out))
-        if self.drop_path is not None:
-            out = self.drop_path(out)
-        return self.relu(out + shortcut)
+        return self.merge(out, shortcut)
 
 
 def _resnest(layers: tuple[int, ...], stem_width: int, **kwargs: Any) -> ResNet:

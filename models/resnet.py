@@ -7,17 +7,18 @@ the other layouts are mapped in :mod:`models.weights`.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 from mindspore import Tensor, nn
 
-from .layers import DropPath, GlobalAvgPool, conv2d, init_weights, pool3x3
+from .layers import GlobalAvgPool, ResidualBlock, conv2d, init_weights, pool3x3
 from .registry import register_model
 
 STAGE_PLANES = (64, 128, 256, 512)
 
 
-class BasicBlock(nn.Cell):
+class BasicBlock(ResidualBlock):
     """Two 3x3 convs (ResNet-18/34)."""
 
     expansion = 1
@@ -25,25 +26,20 @@ class BasicBlock(nn.Cell):
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1,
                  down_sample: nn.Cell | None = None, drop_path: float = 0.0) -> None:
-        super().__init__()
+        super().__init__(down_sample, drop_path)
         self.conv1 = conv2d(in_channels, planes, 3, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = conv2d(planes, planes, 3)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU()
-        self.down_sample = down_sample
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
 
     def construct(self, x: Tensor) -> Tensor:
-        shortcut = x if self.down_sample is None else self.down_sample(x)
+        shortcut = self.shortcut(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        if self.drop_path is not None:
-            out = self.drop_path(out)
-        return self.relu(out + shortcut)
+        return self.merge(out, shortcut)
 
 
-class Bottleneck(nn.Cell):
+class Bottleneck(ResidualBlock):
     """1x1 -> 3x3 (stride, groups) -> 1x1 x4; ``groups`` and ``base_width`` give ResNeXt."""
 
     expansion = 4
@@ -52,7 +48,7 @@ class Bottleneck(nn.Cell):
     def __init__(self, in_channels: int, planes: int, stride: int = 1,
                  down_sample: nn.Cell | None = None, drop_path: float = 0.0,
                  groups: int = 1, base_width: int = 64) -> None:
-        super().__init__()
+        super().__init__(down_sample, drop_path)
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = conv2d(in_channels, width, 1)
         self.bn1 = nn.BatchNorm2d(width)
@@ -60,18 +56,13 @@ class Bottleneck(nn.Cell):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = conv2d(width, planes * self.expansion, 1)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU()
-        self.down_sample = down_sample
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
 
     def construct(self, x: Tensor) -> Tensor:
-        shortcut = x if self.down_sample is None else self.down_sample(x)
+        shortcut = self.shortcut(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        if self.drop_path is not None:
-            out = self.drop_path(out)
-        return self.relu(out + shortcut)
+        return self.merge(out, shortcut)
 
 
 def make_shortcut(in_channels: int, out_channels: int, stride: int, avg_down: bool) -> nn.SequentialCell:
@@ -161,6 +152,9 @@ class ResNet(nn.Cell):
         self.classifier = nn.Dense(self.num_features, num_classes) if num_classes > 0 else None
         if self.classifier is not None:
             init_weights(self.classifier)
+        # MindSpore keys compiled graphs by the cell's creation time: renew it so that a model
+        # already run in graph mode recompiles with the new head instead of reusing the old graph.
+        object.__setattr__(self, "_create_time", time.time_ns())
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return self.max_pool(self.relu(self.bn1(self.conv1(x))))

@@ -49,3 +49,12 @@ def predict(cfg) -> list[dict[str, Any]]:
         top = np.argsort(-probs)[: min(5, len(probs))]
         results.append(dict(image=path, top5=[(names[i], float(probs[i])) for i in top]))
     return results
+
+
+def format_predictions(results: list[dict[str, Any]]) -> str:
+    """Each image path, then one line per class: probability and name."""
+    lines = []
+    for result in results:
+        lines.append(result["image"])
+        lines += [f"  {prob * 100:6.2f}%  {name}" for name, prob in result["top5"]]
+    return "\n".join(lines)

@@ -73,3 +73,12 @@ def test_converted_timm_model_gives_timm_logits(tmp_path, graph_mode, name):
     got = model(ms.Tensor(np.load(tmp_path / "images.npy"))).asnumpy()
     expected = np.load(tmp_path / "logits.npy")
     assert np.abs(got - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from models.convert import main
+
+    assert main(["--model=resnet5", f"--src={tmp_path / 'x.safetensors'}", f"--out={tmp_path / 'o.ckpt'}"]) == 2
+    assert capsys.readouterr().err.startswith("convert: error: unknown model 'resnet5'")
+    assert main(["--model=resnet18", f"--src={tmp_path / 'x.safetensors'}", f"--out={tmp_path / 'o.ckpt'}"]) == 2
+    assert "weights file not found" in capsys.readouterr().err

@@ -111,8 +111,10 @@ def test_zero_init_last_starts_blocks_as_identity():
     assert model.layer2[1].bn1.gamma.asnumpy().all()
 
 
-def test_reset_classifier(model_zoo):
+def test_reset_classifier(exec_mode):
     model = models.create_model("resnet18")
+    model.set_train(False)
+    assert model(_input()).shape == (2, 1000)  # compiled (graph mode) before the head changes
     model.reset_classifier(7)
     model.set_train(False)
     assert model(_input()).shape == (2, 7)

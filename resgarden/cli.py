@@ -1,0 +1,32 @@
+"""How every entry point runs: logging, one-line errors for user mistakes, exit codes."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from config import ConfigError
+from models.convert import ConversionError
+from models.weights import WeightsError
+
+from .data import DataError
+from .download import DownloadError
+from .trainer import setup_logging
+
+USER_ERRORS = (ConfigError, DataError, WeightsError, DownloadError, ConversionError)
+
+
+def run(prog: str, action: Callable[[], str | None], on_interrupt: str = "interrupted") -> int:
+    """Run ``action``; print what it returns. A user error is one line on stderr and exit code 2,
+    Ctrl-C exit code 130."""
+    setup_logging()
+    try:
+        message = action()
+    except USER_ERRORS as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: {on_interrupt}", file=sys.stderr)
+        return 130
+    if message:
+        print(message)
+    return 0
