@@ -88,6 +88,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("num_classes", None, "classifier outputs (default: the number of classes in the data)", int),
     S("in_channels", 3, "input image channels", int),
     S("pretrained", False, "start from the released ImageNet weights", parse_bool),
+    S("weights_cache", None, "folder for downloaded weights (default: $RESGARDEN_CACHE or ~/.cache/resgarden)"),
     S("ckpt_path", None, "weights to start from / evaluate (file, or a run directory)",
       aliases=("checkpoint_file_path", "checkpoint_path")),
     S("drop_rate", 0.0, "dropout before the classifier", float),

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 import models
 from config import ConfigError, save_config
+from models.pretrained import CACHE_ENV
 from models.profile import count_params
 from models.weights import adapt_head, load_weights
 
@@ -59,6 +60,8 @@ def set_context(cfg) -> None:
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(f"device_target={cfg.device_target} is not usable here: {str(exc).splitlines()[0]}") from None
     ms.set_seed(cfg.seed)
+    if cfg.weights_cache:
+        os.environ[CACHE_ENV] = cfg.weights_cache
 
 
 def build_model(cfg, num_classes: int) -> nn.Cell:

@@ -184,3 +184,20 @@ def test_shape_mismatch_is_reported_in_the_table(resnet18_state):
     report = load_weights(net, resnet18_state, strict=False)
     assert set(report.mismatched) == {"classifier.weight", "classifier.bias"}
     assert len(report.loaded) == len(resnet18_state) - 2
+
+
+def test_weights_cache_flag_of_the_entry_points(server, tmp_path, monkeypatch, resnet18_state, capsys):
+    import validate as validate_entry
+    from tests.helpers import write_imagenet_layout
+
+    www, base = server
+    filename = _publish(www, resnet18_state)
+    _point_entry(monkeypatch, f"{base}/{filename}")
+    monkeypatch.setenv(pretrained.CACHE_ENV, "unused")  # recorded, so the flag's setting is undone afterwards
+    monkeypatch.delenv(pretrained.CACHE_ENV)
+    write_imagenet_layout(str(tmp_path / "data"), per_class=1, size=36)
+    flag_cache = tmp_path / "flag_cache"
+    assert validate_entry.main(["--model=resnet18", "--pretrained", f"--data_dir={tmp_path / 'data'}",
+                                f"--weights_cache={flag_cache}", "--image_size=32"]) == 0
+    assert os.listdir(flag_cache) == [filename]
+    assert "images 4" in capsys.readouterr().out
