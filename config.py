@@ -109,8 +109,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("decay_rate", 0.1, "step/multistep: decay factor", float),
     S("milestones", [30, 60, 90], "multistep: epochs where the LR decays", int, nargs="+"),
     S("epoch_size", 90, "training epochs", int, aliases=("epochs",)),
-    S("amp_level", "O0", "mixed precision: O0 fp32, O2 fp16 except BN, O3 all fp16 (O1's network rewrite "
-      "fails in MindSpore 2.10)", choices=("O0", "O2", "O3")),
+    S("amp_level", "O0", "mixed precision: O0 fp32, O1 convs/dense in fp16, O2 all but BN in fp16, O3 all fp16",
+      choices=("O0", "O1", "O2", "O3")),
     S("loss_scale_type", "fixed", "fixed or dynamic loss scale", choices=("fixed", "dynamic")),
     S("loss_scale", 1.0, "(initial) loss scale", float),
     S("clip_grad", False, "clip the global gradient norm", parse_bool),

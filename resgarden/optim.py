@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import math
 
+import mindspore as ms
 import numpy as np
-from mindspore import nn
+from mindspore import nn, ops
 
 
 def lr_per_step(cfg, steps_per_epoch: float) -> np.ndarray:
@@ -73,5 +74,50 @@ def create_optimizer(net: nn.Cell, cfg, lrs: np.ndarray) -> nn.Optimizer:
     if cfg.opt == "sgd":
         return nn.SGD(groups, lr)
     if cfg.opt == "lamb":
-        return nn.Lamb(groups, lr, beta1=cfg.momentum)
+        return Lamb(groups, lr, beta1=cfg.momentum)
     return nn.AdamWeightDecay(groups, lr, beta1=cfg.momentum)
+
+
+_lamb_update = ops.MultitypeFuncGraph("lamb_update")
+
+
+@_lamb_update.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                       "Tensor", "Bool", "Bool")
+def _lamb_step(beta1, beta2, eps, global_step, lr, weight_decay, param, m, v, gradient, decay_flag, optim_filter):
+    """One LAMB update of ``param`` (You et al. 2020) from elementary ops, so it runs on every device."""
+    if not optim_filter:
+        return gradient
+    step = ops.cast(global_step, ms.float32)
+    next_m = beta1 * m + (1.0 - beta1) * gradient
+    next_v = beta2 * v + (1.0 - beta2) * gradient * gradient
+    update = (next_m / (1.0 - ops.pow(beta1, step))) / (ops.sqrt(next_v / (1.0 - ops.pow(beta2, step))) + eps)
+    if decay_flag:
+        update = update + weight_decay * param
+    weight_norm = ops.norm(param)
+    update_norm = ops.norm(update)
+    trust = ops.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, ops.ones_like(weight_norm))
+    ops.assign(m, next_m)
+    ops.assign(v, next_v)
+    return ops.assign(param, param - lr * trust * update)
+
+
+class Lamb(nn.Lamb):
+    """MindSpore's LAMB with the update written in elementary ops instead of the fused ``Lamb``
+    kernel, which MindSpore lacks on CPU; same state (``lamb_m``/``lamb_v``, global step)."""
+
+    def construct(self, gradients):
+        weight_decay = self.get_weight_decay()
+        lr = self.get_lr()
+        self.assignadd(self.global_step, self.global_step_increase_tensor)
+        if self.is_group_lr:
+            return self.hyper_map(ops.partial(_lamb_update, self.beta1, self.beta2, self.eps, self.global_step),
+                                  lr, weight_decay, self.params, self.moments1, self.moments2, gradients,
+                                  self.decay_flags, self.optim_filter)
+        if self.is_group:
+            return self.hyper_map(ops.partial(_lamb_update, self.beta1, self.beta2, self.eps, self.global_step, lr),
+                                  weight_decay, self.params, self.moments1, self.moments2, gradients,
+                                  self.decay_flags, self.optim_filter)
+        return self.hyper_map(ops.partial(_lamb_update, self.beta1, self.beta2, self.eps, self.global_step, lr,
+                                          weight_decay),
+                              self.params, self.moments1, self.moments2, gradients, self.decay_flags,
+                              self.optim_filter)

@@ -19,6 +19,7 @@ from models.pretrained import CACHE_ENV
 from models.profile import count_params
 from models.weights import adapt_head, load_weights
 
+from .amp import Float32Loss, apply_amp
 from .checkpoint import EMA_PREFIX, CheckpointManager, find_checkpoint, load_training_state, read_run_weights
 from .data import load_splits, make_loader, uses_soft_targets
 from .evaluate import evaluate
@@ -48,8 +49,6 @@ def set_context(cfg) -> None:
     """Execution mode and device; one clear error where the device is not available."""
     if cfg.amp_level != "O0" and cfg.device_target == "CPU":
         logger.warning("amp_level=%s on CPU: float16 kernels are slow here; O0 is faster on CPU", cfg.amp_level)
-    if cfg.opt == "lamb" and cfg.device_target == "CPU":
-        raise ConfigError("--opt=lamb: MindSpore has no LAMB kernel on CPU; use adamw here, lamb on GPU/Ascend")
     if cfg.distribute:
         raise ConfigError("--distribute / --run_distribute=1: data-parallel training is not available yet; "
                           "run on one process")
@@ -115,9 +114,7 @@ def train(cfg) -> dict[str, Any]:
     if cfg.freeze_backbone:
         logger.info("frozen backbone: %d parameters fixed, training the classifier only", freeze_backbone(model))
     optimizer = create_optimizer(model, cfg, lrs)
-    network = nn.WithLossCell(model, loss_fn)
-    if cfg.amp_level != "O0":
-        network = nn.WithLossCell(ms.amp.auto_mixed_precision(model, cfg.amp_level), loss_fn)
+    network = nn.WithLossCell(apply_amp(model, cfg.amp_level), Float32Loss(loss_fn))
     train_cell = TrainStep(network, optimizer, loss_scale=cfg.loss_scale,
                            dynamic_loss_scale=cfg.loss_scale_type == "dynamic",
                            clip_norm=cfg.clip_value if cfg.clip_grad else 0.0, accumulation_steps=accumulation,
