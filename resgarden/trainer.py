@@ -29,6 +29,7 @@ from .train_step import TrainStep
 
 logger = logging.getLogger("resgarden")
 EVAL_TRANSFORM_KEYS = ("image_size", "crop_pct", "interpolation", "mean", "std")
+GRAPH_RECURSION_LIMIT = 4000
 
 
 def setup_logging(log_file: str | None = None) -> None:
@@ -59,6 +60,9 @@ def set_context(cfg) -> None:
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(f"device_target={cfg.device_target} is not usable here: {str(exc).splitlines()[0]}") from None
     ms.set_seed(cfg.seed)
+    # graph compilation of a 100-layer net's optimizer over grouped parameters nests deeper than
+    # MindSpore's default limit of 1000 calls (res2net101 reaches it)
+    ms.set_recursion_limit(GRAPH_RECURSION_LIMIT)
     if cfg.weights_cache:
         os.environ[CACHE_ENV] = cfg.weights_cache
 
