@@ -40,7 +40,10 @@ def setup_logging(log_file: str | None = None) -> None:
         console = logging.StreamHandler(sys.stdout)
         console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(console)
-    if log_file:
+    if log_file:  # one run's log file at a time, also when train() is called again in-process
+        for old in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+            logger.removeHandler(old)
+            old.close()
         handler = logging.FileHandler(log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
@@ -48,8 +51,6 @@ def setup_logging(log_file: str | None = None) -> None:
 
 def set_context(cfg) -> None:
     """Execution mode and device; one clear error where the device is not available."""
-    if cfg.amp_level != "O0" and cfg.device_target == "CPU":
-        logger.warning("amp_level=%s on CPU: float16 kernels are slow here; O0 is faster on CPU", cfg.amp_level)
     if cfg.distribute:
         raise ConfigError("--distribute / --run_distribute=1: data-parallel training is not available yet; "
                           "run on one process")
