@@ -86,11 +86,12 @@ def read_list_file(root: str, list_path: str) -> Split:
     return Split([names[i] for i in range(len(names))], np.asarray(labels, np.int32), paths=paths)
 
 
-def load_imagenet_split(data_dir: str, split: str) -> Split:
+def load_imagenet_split(data_dir: str, split: str, plain_folder_ok: bool = False) -> Split:
     """A split of an ImageNet-layout root: ``<split>_list.txt`` if present, else ``<split>/``.
 
     ``data_dir`` may also be the split folder itself (``--data_path=/imagenet/train``) or a
-    sibling of it (the val split of ``/imagenet/train`` is ``/imagenet/val``).
+    sibling of it (the val split of ``/imagenet/train`` is ``/imagenet/val``). With
+    ``plain_folder_ok`` (evaluation), any folder of class sub-folders is taken as the split.
     """
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory not found: {data_dir}")
@@ -101,7 +102,8 @@ def load_imagenet_split(data_dir: str, split: str) -> Split:
             return read_list_file(root, list_path)
         if os.path.isdir(os.path.join(root, split)):
             return scan_class_folders(os.path.join(root, split))
-    if os.path.basename(os.path.abspath(data_dir)) == split:
+    if os.path.basename(os.path.abspath(data_dir)) == split or (
+            plain_folder_ok and any(os.path.isdir(os.path.join(data_dir, d)) for d in os.listdir(data_dir))):
         return scan_class_folders(data_dir)
     raise DataError(f"no '{split}' split in {os.path.abspath(data_dir)}: expected {split}_list.txt or a {split}/ "
                     "folder of class sub-folders (set --data_dir)")

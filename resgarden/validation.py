@@ -21,7 +21,7 @@ def _eval_split(cfg):
         return load_cifar10_split(cfg.data_dir or "./data/cifar10", False, cfg.dataset_download)
     if dataset == "digits":
         return load_imagenet_split(ensure_digits(cfg.data_dir or "./data/digits"), cfg.val_split)
-    return load_imagenet_split(imagenet_root(cfg), cfg.val_split)
+    return load_imagenet_split(imagenet_root(cfg), cfg.val_split, plain_folder_ok=bool(cfg.data_dir))
 
 
 def validate(cfg) -> dict[str, Any]:

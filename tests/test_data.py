@@ -48,6 +48,8 @@ def test_data_path_may_be_the_split_folder(tmp_path):
     assert len(train) == len(val) == 8
     with pytest.raises(DataError, match="no 'test' split"):
         load_imagenet_split(str(tmp_path), "test")
+    # evaluation also takes any folder of class sub-folders as the split
+    assert len(load_imagenet_split(str(tmp_path / "val"), "test", plain_folder_ok=True)) == 8
     with pytest.raises(DataError, match="data directory not found"):
         load_imagenet_split(str(tmp_path / "nope"), "train")
 
