@@ -11,7 +11,7 @@ from models.pretrained import PRETRAINED
 from models.weights import adapt_head, load_weights
 
 from .checkpoint import read_run_weights
-from .trainer import set_context
+from .trainer import check_model, set_context
 
 
 def apply_weights_transform(cfg, meta: dict[str, Any]) -> None:
@@ -39,10 +39,7 @@ def resolve_weights(cfg) -> tuple[dict[str, Any] | None, dict[str, Any], str]:
         state, meta, source = read_run_weights(cfg.ckpt_path)
         if meta.get("model") and "model" not in cfg.explicit:
             cfg.model = meta["model"]
-    try:
-        models.check_model_name(cfg.model)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    check_model(cfg)
     apply_weights_transform(cfg, meta)
     return state, meta, source
 

@@ -91,12 +91,17 @@ def _run_dirs(cfg) -> tuple[str, str]:
     return candidate, os.path.join(candidate, "ckpt_0")
 
 
-def train(cfg) -> dict[str, Any]:
-    """Train as configured; returns the final epoch's metrics and the run folder."""
+def check_model(cfg) -> None:
+    """``cfg.model`` must be registered; else a ConfigError naming the closest models."""
     try:
         models.check_model_name(cfg.model)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def train(cfg) -> dict[str, Any]:
+    """Train as configured; returns the final epoch's metrics and the run folder."""
+    check_model(cfg)
     set_context(cfg)
     train_split, val_split = load_splits(cfg)
     num_classes = cfg.num_classes or len(train_split.classes)
