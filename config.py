@@ -56,6 +56,13 @@ SETTINGS: tuple[Setting, ...] = (
     S("seed", 42, "random seed of weights, data order and augmentation", int),
     S("distribute", False, "data-parallel training over several processes", parse_bool,
       aliases=("run_distribute",)),
+    S("dist_init", "auto", "how --distribute joins the job: auto (dynamic_cluster on CPU or under msrun, native "
+      "otherwise), dynamic_cluster (MPI ranks -> MindSpore's scheduler), native (MindSpore's init() as is)",
+      choices=("auto", "dynamic_cluster", "native")),
+    S("dist_host", None, "scheduler address under mpirun (default: $MS_SCHED_HOST or 127.0.0.1; "
+      "several nodes: rank 0's address)"),
+    S("dist_port", 8118, "scheduler port under mpirun", int),
+    S("dist_timeout", 60, "seconds without a heartbeat before a rank is declared dead and the job ends", int),
     # data
     S("dataset", "auto", "imagenet (class folders or list files), cifar10, digits (embedded), or auto: "
       "imagenet when --data_dir is given, else digits", choices=("auto", "imagenet", "cifar10", "digits")),

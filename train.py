@@ -15,8 +15,10 @@ from resgarden.cli import run  # noqa: E402
 from resgarden.trainer import train  # noqa: E402
 
 
-def _train(argv: list[str] | None) -> str:
+def _train(argv: list[str] | None) -> str | None:
     result = train(parse_config(argv, prog="train.py", description=__doc__))
+    if result["rank"] != 0:  # data-parallel: rank 0 speaks for the job
+        return None
     accuracy = f", val top-1 {result['val_top1']:.2f}%" if "val_top1" in result else ""
     return f"done: {result['epoch']} epochs, train loss {result['train_loss']:.4f}{accuracy}; run folder {result['run_dir']}"
 

@@ -9,6 +9,7 @@ from models.convert import ConversionError
 from models.weights import WeightsError
 
 from .data import DataError
+from .distributed import DistributedError
 from .download import DownloadError
 from .trainer import setup_logging
 
@@ -17,13 +18,16 @@ USER_ERRORS = (ConfigError, DataError, WeightsError, DownloadError, ConversionEr
 
 def run(prog: str, action: Callable[[], str | None], on_interrupt: str = "interrupted") -> int:
     """Run ``action``; print what it returns. A user error is one line on stderr and exit code 2,
-    Ctrl-C exit code 130."""
+    a lost rank of a data-parallel job one line and exit code 1, Ctrl-C exit code 130."""
     setup_logging()
     try:
         message = action()
     except USER_ERRORS as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except DistributedError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: {on_interrupt}", file=sys.stderr)
         return 130

@@ -227,6 +227,17 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.nd
     return np.random.RandomState((seed * 1_000_003 + epoch) % (2**32)).permutation(num_samples)
 
 
+def shard_order(order: np.ndarray, rank: int, size: int, equal: bool) -> np.ndarray:
+    """Rank ``rank``'s share of an epoch's order: every ``size``-th sample from ``rank``. ``equal``
+    (training) first trims the order to a multiple of ``size``, so all ranks take the same number of
+    steps; the fewer than ``size`` samples left out change every epoch with the shuffle."""
+    if size == 1:
+        return order
+    if equal:
+        order = order[:len(order) // size * size]
+    return order[rank::size]
+
+
 def _interpolation(name: str):
     from mindspore.dataset.vision import Inter
 
@@ -299,17 +310,21 @@ def mixing(cfg, num_classes: int, epoch: int):
     return mix
 
 
-def make_loader(split: Split, cfg, training: bool, epoch: int = 0, num_classes: int | None = None):
-    """A batched MindSpore dataset for one epoch (training drops the last partial batch and, with
-    mixup/cutmix, yields soft targets)."""
+def make_loader(split: Split, cfg, training: bool, epoch: int = 0, num_classes: int | None = None,
+                shard: tuple[int, int] = (0, 1)):
+    """A batched MindSpore dataset for one epoch of rank ``shard[0]`` of ``shard[1]`` (training
+    drops the last partial batch and, with mixup/cutmix, yields soft targets)."""
     import random
 
     import mindspore.dataset as ds
 
-    ds.config.set_seed(cfg.seed + epoch)
-    random.seed(cfg.seed + epoch)  # Python-side augmentations (auto-augment policies, mixup)
-    np.random.seed((cfg.seed + epoch) % (2**32))
-    source = SampleSource(split, epoch_order(len(split), cfg.seed, epoch, shuffle=training))
+    rank, size = shard
+    seed = cfg.seed + epoch + 1_000_003 * rank  # each rank augments differently, every epoch replayable
+    ds.config.set_seed(seed)
+    random.seed(seed)  # Python-side augmentations (auto-augment policies, mixup)
+    np.random.seed(seed % (2**32))
+    order = shard_order(epoch_order(len(split), cfg.seed, epoch, shuffle=training), rank, size, equal=training)
+    source = SampleSource(split, order)
     dataset = ds.GeneratorDataset(source, column_names=["image", "label"], shuffle=False,
                                   num_parallel_workers=1)
     dataset = dataset.map(transforms(cfg, training), input_columns="image",

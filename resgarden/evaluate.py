@@ -7,6 +7,7 @@ import numpy as np
 from mindspore import nn
 
 from .data import Split, make_loader
+from .distributed import Cluster
 
 
 def accumulate(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int, float]:
@@ -19,11 +20,13 @@ def accumulate(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int, float]
     return hits1, hits5, float(-log_probs[np.arange(len(labels)), labels].sum())
 
 
-def evaluate(model: nn.Cell, split: Split, cfg) -> dict[str, float]:
-    """Score ``model`` on ``split`` with the eval transform; restores the model's train flag."""
+def evaluate(model: nn.Cell, split: Split, cfg, cluster: Cluster | None = None) -> dict[str, float]:
+    """Score ``model`` on ``split`` with the eval transform; restores the model's train flag.
+    In a data-parallel job each rank scores its shard and the counts are summed over ranks."""
+    cluster = cluster or Cluster()
     was_training = model.training
     model.set_train(False)
-    loader, source = make_loader(split, cfg, training=False)
+    loader, source = make_loader(split, cfg, training=False, shard=cluster.shard)
     hits1 = hits5 = count = 0
     loss_sum = 0.0
     start = time.perf_counter()
@@ -36,6 +39,8 @@ def evaluate(model: nn.Cell, split: Split, cfg) -> dict[str, float]:
     finally:
         model.set_train(was_training)
     seconds = time.perf_counter() - start
+    hits1, hits5, loss_sum, count, unreadable = cluster.all_reduce_sum(
+        [hits1, hits5, loss_sum, count, len(source.bad_files)])
     return dict(top1=100.0 * hits1 / max(count, 1), top5=100.0 * hits5 / max(count, 1),
-                loss=loss_sum / max(count, 1), count=count, img_s=count / max(seconds, 1e-9),
-                unreadable=len(source.bad_files))
+                loss=loss_sum / max(count, 1), count=int(count), img_s=count / max(seconds, 1e-9),
+                unreadable=int(unreadable))

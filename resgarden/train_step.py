@@ -60,6 +60,9 @@ class TrainStep(nn.Cell):
         accumulation_steps: apply the optimizer every N calls on the mean gradient.
         ema_decay: keep an EMA of all weights and BN statistics (0: off), warmed up as
             ``min(decay, (1 + t) / (10 + t))``.
+
+    In a data-parallel context (``parallel_mode=data_parallel``) every micro-step's gradients and
+    the returned loss are averaged over the ranks, so all state above stays identical on every rank.
     """
 
     def __init__(self, network: nn.Cell, optimizer: nn.Optimizer, loss_scale: float = 1.0,
@@ -81,6 +84,12 @@ class TrainStep(nn.Cell):
         if accumulation_steps > 1:
             self.accumulated = self.weights.clone(prefix="accum_grads", init="zeros")
             self.micro_step = Parameter(Tensor(0, ms.int32), name="accum_micro_step", requires_grad=False)
+        self.data_parallel = ms.get_auto_parallel_context("parallel_mode") in (
+            ms.ParallelMode.DATA_PARALLEL, ms.ParallelMode.HYBRID_PARALLEL)
+        if self.data_parallel:
+            self.ranks = ms.get_auto_parallel_context("device_num")
+            self.grad_reducer = nn.DistributedGradReducer(self.weights, mean=True, degree=self.ranks)
+            self.loss_reducer = ops.AllReduce()
         self.ema_decay = ema_decay
         if ema_decay > 0:
             self.model_params = ParameterTuple(list(network.get_parameters()))
@@ -112,6 +121,9 @@ class TrainStep(nn.Cell):
         sens = ops.ones_like(loss) * ops.cast(self.loss_scale, loss.dtype)
         grads = self.grad(self.network, self.weights)(*inputs, sens)
         grads = self.hyper_map(ops.partial(_unscale, self.loss_scale), grads)
+        if self.data_parallel:
+            grads = self.grad_reducer(grads)
+            loss = self.loss_reducer(loss) / self.ranks
         if self.accumulation_steps > 1:
             self.hyper_map(_accumulate, self.accumulated, grads)
             step = self.micro_step + 1

@@ -22,6 +22,8 @@ from models.weights import adapt_head, load_weights
 from .amp import Float32Loss, apply_amp
 from .checkpoint import EMA_PREFIX, CheckpointManager, find_checkpoint, load_training_state, read_run_weights
 from .data import load_splits, make_loader, uses_soft_targets
+from .distributed import (Cluster, DistributedError, average_buffers, broadcast_parameters, describe_failure,
+                          init_cluster, is_collective_failure, ranks_out_of_sync)
 from .evaluate import evaluate
 from .optim import create_optimizer, freeze_backbone, lr_per_step
 from .plot import plot_metrics
@@ -32,9 +34,10 @@ EVAL_TRANSFORM_KEYS = ("image_size", "crop_pct", "interpolation", "mean", "std")
 GRAPH_RECURSION_LIMIT = 4000
 
 
-def setup_logging(log_file: str | None = None) -> None:
-    """INFO to stdout, and to ``log_file`` when given (once per process)."""
-    logger.setLevel(logging.INFO)
+def setup_logging(log_file: str | None = None, quiet: bool = False) -> None:
+    """INFO to stdout, and to ``log_file`` when given (once per process); ``quiet`` (ranks > 0 of a
+    data-parallel job): warnings and errors only."""
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
     if not any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stdout
                for h in logger.handlers):
         console = logging.StreamHandler(sys.stdout)
@@ -51,9 +54,6 @@ def setup_logging(log_file: str | None = None) -> None:
 
 def set_context(cfg) -> None:
     """Execution mode and device; one clear error where the device is not available."""
-    if cfg.distribute:
-        raise ConfigError("--distribute / --run_distribute=1: data-parallel training is not available yet; "
-                          "run on one process")
     ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == 0 else ms.PYNATIVE_MODE)
     try:
         if ms.get_context("device_target") != cfg.device_target:
@@ -100,24 +100,49 @@ def check_model(cfg) -> None:
 
 
 def train(cfg) -> dict[str, Any]:
-    """Train as configured; returns the final epoch's metrics and the run folder."""
+    """Train as configured (data-parallel with ``cfg.distribute``); returns the final epoch's metrics
+    and the run folder."""
     check_model(cfg)
     set_context(cfg)
-    train_split, val_split = load_splits(cfg)
+    cluster = init_cluster(cfg)  # msrun's scheduler process stays in here: no side effects before
+    try:
+        return _fit(cfg, cluster)
+    except RuntimeError as exc:
+        if not cluster.distributed or isinstance(exc, DistributedError) or not is_collective_failure(exc):
+            raise
+        raise DistributedError(describe_failure(exc, cfg.dist_timeout, wait=10.0)) from None
+
+
+def _fit(cfg, cluster: Cluster) -> dict[str, Any]:
+    """Data, model, epochs: everything after joining the job."""
+    if cluster.distributed:
+        logger.info("rank %d of %d (pid %d, %s) joined", cluster.rank, cluster.size, os.getpid(), cluster.launcher)
+    if not cluster.is_main:
+        setup_logging(quiet=True)
+    with cluster.main_first():  # rank 0 downloads / writes the data set, then the others read it
+        train_split, val_split = load_splits(cfg)
     num_classes = cfg.num_classes or len(train_split.classes)
     if uses_soft_targets(cfg) and cfg.batch_size % 2:
         raise ConfigError(f"mixup/cutmix pair up images: batch_size must be even, got {cfg.batch_size}")
     if num_classes < len(train_split.classes):
         raise ConfigError(f"num_classes={num_classes} but the data has {len(train_split.classes)} classes")
-    steps_per_epoch = len(train_split) // cfg.batch_size
+    steps_per_epoch = len(train_split) // cluster.size // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {len(train_split)} training images")
+        raise ConfigError(f"batch_size={cfg.batch_size} x {cluster.size} ranks is larger than the "
+                          f"{len(train_split)} training images")
 
     run_dir, ckpt_dir = _run_dirs(cfg)
-    os.makedirs(ckpt_dir, exist_ok=True)
-    setup_logging(os.path.join(run_dir, "train.log"))
+    if cluster.is_main:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        setup_logging(os.path.join(run_dir, "train.log"))
     model = build_model(cfg, num_classes)
+    broadcast_parameters(model, cluster)  # every rank starts from rank 0's weights
     accumulation = max(1, cfg.gradient_accumulation_steps)
+    if cluster.distributed:
+        logger.info("data parallel: %d ranks (%s) | global batch %d = %d per rank x %d ranks x %d accumulation | "
+                    "lr %g as configured, not rescaled (linear rule: lr x global batch / recipe's batch)",
+                    cluster.size, cluster.launcher, cfg.batch_size * cluster.size * accumulation,
+                    cfg.batch_size, cluster.size, accumulation, cfg.lr)
     lrs = lr_per_step(cfg, steps_per_epoch / accumulation)
     # with mixup/cutmix the targets arrive smoothed already
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.0 if uses_soft_targets(cfg) else cfg.label_smoothing)
@@ -142,8 +167,10 @@ def train(cfg) -> dict[str, Any]:
         start_epoch, global_step = meta["epoch"] + 1, meta["global_step"]
         best = meta.get("best_metric", best)
         logger.info("resumed from %s: epoch %d, step %d", path, start_epoch, global_step)
-    save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    manager = CheckpointManager(ckpt_dir, cfg.model, cfg.keep_checkpoint_max, cfg.ckpt_save_policy)
+    if cluster.is_main:
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    manager = CheckpointManager(ckpt_dir, cfg.model, cfg.keep_checkpoint_max, cfg.ckpt_save_policy) \
+        if cluster.is_main else None
     logger.info("model %s: %d classes, %s params | %d train / %s val images | %d steps/epoch, batch %d | run %s",
                 cfg.model, num_classes, f"{count_params(model):,}", len(train_split),
                 len(val_split) if val_split else "no", steps_per_epoch, cfg.batch_size, run_dir)
@@ -152,10 +179,11 @@ def train(cfg) -> dict[str, Any]:
     record: dict[str, Any] = {}
     run_start, run_start_step = time.perf_counter(), global_step
     for epoch in range(start_epoch, cfg.epoch_size):
-        loader, source = make_loader(train_split, cfg, training=True, epoch=epoch, num_classes=num_classes)
+        loader, source = make_loader(train_split, cfg, training=True, epoch=epoch, num_classes=num_classes,
+                                     shard=cluster.shard)
         epoch_start, loss_sum, seen = time.perf_counter(), 0.0, 0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epoch_size}", leave=False,
-                   disable=not sys.stdout.isatty())
+                   disable=not (sys.stdout.isatty() and cluster.is_main))
         for i, (images, labels) in enumerate(loader.create_tuple_iterator(num_epochs=1)):
             loss = float(train_cell(images, labels).asnumpy())
             global_step += 1
@@ -167,21 +195,26 @@ def train(cfg) -> dict[str, Any]:
                 per_step = elapsed / max(global_step - run_start_step, 1)
                 logger.info("epoch %d/%d step %d/%d loss %.4f lr %.6f %.1f img/s eta %s",
                             epoch + 1, cfg.epoch_size, i + 1, steps_per_epoch, loss, _lr(lrs, global_step, accumulation),
-                            seen / (time.perf_counter() - epoch_start),
+                            cluster.size * seen / (time.perf_counter() - epoch_start),
                             _format_eta(per_step * (total_steps - global_step)))
         bar.close()
+        average_buffers(train_cell, cluster)
+        unreadable = int(cluster.all_reduce_sum([len(source.bad_files)])[0])
         record = dict(epoch=epoch + 1, global_step=global_step, train_loss=loss_sum / max(seen, 1),
                       lr=_lr(lrs, global_step, accumulation), epoch_seconds=time.perf_counter() - epoch_start,
-                      unreadable_images=len(source.bad_files))
+                      unreadable_images=unreadable)
         last = epoch + 1 == cfg.epoch_size
         if val_split is not None and cfg.val_while_train and ((epoch + 1) % cfg.val_interval == 0 or last):
-            metrics = evaluate(_with_ema_weights(ema_model, train_cell) if ema_model else model, val_split, cfg)
+            metrics = evaluate(_with_ema_weights(ema_model, train_cell) if ema_model else model, val_split, cfg,
+                               cluster)
             record.update(val_top1=metrics["top1"], val_top5=metrics["top5"], val_loss=metrics["loss"])
             logger.info("epoch %d validation: top-1 %.2f%% top-5 %.2f%% loss %.4f (%d images)",
                         epoch + 1, metrics["top1"], metrics["top5"], metrics["loss"], metrics["count"])
         metric = record.get("val_top1", -record["train_loss"])
         is_best = metric > best
         best = max(best, metric)
+        if not cluster.is_main:
+            continue
         if (epoch + 1) % cfg.ckpt_save_interval == 0 or last:
             meta = dict(epoch=epoch, global_step=global_step, metric=metric, best_metric=best,
                         model=cfg.model, num_classes=num_classes, classes=train_split.classes,
@@ -189,11 +222,22 @@ def train(cfg) -> dict[str, Any]:
             logger.info("saved %s", manager.save(train_cell, meta, is_best))
         with open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-    if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+    if cluster.distributed:
+        _check_in_sync(train_cell, cluster)
+    if cluster.is_main and os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
         logger.info("curves: %s", plot_metrics(os.path.join(run_dir, "metrics.jsonl"),
                                                 os.path.join(run_dir, "curves.png")))
-    record["run_dir"] = run_dir
+    record.update(run_dir=run_dir, rank=cluster.rank)
     return record
+
+
+def _check_in_sync(train_cell: nn.Cell, cluster: Cluster) -> None:
+    """Log whether every rank ends with rank 0's weights, BN statistics and optimizer state."""
+    differing = ranks_out_of_sync(train_cell, cluster)
+    if differing:
+        logger.error("ranks %s ended with other weights than rank 0: the job is out of sync", differing)
+    else:
+        logger.info("all %d ranks hold identical weights and optimizer state", cluster.size)
 
 
 def _lr(lrs, global_step: int, accumulation: int) -> float:

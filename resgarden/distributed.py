@@ -1,0 +1,325 @@
+"""Data-parallel runs: which launcher started the process, MPI ranks -> MindSpore's dynamic
+cluster, ``init()``, and the few collectives the training loop needs outside the graph.
+
+Launchers:
+- ``msrun`` (or dynamic-cluster variables set by hand: ``MS_ROLE``, ``MS_WORKER_NUM``, ...):
+  MindSpore's plain ``init()``. msrun also runs the script once as the scheduler, whose ``init()``
+  never returns, so nothing with side effects may happen before :func:`init_cluster`.
+- ``mpirun`` (OpenMPI ``OMPI_COMM_WORLD_*``, MPICH / Intel MPI ``PMI_*``): on CPU, MindSpore's
+  ``init()`` cannot use MPI, so the MPI ranks are turned into dynamic-cluster variables, rank 0
+  starts the scheduler process and every rank waits until the scheduler accepts connections. On
+  GPU / Ascend, ``init()`` runs natively under mpirun. ``--dist_init`` forces either path.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import numpy as np
+
+from config import ConfigError
+
+logger = logging.getLogger("resgarden")
+
+DYNAMIC_CLUSTER_VARS = ("MS_ROLE", "MS_WORKER_NUM", "MS_SCHED_HOST", "MS_SCHED_PORT")
+# (rank, size, local rank) variables of the MPI launchers we know, most specific first
+MPI_RANK_VARS = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK"),
+)
+PORT_WAIT_SECONDS = 300.0
+_COLLECTIVE = re.compile(r"AllReduce|AllGather|Broadcast|ReduceScatter|timed out|[Cc]luster|[Hh]eartbeat")
+_TIMED_OUT = re.compile(r"(worker|node) (\d+) is the first one timed out")
+
+
+class DistributedError(RuntimeError):
+    """The job cannot go on: a rank died, stopped answering or could not join."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """This process's place in the job; ``Cluster()`` is a single process."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    launcher: str = "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def all_reduce_sum(self, values) -> np.ndarray:
+        """Element-wise sum over ranks, computed in float32, returned as float64 (the values
+        themselves when single)."""
+        if not self.distributed:
+            return np.asarray(values, dtype=np.float64)
+        return _all_reduce_sum(np.asarray(values, dtype=np.float32))
+
+    def gather(self, values) -> np.ndarray:
+        """Every rank's float64 vector as one (size, n) array, on every rank."""
+        values = np.asarray(values, dtype=np.float64).ravel()
+        table = np.zeros((self.size, values.size))
+        table[self.rank] = values
+        return self.all_reduce_sum(table.ravel()).reshape(self.size, values.size)
+
+    def barrier(self) -> None:
+        """Wait until every rank got here."""
+        self.all_reduce_sum(np.zeros(1))
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block (downloads, writing the embedded data set) before the others."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """(rank, size), as data loaders take it."""
+        return self.rank, self.size
+
+
+def detect_launcher(environ: Mapping[str, str]) -> str:
+    """'dynamic_cluster' (msrun or MS_* variables), 'mpi' (mpirun / mpiexec / srun with PMI) or 'none'."""
+    if environ.get("MS_ROLE"):
+        return "dynamic_cluster"
+    if any(rank in environ for rank, _, _ in MPI_RANK_VARS):
+        return "mpi"
+    return "none"
+
+
+def mpi_ranks(environ: Mapping[str, str]) -> tuple[int, int, int]:
+    """(rank, size, local rank) from the MPI launcher's environment."""
+    for rank_var, size_var, local_var in MPI_RANK_VARS:
+        if rank_var in environ and size_var in environ:
+            rank, size = int(environ[rank_var]), int(environ[size_var])
+            return rank, size, int(environ.get(local_var, rank))
+    raise ConfigError("no MPI rank variables (OMPI_COMM_WORLD_RANK / PMI_RANK) in the environment")
+
+
+def dynamic_cluster_env(rank: int, size: int, host: str, port: int, timeout: int) -> dict[str, str]:
+    """MindSpore's dynamic-cluster variables for worker ``rank`` of ``size``."""
+    return {"MS_ROLE": "MS_WORKER", "MS_NODE_ID": str(rank), "MS_WORKER_NUM": str(size),
+            "MS_SCHED_HOST": host, "MS_SCHED_PORT": str(port), "MS_NODE_TIMEOUT": str(timeout),
+            "MS_TOPO_TIMEOUT": str(max(timeout, 60))}
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError when ``host:port`` cannot be bound (another job's scheduler, most likely)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a live listener still blocks
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"the scheduler port {host}:{port} is not free ({exc.strerror}); another job "
+                              f"may hold it: pick another with --dist_port") from None
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> None:
+    """Block until ``host:port`` accepts a TCP connection; ConfigError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=2.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"no scheduler answered on {host}:{port} within {timeout:.0f} s; is rank 0 "
+                                  f"running, and is --dist_host (MS_SCHED_HOST) its address?") from None
+            time.sleep(0.2)
+
+
+def scheduler_log_path(port: int) -> str:
+    """Where rank 0's scheduler process (mpirun on CPU) writes its output."""
+    return os.path.join(tempfile.gettempdir(), f"resgarden-scheduler-{port}.log")
+
+
+def lost_rank(log_text: str) -> int | None:
+    """The rank MindSpore's scheduler declared dead first, from its log."""
+    match = _TIMED_OUT.search(log_text)
+    return int(match.group(2)) if match else None
+
+
+def start_scheduler(env: dict[str, str], log_path: str) -> subprocess.Popen:
+    """MindSpore's scheduler as a child process that ends when its parent (rank 0) does."""
+    code = ("import os, threading, time\n"
+            f"parent = {os.getpid()}\n"
+            "def watch():\n"
+            "    while os.getppid() == parent:\n"
+            "        time.sleep(0.5)\n"
+            "    os._exit(0)\n"
+            "threading.Thread(target=watch, daemon=True).start()\n"
+            "from mindspore.communication import init\n"
+            "init()\n")
+    with open(log_path, "w", encoding="utf-8") as log:
+        return subprocess.Popen([sys.executable, "-c", code], env={**env, "MS_ROLE": "MS_SCHED"},
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def _translate_mpi(cfg, environ: dict[str, str]) -> subprocess.Popen | None:
+    """Set dynamic-cluster variables from the MPI ranks; rank 0 starts the scheduler. Returns it."""
+    rank, size, _ = mpi_ranks(environ)
+    host = cfg.dist_host or environ.get("MS_SCHED_HOST") or "127.0.0.1"
+    port = int(cfg.dist_port)
+    variables = dynamic_cluster_env(rank, size, host, port, cfg.dist_timeout)
+    environ.update(variables)
+    scheduler = None
+    if rank == 0:
+        check_port_free(host, port)
+        scheduler = start_scheduler(dict(environ), scheduler_log_path(port))
+    wait_for_port(host, port, PORT_WAIT_SECONDS)
+    return scheduler
+
+
+_scheduler: subprocess.Popen | None = None
+
+
+def init_cluster(cfg, environ: dict[str, str] | None = None) -> Cluster:
+    """Join the job when ``cfg.distribute`` is on (a clear error without a launcher); set MindSpore's
+    data-parallel context. Call before anything with side effects (see module docstring)."""
+    global _scheduler
+    if not cfg.distribute:
+        return Cluster()
+    environ = os.environ if environ is None else environ
+    launcher = detect_launcher(environ)
+    if launcher == "none":
+        raise ConfigError("--distribute / --run_distribute=1 needs a launcher: start with "
+                          "`mpirun -n N python train.py ...` or `msrun --worker_num=N ... train.py ...` "
+                          "(or set MindSpore's MS_ROLE / MS_WORKER_NUM / MS_SCHED_HOST / MS_SCHED_PORT)")
+    path = cfg.dist_init
+    if path == "auto":
+        path = "dynamic_cluster" if launcher == "dynamic_cluster" or cfg.device_target == "CPU" else "native"
+    if path == "dynamic_cluster" and launcher == "mpi":
+        _scheduler = _translate_mpi(cfg, environ)
+    elif launcher == "dynamic_cluster":
+        environ.setdefault("MS_NODE_TIMEOUT", str(cfg.dist_timeout))
+
+    import mindspore as ms
+    from mindspore.communication import get_group_size, get_local_rank, get_rank, init
+
+    try:
+        init()
+    except RuntimeError as exc:  # msrun's scheduler role ends here when a worker dies
+        raise DistributedError(describe_failure(exc, cfg.dist_timeout)) from None
+    rank, size = get_rank(), get_group_size()
+    try:
+        local_rank = get_local_rank()
+    except RuntimeError:  # not every backend knows local ranks
+        local_rank = rank
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
+                                 device_num=size)
+    cluster = Cluster(rank, size, local_rank, f"{launcher}/{path}")
+    _set_cluster(cluster)
+    return cluster
+
+
+_current = Cluster()
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether MindSpore's error comes from a collective operation or the cluster's heartbeat."""
+    return bool(_COLLECTIVE.search(str(exc)))
+
+
+def describe_failure(exc: BaseException, timeout: int, wait: float = 0.0) -> str:
+    """One line for a failed collective or a failed ``init()``: which rank was lost, when known
+    (MindSpore's message, or the log of the scheduler this process started), and what to check."""
+    text = str(exc)
+    rank = lost_rank(text)
+    deadline = time.monotonic() + wait
+    while rank is None and _scheduler is not None:
+        path = scheduler_log_path(int(os.environ.get("MS_SCHED_PORT", "0")))
+        with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as handle:
+            rank = lost_rank(handle.read())
+        if rank is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    who = f"rank {rank} died or stopped answering" if rank is not None else \
+        "another rank died or stopped answering (the launcher's output or worker logs name it)"
+    return f"data-parallel job stopped: {who}; heartbeat timeout {timeout} s (--dist_timeout). MindSpore: {first}"
+
+
+def _set_cluster(cluster: Cluster) -> None:
+    global _current
+    _current = cluster
+
+
+def current() -> Cluster:
+    """The cluster this process joined (single process until :func:`init_cluster` ran)."""
+    return _current
+
+
+def _set_flat(params: list, flat: np.ndarray) -> None:
+    """Write consecutive slices of ``flat`` into ``params`` (in their own shapes and dtypes)."""
+    import mindspore as ms
+
+    offset = 0
+    for param in params:
+        size = int(np.prod(param.shape))
+        value = flat[offset:offset + size].reshape(param.shape).astype(ms.dtype_to_nptype(param.dtype))
+        param.set_data(ms.Tensor(value))
+        offset += size
+
+
+def broadcast_parameters(cell, cluster: Cluster) -> None:
+    """Give every rank rank 0's parameters (whatever seed or weights file each rank started from)."""
+    if not cluster.distributed:
+        return
+    params = list(cell.get_parameters())
+    flat = np.concatenate([p.asnumpy().astype(np.float32).ravel() for p in params])
+    if not cluster.is_main:
+        flat[:] = 0.0  # x + 0 is exact: the sum is rank 0's values
+    _set_flat(params, cluster.all_reduce_sum(flat))
+
+
+def average_buffers(cell, cluster: Cluster) -> int:
+    """Average the BN running statistics (and their EMA copies) of ``cell`` over the ranks, so every
+    rank evaluates and checkpoints the same model; returns how many tensors were averaged. Each rank
+    normalises with its own batch statistics during the epoch (no synchronised BN)."""
+    buffers = [p for p in cell.get_parameters()
+               if p.name.endswith(("moving_mean", "moving_variance")) and not p.requires_grad]
+    if not cluster.distributed or not buffers:
+        return 0
+    flat = np.concatenate([p.asnumpy().astype(np.float32).ravel() for p in buffers])
+    _set_flat(buffers, cluster.all_reduce_sum(flat) / cluster.size)
+    return len(buffers)
+
+
+def fingerprint(cell) -> np.ndarray:
+    """CRC-32 of all of ``cell``'s parameters, as two 16-bit halves (exact in float32 collectives)."""
+    crc = 0
+    for param in cell.get_parameters():
+        crc = zlib.crc32(param.name.encode(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(param.asnumpy()).tobytes(), crc)
+    return np.array([crc >> 16, crc & 0xFFFF], dtype=np.float64)
+
+
+def ranks_out_of_sync(cell, cluster: Cluster) -> list[int]:
+    """The ranks whose parameters differ from rank 0's (empty when all ranks hold the same state)."""
+    table = cluster.gather(fingerprint(cell))
+    return [r for r in range(cluster.size) if not np.array_equal(table[r], table[0])]
+
+
+def _all_reduce_sum(values: np.ndarray) -> np.ndarray:
+    import mindspore as ms
+    from mindspore import ops
+
+    return ops.AllReduce()(ms.Tensor(values)).asnumpy().astype(np.float64)
