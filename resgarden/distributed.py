@@ -106,12 +106,21 @@ def detect_launcher(environ: Mapping[str, str]) -> str:
 
 
 def mpi_ranks(environ: Mapping[str, str]) -> tuple[int, int, int]:
-    """(rank, size, local rank) from the MPI launcher's environment."""
+    """(rank, size, local rank) from the MPI launcher's environment; a launcher that sets no local
+    rank (PMI-1 launchers such as ``srun --mpi=pmi2``) gets it from MPI itself via mpi4py."""
     for rank_var, size_var, local_var in MPI_RANK_VARS:
         if rank_var in environ and size_var in environ:
             rank, size = int(environ[rank_var]), int(environ[size_var])
-            return rank, size, int(environ.get(local_var, rank))
+            local = environ.get(local_var)
+            return rank, size, int(local) if local is not None else _mpi_local_rank()
     raise ConfigError("no MPI rank variables (OMPI_COMM_WORLD_RANK / PMI_RANK) in the environment")
+
+
+def _mpi_local_rank() -> int:
+    """This process's rank among the ranks on its node (collective: every rank must call it)."""
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
 
 
 def dynamic_cluster_env(rank: int, size: int, host: str, port: int, timeout: int) -> dict[str, str]:
@@ -267,16 +276,20 @@ def current() -> Cluster:
     return _current
 
 
-def _set_flat(params: list, flat: np.ndarray) -> None:
-    """Write consecutive slices of ``flat`` into ``params`` (in their own shapes and dtypes)."""
+def _flatten(params: list) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``params`` as one float32 vector, and their current values (for shapes and dtypes)."""
+    values = [p.asnumpy() for p in params]
+    return np.concatenate([v.astype(np.float32).ravel() for v in values]), values
+
+
+def _set_flat(params: list, like: list[np.ndarray], flat: np.ndarray) -> None:
+    """Write consecutive slices of ``flat`` into ``params``, in the shapes and dtypes of ``like``."""
     import mindspore as ms
 
     offset = 0
-    for param in params:
-        size = int(np.prod(param.shape))
-        value = flat[offset:offset + size].reshape(param.shape).astype(ms.dtype_to_nptype(param.dtype))
-        param.set_data(ms.Tensor(value))
-        offset += size
+    for param, value in zip(params, like):
+        param.set_data(ms.Tensor(flat[offset:offset + value.size].reshape(value.shape).astype(value.dtype)))
+        offset += value.size
 
 
 def broadcast_parameters(cell, cluster: Cluster) -> None:
@@ -284,10 +297,10 @@ def broadcast_parameters(cell, cluster: Cluster) -> None:
     if not cluster.distributed:
         return
     params = list(cell.get_parameters())
-    flat = np.concatenate([p.asnumpy().astype(np.float32).ravel() for p in params])
+    flat, values = _flatten(params)
     if not cluster.is_main:
         flat[:] = 0.0  # x + 0 is exact: the sum is rank 0's values
-    _set_flat(params, cluster.all_reduce_sum(flat))
+    _set_flat(params, values, cluster.all_reduce_sum(flat))
 
 
 def average_buffers(cell, cluster: Cluster) -> int:
@@ -298,8 +311,8 @@ def average_buffers(cell, cluster: Cluster) -> int:
                if p.name.endswith(("moving_mean", "moving_variance")) and not p.requires_grad]
     if not cluster.distributed or not buffers:
         return 0
-    flat = np.concatenate([p.asnumpy().astype(np.float32).ravel() for p in buffers])
-    _set_flat(buffers, cluster.all_reduce_sum(flat) / cluster.size)
+    flat, values = _flatten(buffers)
+    _set_flat(buffers, values, cluster.all_reduce_sum(flat) / cluster.size)
     return len(buffers)
 
 

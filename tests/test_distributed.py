@@ -1,0 +1,282 @@
+"""Data-parallel training: launcher detection, sharding, and real 2-rank jobs on CPU under mpirun and
+msrun (equal to a single process on the full batch), end to end through train.py, and a killed rank.
+
+The multi-process tests need OpenMPI's ``mpirun`` (``apt-get install openmpi-bin libopenmpi-dev``,
+as README and .ci/run do); msrun ships with MindSpore.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import train as train_entry
+from config import ConfigError
+from resgarden import checkpoint
+from resgarden.data import epoch_order, shard_order
+from resgarden.distributed import (Cluster, check_port_free, describe_failure, detect_launcher, dynamic_cluster_env,
+                                   init_cluster, lost_rank, mpi_ranks)
+from tests.helpers import write_imagenet_layout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MPIRUN = shutil.which("mpirun")
+MSRUN = os.path.join(os.path.dirname(sys.executable), "msrun")
+needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="OpenMPI's mpirun is not installed (README: distributed)")
+LAUNCH_TIMEOUT = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    """This venv's python first on PATH (msrun runs `python`); OpenMPI allowed to run as root (CI)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "PMIX_", "MS_"))}
+    env.update(PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _launch(launcher: str, script_args: list[str], log_dir: str, ranks: int = 2) -> list[str]:
+    port = _free_port()
+    if launcher == "mpirun":
+        return [MPIRUN, "-n", str(ranks), "--oversubscribe", sys.executable, *script_args,
+                *(["--dist_port", str(port)] if script_args[0] == "train.py" else ["--port", str(port)])]
+    return [MSRUN, f"--worker_num={ranks}", f"--local_worker_num={ranks}", f"--master_port={port}", "--join=True",
+            f"--log_dir={log_dir}", *script_args]
+
+
+# ---------------------------------------------------------------- without launching anything
+
+def test_launcher_detection_and_mpi_translation():
+    assert detect_launcher({}) == "none"
+    assert detect_launcher({"MS_ROLE": "MS_WORKER"}) == "dynamic_cluster"
+    openmpi = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
+    assert detect_launcher(openmpi) == "mpi" and mpi_ranks(openmpi) == (3, 8, 1)
+    assert mpi_ranks({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0"}) == (2, 4, 0)  # MPICH
+    env = dynamic_cluster_env(3, 8, "10.0.0.5", 9000, timeout=45)
+    assert env == {"MS_ROLE": "MS_WORKER", "MS_NODE_ID": "3", "MS_WORKER_NUM": "8", "MS_SCHED_HOST": "10.0.0.5",
+                   "MS_SCHED_PORT": "9000", "MS_NODE_TIMEOUT": "45", "MS_TOPO_TIMEOUT": "60"}
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 8])
+def test_shards_cover_each_sample_once_per_epoch(size):
+    order = epoch_order(103, seed=5, epoch=2, shuffle=True)
+    train = [shard_order(order, r, size, equal=True) for r in range(size)]
+    assert len({len(s) for s in train}) == 1  # same number of steps on every rank
+    joined = np.concatenate(train)
+    assert len(np.unique(joined)) == len(joined) == 103 // size * size
+    evaluation = np.concatenate([shard_order(order, r, size, equal=False) for r in range(size)])
+    assert sorted(evaluation) == list(range(103))  # evaluation scores every image once
+
+
+def test_no_launcher_is_a_clear_error(monkeypatch, capsys):
+    for name in list(os.environ):
+        if name.startswith(("OMPI_", "PMI_", "PMIX_", "MS_ROLE")):
+            monkeypatch.delenv(name)
+    cfg = argparse.Namespace(distribute=True, dist_init="auto", device_target="CPU")
+    with pytest.raises(ConfigError, match="needs a launcher: start with `mpirun"):
+        init_cluster(cfg)
+    assert init_cluster(argparse.Namespace(distribute=False)) == Cluster()
+    assert train_entry.main(["--run_distribute=1", "--epoch_size=1"]) == 2
+    assert "mpirun -n N python train.py" in capsys.readouterr().err
+
+
+def test_busy_scheduler_port_is_a_clear_error():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(ConfigError, match="not free .*--dist_port"):
+            check_port_free("127.0.0.1", busy.getsockname()[1])
+
+
+def test_lost_rank_message_names_the_rank():
+    text = "The total number of timed out node is 1. ... worker 3 is the first one timed out, please check its log."
+    assert lost_rank(text) == 3
+    message = describe_failure(RuntimeError(text), timeout=20)
+    assert "rank 3 died or stopped answering" in message and "--dist_timeout" in message
+    assert "another rank" in describe_failure(RuntimeError("Launch kernel failed, name:Default/AllReduce-op0"), 20)
+
+
+# ---------------------------------------------------------------- 2 ranks on CPU
+
+@needs_mpirun
+def test_local_rank_from_mpi_when_the_launcher_sets_none():
+    """Without OMPI_COMM_WORLD_LOCAL_RANK, mpi4py's shared-memory split gives the same local rank."""
+    code = ("import os; from resgarden.distributed import mpi_ranks; env = dict(os.environ); "
+            "local = env.pop('OMPI_COMM_WORLD_LOCAL_RANK'); print('local', local, mpi_ranks(env)[2])")
+    done = subprocess.run([MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-c", code], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("local")) == ["local 0 0", "local 1 1"]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    subprocess.run([sys.executable, "tests/dist_worker.py", "--out", str(out)], cwd=ROOT, env=_env(), check=True,
+                   capture_output=True, timeout=LAUNCH_TIMEOUT)
+    return dict(np.load(out / "rank0.npz"))
+
+
+@needs_mpirun
+@pytest.mark.parametrize("launcher", ["mpirun", "msrun"])
+def test_two_ranks_equal_one_process_on_the_full_batch(launcher, single_process_run, tmp_path):
+    """3 steps of SGD (momentum, weight decay, clipping) on shards of 4: both ranks end bit-identical,
+    and equal to one process on the 8-sample batches within 1e-6 (float32 summation order)."""
+    done = subprocess.run(_launch(launcher, ["tests/dist_worker.py", "--out", str(tmp_path), "--distribute"],
+                                  str(tmp_path / "logs")),
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rank0, rank1 = (dict(np.load(tmp_path / f"rank{r}.npz")) for r in (0, 1))
+    for name, reference in single_process_run.items():
+        np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
+        np.testing.assert_allclose(rank0[name], reference, rtol=0, atol=1e-6, err_msg=name)
+    assert not np.allclose(rank0["head.weight"], _initial_head()), "the weights did not move"
+
+
+def _initial_head() -> np.ndarray:
+    rs = np.random.RandomState(0)
+    rs.normal(0, 0.3, (8, 3, 3, 3))
+    return rs.normal(0, 0.3, (4, 8))
+
+
+@pytest.fixture(scope="module")
+def tiny_imagenet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist_data")
+    write_imagenet_layout(str(root), per_class=10, size=36)  # 40 train, 40 val
+    return str(root)
+
+
+TRAIN_ARGS = ["--model=resnet18", "--image_size=32", "--batch_size=4", "--num_parallel_workers=1", "--lr=0.02",
+              "--warmup_epochs=0", "--log_interval=2", "--crop_pct=1.0"]
+
+
+@needs_mpirun
+def test_train_py_under_mpirun(tiny_imagenet, tmp_path):
+    """2 ranks x 4 images: 5 steps an epoch, one run folder written by rank 0 alone, validation over
+    all 40 images (each rank scores half), identical weights on both ranks, and an exact resume."""
+    args = ["train.py", *TRAIN_ARGS, f"--data_dir={tiny_imagenet}", f"--output_path={tmp_path}/out",
+            "--run_distribute=1", "--epoch_size=2", "--keep_checkpoint_max=2"]
+    done = subprocess.run(_launch("mpirun", args, ""), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert "global batch 8 = 4 per rank x 2 ranks x 1 accumulation" in out
+    assert "5 steps/epoch" in out and "(40 images)" in out
+    assert "all 2 ranks hold identical weights and optimizer state" in out
+    assert out.count("done: 2 epochs") == 1  # rank 0 speaks for the job
+    runs = os.listdir(tmp_path / "out")
+    assert len(runs) == 1
+    run_dir = tmp_path / "out" / runs[0]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    ckpt_dir = run_dir / "ckpt_0"
+    uninterrupted = _weights(ckpt_dir / "resnet18-e002.ckpt")
+
+    # as if the job had stopped after epoch 1: forget epoch 2 and resume the run folder on 2 ranks
+    os.remove(ckpt_dir / "resnet18-e002.ckpt")
+    manifest = ckpt_dir / checkpoint.MANIFEST
+    manifest.write_text(json.dumps([e for e in json.loads(manifest.read_text()) if e["epoch"] < 1]))
+    resumed = subprocess.run(_launch("mpirun", [*args, f"--resume={run_dir}"], ""), cwd=ROOT, env=_env(),
+                             capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out[-4000:]
+    assert "resumed from" in out and "all 2 ranks hold identical" in out
+    again = _weights(ckpt_dir / "resnet18-e002.ckpt")
+    worst = max(float(np.abs(again[k] - uninterrupted[k]).max()) for k in uninterrupted)
+    assert worst < 1e-5, f"resumed weights differ by {worst}"
+
+
+def _weights(path) -> dict[str, np.ndarray]:
+    import mindspore as ms
+
+    return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items() if not k.startswith("meta.")}
+
+
+def _wait_for(path_or_proc_output: str, needle: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path_or_proc_output):
+            with open(path_or_proc_output, encoding="utf-8", errors="replace") as handle:
+                if needle in handle.read():
+                    return
+        assert proc.poll() is None, f"the job ended before {needle!r}"
+        time.sleep(0.5)
+    raise AssertionError(f"{needle!r} did not appear within {timeout} s")
+
+
+def _pids_with(marker: str, variable: str) -> list[int]:
+    """Processes whose command line holds ``marker`` and whose environment holds ``variable``."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if marker.encode() not in handle.read():
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                if variable.encode() in handle.read().split(b"\0"):
+                    pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("launcher", [pytest.param("mpirun", marks=needs_mpirun), "dynamic_cluster"])
+def test_killed_rank_ends_the_job(launcher, tiny_imagenet, tmp_path):
+    """Rank 1 is SIGKILLed mid-epoch. mpirun aborts the job at once and names the rank; with a bare
+    dynamic cluster (as each node of a multi-node msrun job sees it) the survivor stops within
+    --dist_timeout (10 s) + 15 s with exit code 1 and the scheduler names rank 1."""
+    timeout = 10
+    marker = f"--output_path={tmp_path}/out"
+    args = ["train.py", *TRAIN_ARGS, f"--data_dir={tiny_imagenet}", marker, "--run_distribute=1",
+            "--epoch_size=200", f"--dist_timeout={timeout}"]
+    log = str(tmp_path / "rank0.log")
+    env = _env()
+    if launcher == "mpirun":
+        procs = [subprocess.Popen(_launch("mpirun", args, ""), cwd=ROOT, env=env, stdout=open(log, "w"),
+                                  stderr=subprocess.STDOUT)]
+    else:
+        port = _free_port()
+        env.update(MS_WORKER_NUM="2", MS_SCHED_HOST="127.0.0.1", MS_SCHED_PORT=str(port))
+        procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**env, "MS_ROLE": "MS_SCHED"},
+                                  stdout=open(tmp_path / "scheduler.log", "w"), stderr=subprocess.STDOUT)]
+        for rank in (0, 1):
+            procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT,
+                                          env={**env, "MS_ROLE": "MS_WORKER", "MS_NODE_ID": str(rank)},
+                                          stdout=open(tmp_path / f"rank{rank}.log", "w"), stderr=subprocess.STDOUT))
+    survivor = procs[0] if launcher == "mpirun" else procs[1]
+    try:
+        _wait_for(log, "step 4/5", survivor, LAUNCH_TIMEOUT)
+        victims = _pids_with(marker, "OMPI_COMM_WORLD_RANK=1") if launcher == "mpirun" else [procs[2].pid]
+        assert len(victims) == 1, f"rank 1's process was not found: {victims}"
+        killed_at = time.monotonic()
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        code = survivor.wait(timeout=timeout + 60)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert code != 0
+    assert elapsed < timeout + 15, f"the job took {elapsed:.0f} s to stop"
+    with open(log, encoding="utf-8", errors="replace") as handle:
+        text = handle.read()
+    if launcher == "mpirun":
+        assert "process rank 1" in text, text[-3000:]
+    else:
+        assert "train.py: error: data-parallel job stopped" in text, text[-3000:]
+        with open(tmp_path / "scheduler.log", encoding="utf-8", errors="replace") as handle:
+            assert "rank 1 died or stopped answering" in handle.read()
