@@ -1,6 +1,8 @@
 """How every entry point runs: logging, one-line errors for user mistakes, exit codes."""
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from typing import Callable
 
@@ -27,7 +29,11 @@ def run(prog: str, action: Callable[[], str | None], on_interrupt: str = "interr
         return 2
     except DistributedError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
+        # MindSpore's teardown waits for the lost ranks (until its own watchdog SIGTERMs us): skip it
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     except KeyboardInterrupt:
         print(f"{prog}: {on_interrupt}", file=sys.stderr)
         return 130

@@ -260,7 +260,7 @@ def describe_failure(exc: BaseException, timeout: int, wait: float = 0.0) -> str
         if rank is not None or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    first = next((line.strip() for line in text.splitlines() if line.strip().strip("-")), type(exc).__name__)
     who = f"rank {rank} died or stopped answering" if rank is not None else \
         "another rank died or stopped answering (the launcher's output or worker logs name it)"
     return f"data-parallel job stopped: {who}; heartbeat timeout {timeout} s (--dist_timeout). MindSpore: {first}"
