@@ -198,6 +198,20 @@ def test_train_py_under_mpirun(tiny_imagenet, tmp_path):
     assert worst < 1e-5, f"resumed weights differ by {worst}"
 
 
+def test_train_py_under_msrun(tiny_imagenet, tmp_path):
+    """msrun also runs train.py as the scheduler: it must write nothing (one run folder), and each
+    worker's output lands in <log_dir>/worker_<rank>.log."""
+    args = ["train.py", *TRAIN_ARGS, f"--data_dir={tiny_imagenet}", f"--ckpt_save_dir={tmp_path}/out",
+            "--distribute=True", "--epoch_size=1"]
+    done = subprocess.run(_launch("msrun", args, str(tmp_path / "logs")), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert len(os.listdir(tmp_path / "out")) == 1
+    worker0 = (tmp_path / "logs" / "worker_0.log").read_text(errors="replace")
+    assert "all 2 ranks hold identical weights and optimizer state" in worker0 and "done: 1 epochs" in worker0
+    assert "rank 1 of 2" in (tmp_path / "logs" / "worker_1.log").read_text(errors="replace")
+
+
 def _weights(path) -> dict[str, np.ndarray]:
     import mindspore as ms
 
