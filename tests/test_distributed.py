@@ -52,7 +52,7 @@ def _launch(launcher: str, script_args: list[str], log_dir: str, ranks: int = 2)
     port = _free_port()
     if launcher == "mpirun":
         return [MPIRUN, "-n", str(ranks), "--oversubscribe", sys.executable, *script_args,
-                *(["--dist_port", str(port)] if script_args[0] == "train.py" else ["--port", str(port)])]
+                *(["--port", str(port)] if script_args[0] == "tests/dist_worker.py" else ["--dist_port", str(port)])]
     return [MSRUN, f"--worker_num={ranks}", f"--local_worker_num={ranks}", f"--master_port={port}", "--join=True",
             f"--log_dir={log_dir}", *script_args]
 
@@ -166,7 +166,8 @@ TRAIN_ARGS = ["--model=resnet18", "--image_size=32", "--batch_size=4", "--num_pa
 @needs_mpirun
 def test_train_py_under_mpirun(tiny_imagenet, tmp_path):
     """2 ranks x 4 images: 5 steps an epoch, one run folder written by rank 0 alone, validation over
-    all 40 images (each rank scores half), identical weights on both ranks, and an exact resume."""
+    all 40 images (each rank scores half), identical weights on both ranks, an exact resume, and
+    validate.py on 2 ranks scoring what one process scores."""
     args = ["train.py", *TRAIN_ARGS, f"--data_dir={tiny_imagenet}", f"--output_path={tmp_path}/out",
             "--run_distribute=1", "--epoch_size=2", "--keep_checkpoint_max=2"]
     done = subprocess.run(_launch("mpirun", args, ""), cwd=ROOT, env=_env(), capture_output=True, text=True,
@@ -196,6 +197,21 @@ def test_train_py_under_mpirun(tiny_imagenet, tmp_path):
     again = _weights(ckpt_dir / "resnet18-e002.ckpt")
     worst = max(float(np.abs(again[k] - uninterrupted[k]).max()) for k in uninterrupted)
     assert worst < 1e-5, f"resumed weights differ by {worst}"
+
+    # validate.py on 2 ranks (each scores half) reports what one process reports
+    scores = {}
+    for ranks in (1, 2):
+        report = tmp_path / f"val{ranks}.json"
+        command = ["validate.py", f"--data_dir={tiny_imagenet}", f"--ckpt_path={run_dir}", f"--json={report}",
+                   "--num_parallel_workers=1"]
+        command = _launch("mpirun", [*command, "--distribute"], "") if ranks == 2 else [sys.executable, *command]
+        done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        assert done.stdout.count("top-1") == 1  # rank 0 speaks for the job
+        scores[ranks] = json.loads(report.read_text())
+    assert scores[2]["count"] == scores[1]["count"] == 40
+    assert (scores[2]["top1"], scores[2]["top5"]) == (scores[1]["top1"], scores[1]["top5"])
+    assert scores[2]["loss"] == pytest.approx(scores[1]["loss"], rel=1e-5)
 
 
 def test_train_py_under_msrun(tiny_imagenet, tmp_path):
