@@ -5,7 +5,7 @@ shard of it (``shard_order``), otherwise one process trains on all 8. Each proce
 weights and per-step losses to ``<out>/rank<r>.npz``. BN is left out on purpose: BN normalises with
 per-rank batch statistics, so only a BN-free net can equal the single-process run exactly.
 
-    python tests/dist_worker.py --out DIR [--distribute --port P]
+    python tests/dist_worker.py --out DIR [--distribute --port P] [--pynative]
 """
 from __future__ import annotations
 
@@ -48,8 +48,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--distribute", action="store_true")
     parser.add_argument("--port", type=int, default=8118)
+    parser.add_argument("--pynative", action="store_true")
     args = parser.parse_args()
-    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_context(mode=ms.PYNATIVE_MODE if args.pynative else ms.GRAPH_MODE)
     cfg = argparse.Namespace(distribute=args.distribute, dist_init="auto", dist_host=None, dist_port=args.port,
                              dist_timeout=30, device_target="CPU")
     cluster = init_cluster(cfg)

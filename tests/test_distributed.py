@@ -131,12 +131,13 @@ def single_process_run(tmp_path_factory):
 
 
 @needs_mpirun
-@pytest.mark.parametrize("launcher", ["mpirun", "msrun"])
-def test_two_ranks_equal_one_process_on_the_full_batch(launcher, single_process_run, tmp_path):
+@pytest.mark.parametrize("launcher,mode", [("mpirun", "graph"), ("msrun", "graph"), ("mpirun", "pynative")])
+def test_two_ranks_equal_one_process_on_the_full_batch(launcher, mode, single_process_run, tmp_path):
     """3 steps of SGD (momentum, weight decay, clipping) on shards of 4: both ranks end bit-identical,
-    and equal to one process on the 8-sample batches within 1e-6 (float32 summation order)."""
-    done = subprocess.run(_launch(launcher, ["tests/dist_worker.py", "--out", str(tmp_path), "--distribute"],
-                                  str(tmp_path / "logs")),
+    and equal to one graph-mode process on the 8-sample batches within 1e-6 (float32 summation order)."""
+    script = ["tests/dist_worker.py", "--out", str(tmp_path), "--distribute", *(["--pynative"] if mode == "pynative"
+                                                                                  else [])]
+    done = subprocess.run(_launch(launcher, script, str(tmp_path / "logs")),
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rank0, rank1 = (dict(np.load(tmp_path / f"rank{r}.npz")) for r in (0, 1))
@@ -262,6 +263,11 @@ def _pids_with(marker: str, variable: str) -> list[int]:
     return pids
 
 
+def _start(command: list[str], env: dict[str, str], log_path: str) -> subprocess.Popen:
+    with open(log_path, "w", encoding="utf-8") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
 @pytest.mark.parametrize("launcher", [pytest.param("mpirun", marks=needs_mpirun), "dynamic_cluster"])
 def test_killed_rank_ends_the_job(launcher, tiny_imagenet, tmp_path):
     """Rank 1 is SIGKILLed mid-epoch. mpirun aborts the job at once and names the rank; with a bare
@@ -274,17 +280,12 @@ def test_killed_rank_ends_the_job(launcher, tiny_imagenet, tmp_path):
     log = str(tmp_path / "rank0.log")
     env = _env()
     if launcher == "mpirun":
-        procs = [subprocess.Popen(_launch("mpirun", args, ""), cwd=ROOT, env=env, stdout=open(log, "w"),
-                                  stderr=subprocess.STDOUT)]
-    else:
-        port = _free_port()
-        env.update(MS_WORKER_NUM="2", MS_SCHED_HOST="127.0.0.1", MS_SCHED_PORT=str(port))
-        procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**env, "MS_ROLE": "MS_SCHED"},
-                                  stdout=open(tmp_path / "scheduler.log", "w"), stderr=subprocess.STDOUT)]
-        for rank in (0, 1):
-            procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT,
-                                          env={**env, "MS_ROLE": "MS_WORKER", "MS_NODE_ID": str(rank)},
-                                          stdout=open(tmp_path / f"rank{rank}.log", "w"), stderr=subprocess.STDOUT))
+        procs = [_start(_launch("mpirun", args, ""), env, log)]
+    else:  # scheduler and 2 workers by hand, as msrun would start them on one node
+        env.update(MS_WORKER_NUM="2", MS_SCHED_HOST="127.0.0.1", MS_SCHED_PORT=str(_free_port()))
+        procs = [_start([sys.executable, *args], {**env, "MS_ROLE": "MS_SCHED"}, str(tmp_path / "scheduler.log"))]
+        procs += [_start([sys.executable, *args], {**env, "MS_ROLE": "MS_WORKER", "MS_NODE_ID": str(rank)},
+                         str(tmp_path / f"rank{rank}.log")) for rank in (0, 1)]
     survivor = procs[0] if launcher == "mpirun" else procs[1]
     try:
         _wait_for(log, "step 4/5", survivor, LAUNCH_TIMEOUT)
