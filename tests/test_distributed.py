@@ -23,8 +23,16 @@ import train as train_entry
 from config import ConfigError
 from resgarden import checkpoint
 from resgarden.data import epoch_order, shard_order
-from resgarden.distributed import (Cluster, check_port_free, describe_failure, detect_launcher, dynamic_cluster_env,
-                                   init_cluster, lost_rank, mpi_ranks)
+from resgarden.distributed import (
+    Cluster,
+    check_port_free,
+    describe_failure,
+    detect_launcher,
+    dynamic_cluster_env,
+    init_cluster,
+    lost_rank,
+    mpi_ranks,
+)
 from tests.helpers import write_imagenet_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
