@@ -96,6 +96,10 @@ class Cluster:
         return self.rank, self.size
 
 
+_current = Cluster()  # this process's place, once init_cluster() ran
+_scheduler: subprocess.Popen | None = None  # the scheduler rank 0 started under mpirun
+
+
 def detect_launcher(environ: Mapping[str, str]) -> str:
     """'dynamic_cluster' (msrun or MS_* variables), 'mpi' (mpirun / mpiexec / srun with PMI) or 'none'."""
     if environ.get("MS_ROLE"):
@@ -182,9 +186,10 @@ def start_scheduler(env: dict[str, str], log_path: str) -> subprocess.Popen:
                                 stdout=log, stderr=subprocess.STDOUT)
 
 
-def _translate_mpi(cfg, environ: dict[str, str]) -> subprocess.Popen | None:
-    """Set dynamic-cluster variables from the MPI ranks; rank 0 starts the scheduler. Returns it."""
-    rank, size, _ = mpi_ranks(environ)
+def _translate_mpi(cfg, environ: dict[str, str]) -> tuple[subprocess.Popen | None, int]:
+    """Set dynamic-cluster variables from the MPI ranks; rank 0 starts the scheduler. Returns it (or
+    None) and this rank's local rank."""
+    rank, size, local_rank = mpi_ranks(environ)
     host = cfg.dist_host or environ.get("MS_SCHED_HOST") or "127.0.0.1"
     port = int(cfg.dist_port)
     variables = dynamic_cluster_env(rank, size, host, port, cfg.dist_timeout)
@@ -194,10 +199,7 @@ def _translate_mpi(cfg, environ: dict[str, str]) -> subprocess.Popen | None:
         check_port_free(host, port)
         scheduler = start_scheduler(dict(environ), scheduler_log_path(port))
     wait_for_port(host, port, PORT_WAIT_SECONDS)
-    return scheduler
-
-
-_scheduler: subprocess.Popen | None = None
+    return scheduler, local_rank
 
 
 def init_cluster(cfg, environ: dict[str, str] | None = None) -> Cluster:
@@ -215,13 +217,15 @@ def init_cluster(cfg, environ: dict[str, str] | None = None) -> Cluster:
     path = cfg.dist_init
     if path == "auto":
         path = "dynamic_cluster" if launcher == "dynamic_cluster" or cfg.device_target == "CPU" else "native"
-    if path == "dynamic_cluster" and launcher == "mpi":
-        _scheduler = _translate_mpi(cfg, environ)
-    elif launcher == "dynamic_cluster":
-        environ.setdefault("MS_NODE_TIMEOUT", str(cfg.dist_timeout))
-
     import mindspore as ms
     from mindspore.communication import get_group_size, get_local_rank, get_rank, init
+
+    if path == "dynamic_cluster" and launcher == "mpi":
+        _scheduler, local_rank = _translate_mpi(cfg, environ)
+        if cfg.device_target != "CPU":  # one accelerator per rank of a node
+            ms.set_device(cfg.device_target, local_rank)
+    elif launcher == "dynamic_cluster":
+        environ.setdefault("MS_NODE_TIMEOUT", str(cfg.dist_timeout))
 
     try:
         init()
@@ -237,9 +241,6 @@ def init_cluster(cfg, environ: dict[str, str] | None = None) -> Cluster:
     cluster = Cluster(rank, size, local_rank, f"{launcher}/{path}")
     _set_cluster(cluster)
     return cluster
-
-
-_current = Cluster()
 
 
 def is_collective_failure(exc: BaseException) -> bool:
