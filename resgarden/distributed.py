@@ -13,7 +13,6 @@ Launchers:
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import socket
@@ -29,9 +28,6 @@ import numpy as np
 
 from config import ConfigError
 
-logger = logging.getLogger("resgarden")
-
-DYNAMIC_CLUSTER_VARS = ("MS_ROLE", "MS_WORKER_NUM", "MS_SCHED_HOST", "MS_SCHED_PORT")
 # (rank, size, local rank) variables of the MPI launchers we know, most specific first
 MPI_RANK_VARS = (
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
@@ -97,7 +93,7 @@ class Cluster:
 
 
 _current = Cluster()  # this process's place, once init_cluster() ran
-_scheduler: subprocess.Popen | None = None  # the scheduler rank 0 started under mpirun
+_scheduler_log: str | None = None  # the log of the scheduler rank 0 started under mpirun
 
 
 def detect_launcher(environ: Mapping[str, str]) -> str:
@@ -109,19 +105,21 @@ def detect_launcher(environ: Mapping[str, str]) -> str:
     return "none"
 
 
-def mpi_ranks(environ: Mapping[str, str]) -> tuple[int, int, int]:
-    """(rank, size, local rank) from the MPI launcher's environment; a launcher that sets no local
-    rank (PMI-1 launchers such as ``srun --mpi=pmi2``) gets it from MPI itself via mpi4py."""
-    for rank_var, size_var, local_var in MPI_RANK_VARS:
+def mpi_ranks(environ: Mapping[str, str]) -> tuple[int, int]:
+    """(rank, size) from the MPI launcher's environment."""
+    for rank_var, size_var, _ in MPI_RANK_VARS:
         if rank_var in environ and size_var in environ:
-            rank, size = int(environ[rank_var]), int(environ[size_var])
-            local = environ.get(local_var)
-            return rank, size, int(local) if local is not None else _mpi_local_rank()
+            return int(environ[rank_var]), int(environ[size_var])
     raise ConfigError("no MPI rank variables (OMPI_COMM_WORLD_RANK / PMI_RANK) in the environment")
 
 
-def _mpi_local_rank() -> int:
-    """This process's rank among the ranks on its node (collective: every rank must call it)."""
+def mpi_local_rank(environ: Mapping[str, str]) -> int:
+    """This process's rank among the ranks on its node: the launcher's variable, or, for launchers
+    that set none (PMI-1 ones such as ``srun --mpi=pmi2``), MPI's shared-memory split via mpi4py
+    (a collective: every rank must call it)."""
+    local_var = next((local for rank, _, local in MPI_RANK_VARS if rank in environ), None)
+    if local_var is not None and local_var in environ:
+        return int(environ[local_var])
     from mpi4py import MPI
 
     return MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
@@ -186,26 +184,27 @@ def start_scheduler(env: dict[str, str], log_path: str) -> subprocess.Popen:
                                 stdout=log, stderr=subprocess.STDOUT)
 
 
-def _translate_mpi(cfg, environ: dict[str, str]) -> tuple[subprocess.Popen | None, int]:
-    """Set dynamic-cluster variables from the MPI ranks; rank 0 starts the scheduler. Returns it (or
-    None) and this rank's local rank."""
-    rank, size, local_rank = mpi_ranks(environ)
+def _translate_mpi(cfg, environ: dict[str, str]) -> str | None:
+    """Set dynamic-cluster variables from the MPI ranks; rank 0 starts the scheduler and gets its log
+    path back (the other ranks None)."""
+    rank, size = mpi_ranks(environ)
     host = cfg.dist_host or environ.get("MS_SCHED_HOST") or "127.0.0.1"
     port = int(cfg.dist_port)
     variables = dynamic_cluster_env(rank, size, host, port, cfg.dist_timeout)
     environ.update(variables)
-    scheduler = None
+    log_path = None
     if rank == 0:
         check_port_free(host, port)
-        scheduler = start_scheduler(dict(environ), scheduler_log_path(port))
+        log_path = scheduler_log_path(port)
+        start_scheduler(dict(environ), log_path)
     wait_for_port(host, port, PORT_WAIT_SECONDS)
-    return scheduler, local_rank
+    return log_path
 
 
 def init_cluster(cfg, environ: dict[str, str] | None = None) -> Cluster:
     """Join the job when ``cfg.distribute`` is on (a clear error without a launcher); set MindSpore's
     data-parallel context. Call before anything with side effects (see module docstring)."""
-    global _scheduler
+    global _current, _scheduler_log
     if not cfg.distribute:
         return Cluster()
     environ = os.environ if environ is None else environ
@@ -221,9 +220,9 @@ def init_cluster(cfg, environ: dict[str, str] | None = None) -> Cluster:
     from mindspore.communication import get_group_size, get_local_rank, get_rank, init
 
     if path == "dynamic_cluster" and launcher == "mpi":
-        _scheduler, local_rank = _translate_mpi(cfg, environ)
+        _scheduler_log = _translate_mpi(cfg, environ)
         if cfg.device_target != "CPU":  # one accelerator per rank of a node
-            ms.set_device(cfg.device_target, local_rank)
+            ms.set_device(cfg.device_target, mpi_local_rank(environ))
     elif launcher == "dynamic_cluster":
         environ.setdefault("MS_NODE_TIMEOUT", str(cfg.dist_timeout))
 
@@ -238,9 +237,8 @@ def init_cluster(cfg, environ: dict[str, str] | None = None) -> Cluster:
         local_rank = rank
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                  device_num=size)
-    cluster = Cluster(rank, size, local_rank, f"{launcher}/{path}")
-    _set_cluster(cluster)
-    return cluster
+    _current = Cluster(rank, size, local_rank, f"{launcher}/{path}")
+    return _current
 
 
 def is_collective_failure(exc: BaseException) -> bool:
@@ -254,9 +252,8 @@ def describe_failure(exc: BaseException, timeout: int, wait: float = 0.0) -> str
     text = str(exc)
     rank = lost_rank(text)
     deadline = time.monotonic() + wait
-    while rank is None and _scheduler is not None:
-        path = scheduler_log_path(int(os.environ.get("MS_SCHED_PORT", "0")))
-        with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as handle:
+    while rank is None and _scheduler_log is not None:
+        with contextlib.suppress(OSError), open(_scheduler_log, encoding="utf-8", errors="replace") as handle:
             rank = lost_rank(handle.read())
         if rank is not None or time.monotonic() > deadline:
             break
@@ -265,11 +262,6 @@ def describe_failure(exc: BaseException, timeout: int, wait: float = 0.0) -> str
     who = f"rank {rank} died or stopped answering" if rank is not None else \
         "another rank died or stopped answering (the launcher's output or worker logs name it)"
     return f"data-parallel job stopped: {who}; heartbeat timeout {timeout} s (--dist_timeout). MindSpore: {first}"
-
-
-def _set_cluster(cluster: Cluster) -> None:
-    global _current
-    _current = cluster
 
 
 def current() -> Cluster:

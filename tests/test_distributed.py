@@ -31,6 +31,7 @@ from resgarden.distributed import (
     dynamic_cluster_env,
     init_cluster,
     lost_rank,
+    mpi_local_rank,
     mpi_ranks,
 )
 from tests.helpers import write_imagenet_layout
@@ -71,8 +72,9 @@ def test_launcher_detection_and_mpi_translation():
     assert detect_launcher({}) == "none"
     assert detect_launcher({"MS_ROLE": "MS_WORKER"}) == "dynamic_cluster"
     openmpi = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
-    assert detect_launcher(openmpi) == "mpi" and mpi_ranks(openmpi) == (3, 8, 1)
-    assert mpi_ranks({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0"}) == (2, 4, 0)  # MPICH
+    assert detect_launcher(openmpi) == "mpi" and (*mpi_ranks(openmpi), mpi_local_rank(openmpi)) == (3, 8, 1)
+    mpich = {"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0"}
+    assert (*mpi_ranks(mpich), mpi_local_rank(mpich)) == (2, 4, 0)
     env = dynamic_cluster_env(3, 8, "10.0.0.5", 9000, timeout=45)
     assert env == {"MS_ROLE": "MS_WORKER", "MS_NODE_ID": "3", "MS_WORKER_NUM": "8", "MS_SCHED_HOST": "10.0.0.5",
                    "MS_SCHED_PORT": "9000", "MS_NODE_TIMEOUT": "45", "MS_TOPO_TIMEOUT": "60"}
@@ -122,8 +124,8 @@ def test_lost_rank_message_names_the_rank():
 @needs_mpirun
 def test_local_rank_from_mpi_when_the_launcher_sets_none():
     """Without OMPI_COMM_WORLD_LOCAL_RANK, mpi4py's shared-memory split gives the same local rank."""
-    code = ("import os; from resgarden.distributed import mpi_ranks; env = dict(os.environ); "
-            "local = env.pop('OMPI_COMM_WORLD_LOCAL_RANK'); print('local', local, mpi_ranks(env)[2])")
+    code = ("import os; from resgarden.distributed import mpi_local_rank; env = dict(os.environ); "
+            "local = env.pop('OMPI_COMM_WORLD_LOCAL_RANK'); print('local', local, mpi_local_rank(env))")
     done = subprocess.run([MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-c", code], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert done.returncode == 0, done.stderr[-2000:]
