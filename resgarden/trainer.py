@@ -167,10 +167,10 @@ def _fit(cfg, cluster: Cluster) -> dict[str, Any]:
         start_epoch, global_step = meta["epoch"] + 1, meta["global_step"]
         best = meta.get("best_metric", best)
         logger.info("resumed from %s: epoch %d, step %d", path, start_epoch, global_step)
+    manager = None
     if cluster.is_main:
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    manager = CheckpointManager(ckpt_dir, cfg.model, cfg.keep_checkpoint_max, cfg.ckpt_save_policy) \
-        if cluster.is_main else None
+        manager = CheckpointManager(ckpt_dir, cfg.model, cfg.keep_checkpoint_max, cfg.ckpt_save_policy)
     logger.info("model %s: %d classes, %s params | %d train / %s val images | %d steps/epoch, batch %d | run %s",
                 cfg.model, num_classes, f"{count_params(model):,}", len(train_split),
                 len(val_split) if val_split else "no", steps_per_epoch, cfg.batch_size, run_dir)
