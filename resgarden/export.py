@@ -8,6 +8,7 @@ import mindspore as ms
 import numpy as np
 
 from config import ConfigError
+from models.conv import native_conv_disabled
 
 from .inference import build_inference_model, resolve_weights
 
@@ -22,7 +23,8 @@ def export_model(cfg) -> str:
     state, meta, _ = resolve_weights(cfg)
     num_classes = cfg.num_classes or meta.get("num_classes") or (
         state["classifier.weight"].shape[0] if state is not None and "classifier.weight" in state else 1000)
-    net = build_inference_model(cfg, num_classes, state)
+    with native_conv_disabled():  # an exported graph must not name a library on this machine
+        net = build_inference_model(cfg, num_classes, state)
     batch = None if cfg.dynamic_batch else cfg.batch_size
     shape = (batch, cfg.in_channels, cfg.image_size, cfg.image_size)
     sample = ms.Tensor(shape=shape, dtype=ms.float32) if batch is None else ms.Tensor(np.zeros(shape, np.float32))

@@ -1,11 +1,15 @@
-"""The CPU speed guard: when it caps oneDNN at AVX2, and that it never overrides the user."""
+"""The CPU speed guard: native convolutions or an AVX2 cap on oneDNN, never overriding the user."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
-from resgarden.platform import ISA_VARIABLE, cpu_has_avx512, decide_isa_cap
+import pytest
+
+from resgarden import native
+from resgarden.platform import ISA_VARIABLE, cpu_has_avx512, decide_isa_cap, mindspore_version
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,6 +18,11 @@ def test_affected_version_with_avx512_is_capped():
     value, reason = decide_isa_cap({}, "2.10.0", has_avx512=True)
     assert value == "AVX2" and "150x" in reason
     assert decide_isa_cap({}, "2.9.1", has_avx512=True)[0] == "AVX2"
+
+
+def test_native_convolutions_make_the_cap_unnecessary():
+    value, reason = decide_isa_cap({}, "2.10.0", has_avx512=True, native_conv=True)
+    assert value is None and "native kernels" in reason
 
 
 def test_unaffected_cases_are_left_alone():
@@ -40,7 +49,35 @@ def _isa_after_import(env: dict[str, str]) -> str:
 
 def test_importing_models_applies_the_guard_but_respects_the_user():
     env = {k: v for k, v in os.environ.items() if k != ISA_VARIABLE}
-    expected, _ = decide_isa_cap(env, __import__("resgarden.platform").platform.mindspore_version(),
-                                 cpu_has_avx512())
-    assert _isa_after_import(env) == (expected or "<unset>")
+    with_native, _ = decide_isa_cap(env, mindspore_version(), cpu_has_avx512(),
+                                    native_conv=native.conv_library()[0] is not None)
+    assert _isa_after_import(env) == (with_native or "<unset>")
+    without_native, _ = decide_isa_cap(env, mindspore_version(), cpu_has_avx512(), native_conv=False)
+    assert _isa_after_import({**env, native.SWITCH_VARIABLE: "0"}) == (without_native or "<unset>")
     assert _isa_after_import({**env, ISA_VARIABLE: "AVX512_CORE"}) == "AVX512_CORE"
+
+
+def test_native_build_failures_are_reported_not_raised(tmp_path, monkeypatch):
+    monkeypatch.setenv(native.CACHE_VARIABLE, str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(native.NativeUnavailable, match="no-such-compiler"):
+        native.build_conv_library()
+    if shutil.which("g++") is None:
+        return
+    broken = tmp_path / "broken.cc"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setenv("CXX", "g++")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    with pytest.raises(native.NativeUnavailable, match="compiling broken.cc failed: .*error"):
+        native.build_conv_library()
+    assert list(tmp_path.glob("native/*")) == []  # no partial library left behind
+
+
+def test_native_library_is_cached_per_setup(tmp_path, monkeypatch):
+    if native.conv_library()[0] is None:
+        pytest.skip(f"native convolutions unavailable here: {native.conv_library()[1]}")
+    monkeypatch.setenv(native.CACHE_VARIABLE, str(tmp_path))
+    built = native.build_conv_library()
+    assert built.parent == tmp_path / "native" and built.is_file()
+    mtime = built.stat().st_mtime_ns
+    assert native.build_conv_library() == built and built.stat().st_mtime_ns == mtime

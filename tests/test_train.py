@@ -15,7 +15,7 @@ from resgarden.checkpoint import find_checkpoint, read_meta
 from resgarden.trainer import train
 from tests.helpers import write_imagenet_layout
 
-BASE = ["--model=resnet18", "--image_size=32", "--batch_size=8", "--num_parallel_workers=1", "--lr=0.05",
+BASE = ["--model=resnet18", "--image_size=32", "--batch_size=8", "--num_parallel_workers=1", "--lr=0.01",
         "--warmup_epochs=0", "--weight_decay=0", "--log_interval=1", "--scale", "0.6", "1.0", "--crop_pct=1.0"]
 
 

@@ -1,0 +1,355 @@
+// 2-D convolution (forward, backward-data, backward-weights) for MindSpore's CPU backend through
+// the oneDNN library MindSpore bundles, letting oneDNN choose blocked memory layouts.
+//
+// MindSpore's own CPU convolution hands oneDNN plain NCHW tensors; oneDNN 3.10 then takes a
+// reference path when AVX-512 is allowed (about 150x slower) and im2col+gemm under an AVX2 cap.
+// Here the activations and weights are reordered to the layout oneDNN prefers, so it runs its
+// direct AVX-512 kernels. The functions follow MindSpore's AOT custom-op calling convention:
+// params = inputs then outputs, NCHW float32 or float16 (mixed precision: converted on the way in
+// and out, computed in float32) except `cfg`, an int64 vector
+// [stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, dilation_h, dilation_w, groups].
+#include <sched.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "oneapi/dnnl/dnnl_threadpool.hpp"
+#include "oneapi/dnnl/dnnl_threadpool_iface.hpp"
+
+namespace {
+
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+
+// oneDNN in MindSpore is built for a caller-provided thread pool; without one it runs on one thread.
+class ThreadPool : public dnnl::threadpool_interop::threadpool_iface {
+ public:
+  explicit ThreadPool(int threads) : threads_(threads) {
+    for (int t = 1; t < threads_; ++t) workers_.emplace_back([this] { WorkerLoop(); });
+  }
+  ~ThreadPool() override {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+      ++generation_;
+    }
+    wake_.notify_all();
+    for (auto &worker : workers_) worker.join();
+  }
+  int get_num_threads() const override { return threads_; }
+  bool get_in_parallel() const override { return InParallel(); }
+  uint64_t get_flags() const override { return 0; }
+  void parallel_for(int n, const std::function<void(int, int)> &fn) override {
+    if (n <= 0) return;
+    if (n == 1 || threads_ == 1 || InParallel()) {
+      for (int i = 0; i < n; ++i) fn(i, n);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &fn;
+      job_size_ = n;
+      next_.store(0);
+      busy_workers_.store(threads_ - 1);
+      ++generation_;
+    }
+    wake_.notify_all();
+    RunJob();
+    while (busy_workers_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
+  }
+
+ private:
+  static bool &InParallel() {
+    static thread_local bool in_parallel = false;
+    return in_parallel;
+  }
+  void RunJob() {
+    InParallel() = true;
+    for (int i; (i = next_.fetch_add(1)) < job_size_;) (*job_)(i, job_size_);
+    InParallel() = false;
+  }
+  void WorkerLoop() {
+    uint64_t seen = 0;
+    for (;;) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (stop_) return;
+      lock.unlock();
+      RunJob();
+      busy_workers_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+  const int threads_;
+  std::vector<std::thread> workers_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+  const std::function<void(int, int)> *job_ = nullptr;
+  int job_size_ = 0;
+  std::atomic<int> next_{0}, busy_workers_{0};
+};
+
+int ThreadCount() {
+  if (const char *value = std::getenv("RESGARDEN_NATIVE_THREADS")) {
+    int threads = std::atoi(value);
+    if (threads > 0) return threads;
+  }
+  cpu_set_t cpus;
+  if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) return CPU_COUNT(&cpus) > 0 ? CPU_COUNT(&cpus) : 1;
+  unsigned hardware = std::thread::hardware_concurrency();
+  return hardware > 0 ? static_cast<int>(hardware) : 1;
+}
+
+struct Runtime {
+  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
+  ThreadPool pool{ThreadCount()};
+  dnnl::stream stream = dnnl::threadpool_interop::make_stream(engine, &pool);
+  std::mutex mutex;  // one convolution at a time: the pool and stream are shared
+};
+
+Runtime &GetRuntime() {
+  static Runtime runtime;
+  return runtime;
+}
+
+using dtype = memory::data_type;
+
+struct ConvShape {
+  memory::dims src, weights, dst, strides, dilates, pad_l, pad_r;
+  bool grouped = false;
+
+  // The layout oneDNN may choose (float32), or the caller's plain NCHW / (G)OIHW one in `type`.
+  memory::desc Chosen(const memory::dims &dims) const { return memory::desc(dims, dtype::f32, tag::any); }
+  memory::desc Plain(const memory::dims &dims, dtype type, bool is_weights) const {
+    return memory::desc(dims, type, is_weights ? (grouped ? tag::goihw : tag::oihw) : tag::nchw);
+  }
+};
+
+ConvShape MakeShape(const int64_t *x, const int64_t *w, const int64_t *y, const int64_t *cfg) {
+  ConvShape s;
+  const int64_t groups = cfg[8];
+  s.src = {x[0], x[1], x[2], x[3]};
+  s.dst = {y[0], y[1], y[2], y[3]};
+  s.grouped = groups > 1;
+  if (s.grouped)
+    s.weights = {groups, w[0] / groups, w[1], w[2], w[3]};
+  else
+    s.weights = {w[0], w[1], w[2], w[3]};
+  s.strides = {cfg[0], cfg[1]};
+  s.pad_l = {cfg[2], cfg[4]};
+  s.pad_r = {cfg[3], cfg[5]};
+  s.dilates = {cfg[6] - 1, cfg[7] - 1};
+  return s;
+}
+
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+dnnl::convolution_forward::primitive_desc ForwardDesc(const dnnl::engine &engine, const ConvShape &s) {
+  return dnnl::convolution_forward::primitive_desc(
+      engine, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, s.Chosen(s.src),
+      s.Chosen(s.weights), s.Chosen(s.dst), s.strides, s.dilates, s.pad_l, s.pad_r, UserScratchpad());
+}
+
+// One argument of a primitive: the caller's plain buffer and, if oneDNN wants another layout, a
+// reorder to or from a temporary in that layout.
+struct Operand {
+  memory::desc plain, chosen;
+  int arg;
+  bool is_input;
+  dnnl::reorder convert;
+};
+
+struct Plan {
+  dnnl::primitive compute;
+  std::vector<Operand> operands;
+  size_t scratchpad_bytes = 0;
+};
+
+Operand MakeOperand(const dnnl::engine &engine, const memory::desc &plain, const memory::desc &chosen, int arg,
+                    bool is_input) {
+  Operand op{plain, chosen, arg, is_input, {}};
+  if (plain != chosen) {
+    memory a(is_input ? plain : chosen, engine, DNNL_MEMORY_NONE), b(is_input ? chosen : plain, engine, DNNL_MEMORY_NONE);
+    op.convert = dnnl::reorder(a, b);
+  }
+  return op;
+}
+
+enum Kind { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+
+// types: the caller's data types of the activations, weights and output-side activations.
+std::shared_ptr<Plan> BuildPlan(const dnnl::engine &engine, Kind kind, const ConvShape &s, const dtype types[3]) {
+  auto plan = std::make_shared<Plan>();
+  auto fwd = ForwardDesc(engine, s);
+  const auto src = s.Plain(s.src, types[0], false), weights = s.Plain(s.weights, types[1], true),
+             dst = s.Plain(s.dst, types[2], false);
+  if (kind == kForward) {
+    plan->compute = dnnl::convolution_forward(fwd);
+    plan->operands = {MakeOperand(engine, src, fwd.src_desc(), DNNL_ARG_SRC, true),
+                      MakeOperand(engine, weights, fwd.weights_desc(), DNNL_ARG_WEIGHTS, true),
+                      MakeOperand(engine, dst, fwd.dst_desc(), DNNL_ARG_DST, false)};
+    plan->scratchpad_bytes = fwd.scratchpad_desc().get_size();
+  } else if (kind == kBackwardData) {
+    dnnl::convolution_backward_data::primitive_desc pd(
+        engine, dnnl::algorithm::convolution_direct, s.Chosen(s.src), s.Chosen(s.weights), s.Chosen(s.dst),
+        s.strides, s.dilates, s.pad_l, s.pad_r, fwd, UserScratchpad());
+    plan->compute = dnnl::convolution_backward_data(pd);
+    plan->operands = {MakeOperand(engine, dst, pd.diff_dst_desc(), DNNL_ARG_DIFF_DST, true),
+                      MakeOperand(engine, weights, pd.weights_desc(), DNNL_ARG_WEIGHTS, true),
+                      MakeOperand(engine, src, pd.diff_src_desc(), DNNL_ARG_DIFF_SRC, false)};
+    plan->scratchpad_bytes = pd.scratchpad_desc().get_size();
+  } else {
+    dnnl::convolution_backward_weights::primitive_desc pd(
+        engine, dnnl::algorithm::convolution_direct, s.Chosen(s.src), s.Chosen(s.weights), s.Chosen(s.dst),
+        s.strides, s.dilates, s.pad_l, s.pad_r, fwd, UserScratchpad());
+    plan->compute = dnnl::convolution_backward_weights(pd);
+    plan->operands = {MakeOperand(engine, src, pd.src_desc(), DNNL_ARG_SRC, true),
+                      MakeOperand(engine, dst, pd.diff_dst_desc(), DNNL_ARG_DIFF_DST, true),
+                      MakeOperand(engine, weights, pd.diff_weights_desc(), DNNL_ARG_DIFF_WEIGHTS, false)};
+    plan->scratchpad_bytes = pd.scratchpad_desc().get_size();
+  }
+  return plan;
+}
+
+std::string PlanKey(Kind kind, const ConvShape &s, const dtype types[3]) {
+  std::ostringstream key;
+  key << kind << '|' << static_cast<int>(types[0]) << static_cast<int>(types[1]) << static_cast<int>(types[2]);
+  for (const auto *dims : {&s.src, &s.weights, &s.dst, &s.strides, &s.dilates, &s.pad_l, &s.pad_r}) {
+    key << '|';
+    for (auto d : *dims) key << d << ',';
+  }
+  return key.str();
+}
+
+struct AlignedFree {
+  void operator()(void *p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<void, AlignedFree>;
+
+Buffer Allocate(size_t bytes) {
+  if (bytes == 0) return Buffer(nullptr);
+  void *p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  if (p == nullptr) throw std::bad_alloc();
+  return Buffer(p);
+}
+
+// data[i] is the caller's buffer for plan->operands[i].
+void Execute(Runtime &rt, const Plan &plan, void *const data[3]) {
+  std::unordered_map<int, memory> args;
+  std::vector<Buffer> temporaries;
+  std::vector<std::pair<const Operand *, memory>> outputs;
+  for (size_t i = 0; i < plan.operands.size(); ++i) {
+    const Operand &op = plan.operands[i];
+    memory user(op.plain, rt.engine, data[i]);
+    if (op.plain == op.chosen) {
+      args.emplace(op.arg, user);
+      continue;
+    }
+    temporaries.push_back(Allocate(op.chosen.get_size()));
+    memory staged(op.chosen, rt.engine, temporaries.back().get());
+    if (op.is_input)
+      op.convert.execute(rt.stream, user, staged);
+    else
+      outputs.emplace_back(&op, user);
+    args.emplace(op.arg, staged);
+  }
+  if (plan.scratchpad_bytes) {
+    temporaries.push_back(Allocate(plan.scratchpad_bytes));
+    args.emplace(DNNL_ARG_SCRATCHPAD,
+                 memory(memory::desc({static_cast<memory::dim>(plan.scratchpad_bytes)}, memory::data_type::u8, tag::x),
+                        rt.engine, temporaries.back().get()));
+  }
+  plan.compute.execute(rt.stream, args);
+  for (auto &out : outputs) out.first->convert.execute(rt.stream, args.at(out.first->arg), out.second);
+  rt.stream.wait();
+}
+
+bool TensorType(const char *name, dtype *type) {
+  if (std::strcmp(name, "float32") == 0) {
+    *type = dtype::f32;
+  } else if (std::strcmp(name, "float16") == 0) {
+    *type = dtype::f16;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+int Run(Kind kind, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  // Forward: x, w, cfg, y.  Backward: x, dy, w, cfg, out (dx or dw).
+  const int expected = kind == kForward ? 4 : 5;
+  if (nparam != expected) {
+    std::fprintf(stderr, "resgarden native conv: expected %d parameters, got %d\n", expected, nparam);
+    return 1;
+  }
+  const int x = 0, w = kind == kForward ? 1 : 2, cfg = w + 1, y = kind == kForward ? 3 : 1, out = nparam - 1;
+  dtype type[5];
+  for (int i = 0; i < nparam; ++i) {
+    const bool ok = i == cfg ? ndims[i] == 1 && shapes[i][0] == 9 && std::strcmp(dtypes[i], "int64") == 0
+                             : ndims[i] == 4 && TensorType(dtypes[i], &type[i]);
+    if (!ok) {
+      std::fprintf(stderr, "resgarden native conv: parameter %d has an unexpected shape or dtype (%s)\n", i, dtypes[i]);
+      return 1;
+    }
+  }
+  try {
+    const ConvShape s = MakeShape(shapes[x], shapes[w], shapes[y], static_cast<const int64_t *>(params[cfg]));
+    // Operands in plan order, with their data types (activations, weights, output-side activations).
+    void *data[3];
+    dtype types[3];
+    if (kind == kForward) {
+      data[0] = params[x], data[1] = params[w], data[2] = params[out];
+      types[0] = type[x], types[1] = type[w], types[2] = type[out];
+    } else if (kind == kBackwardData) {
+      data[0] = params[y], data[1] = params[w], data[2] = params[out];
+      types[0] = type[out], types[1] = type[w], types[2] = type[y];
+    } else {
+      data[0] = params[x], data[1] = params[y], data[2] = params[out];
+      types[0] = type[x], types[1] = type[out], types[2] = type[y];
+    }
+    Runtime &rt = GetRuntime();
+    std::lock_guard<std::mutex> lock(rt.mutex);
+    static std::unordered_map<std::string, std::shared_ptr<Plan>> plans;
+    const std::string key = PlanKey(kind, s, types);
+    auto found = plans.find(key);
+    if (found == plans.end()) found = plans.emplace(key, BuildPlan(rt.engine, kind, s, types)).first;
+    Execute(rt, *found->second, data);
+  } catch (const std::exception &e) {
+    std::fprintf(stderr, "resgarden native conv: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+int ConvForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  return Run(kForward, nparam, params, ndims, shapes, dtypes);
+}
+int ConvBackwardData(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  return Run(kBackwardData, nparam, params, ndims, shapes, dtypes);
+}
+int ConvBackwardWeights(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  return Run(kBackwardWeights, nparam, params, ndims, shapes, dtypes);
+}
+}
