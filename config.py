@@ -14,8 +14,9 @@ import difflib
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import yaml
 
@@ -98,6 +99,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("weights_cache", None, "folder for downloaded weights (default: $RESGARDEN_CACHE or ~/.cache/resgarden)"),
     S("ckpt_path", None, "weights to start from / evaluate (file, or a run directory)",
       aliases=("checkpoint_file_path", "checkpoint_path")),
+    S("fold_bn", True, "validate/eval/infer/export: fold BatchNorm into the convolutions (same outputs, faster)",
+      parse_bool),
     S("drop_rate", 0.0, "dropout before the classifier", float),
     S("drop_path_rate", 0.0, "stochastic depth rate", float),
     # optimisation

@@ -47,6 +47,7 @@ def measure_mindspore(model_name: str, task: str, mode: str, batch: int, size: i
     from mindspore import nn
 
     import models
+    from models.fold import fold_batchnorm
 
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     net = models.create_model(model_name)
@@ -54,6 +55,7 @@ def measure_mindspore(model_name: str, task: str, mode: str, batch: int, size: i
     images = ms.Tensor(rng.randn(batch, 3, size, size).astype(np.float32))
     if task == "infer":
         net.set_train(False)
+        fold_batchnorm(net)  # as validate.py, eval.py, infer.py and export.py run it
 
         def step() -> None:
             net(images).asnumpy()

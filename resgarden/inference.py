@@ -1,17 +1,21 @@
 """What validate, eval, infer and export share: which weights, which model, which eval transform."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from mindspore import nn
 
 import models
 from config import ConfigError
+from models.fold import fold_batchnorm
 from models.pretrained import PRETRAINED
 from models.weights import adapt_head, load_weights
 
 from .checkpoint import read_run_weights
 from .trainer import check_model, set_context
+
+logger = logging.getLogger("resgarden")
 
 
 def apply_weights_transform(cfg, meta: dict[str, Any]) -> None:
@@ -54,4 +58,7 @@ def build_inference_model(cfg, num_classes: int, state: dict[str, Any] | None) -
             raise ConfigError(f"the checkpoint's classifier does not have {num_classes} classes")
         load_weights(model, state)
     model.set_train(False)
+    if cfg.fold_bn:
+        logger.debug("folded %d BatchNorm layers into their convolutions (--fold_bn=False keeps them)",
+                    fold_batchnorm(model))
     return model

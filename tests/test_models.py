@@ -4,8 +4,10 @@ from __future__ import annotations
 import mindspore as ms
 import numpy as np
 import pytest
+from mindspore import nn
 
 import models
+from models.fold import fold_batchnorm
 from models.profile import count_macs, count_params
 
 # Published trainable-parameter counts at num_classes=1000 (also what timm builds).
@@ -137,3 +139,28 @@ def test_bad_trunk_arguments_fail_clearly():
         models.create_model("resnet18", num_classes=-1)
     with pytest.raises(ValueError, match="drop path rate"):
         models.create_model("resnet18", drop_path_rate=1.0)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d", "res2net50_v1b", "resnest50"])
+def test_folding_batchnorm_keeps_the_outputs(name):
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        rng = np.random.RandomState(0)
+        net = models.create_model(name, num_classes=10)
+        for param in net.get_parameters():  # BN statistics and affine terms away from identity
+            if param.name.endswith(("moving_mean", ".beta")):
+                param.set_data(ms.Tensor(rng.randn(*param.shape).astype(np.float32) * 0.1))
+            elif param.name.endswith(("moving_variance", ".gamma")):
+                param.set_data(ms.Tensor(rng.uniform(0.5, 1.5, param.shape).astype(np.float32)))
+        net.set_train(False)
+        x = ms.Tensor(rng.randn(2, 3, 32, 32).astype(np.float32))
+        expected = net(x).asnumpy()
+        with pytest.raises(ValueError, match="eval mode"):
+            fold_batchnorm(models.create_model(name, num_classes=10).set_train(True))
+        bn_count = sum(isinstance(cell, nn.BatchNorm2d) for _, cell in net.cells_and_names())
+        assert fold_batchnorm(net) == bn_count
+        assert not any(isinstance(cell, nn.BatchNorm2d) for _, cell in net.cells_and_names())
+        np.testing.assert_allclose(net(x).asnumpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    finally:
+        ms.set_context(mode=previous)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 SWITCH_VARIABLE = "RESGARDEN_NATIVE_CONV"  # "0" turns the native convolutions off
-CACHE_VARIABLE = "RESGARDEN_CACHE_DIR"
+CACHE_VARIABLE = "RESGARDEN_CACHE"  # shared with the downloaded weights
 BUILD_TIMEOUT_S = 300
 
 
