@@ -1,5 +1,5 @@
-"""``Conv2d``: MindSpore's ``nn.Conv2d`` whose float32 CPU computation can run on resgarden's native
-oneDNN kernels (``resgarden/native``), with the same parameters, checkpoints and fallbacks."""
+"""``Conv2d``: MindSpore's ``nn.Conv2d`` whose CPU computation runs on resgarden's native oneDNN
+kernels (``resgarden/native``) where they are available, with the same parameters and checkpoints."""
 from __future__ import annotations
 
 import contextlib

@@ -26,6 +26,7 @@ from .distributed import (Cluster, DistributedError, average_buffers, broadcast_
                           init_cluster, is_collective_failure, ranks_out_of_sync)
 from .evaluate import evaluate
 from .optim import create_optimizer, freeze_backbone, lr_per_step
+from .platform import apply_cpu_speed_guard
 from .plot import plot_metrics
 from .train_step import TrainStep
 
@@ -174,6 +175,8 @@ def _fit(cfg, cluster: Cluster) -> dict[str, Any]:
     logger.info("model %s: %d classes, %s params | %d train / %s val images | %d steps/epoch, batch %d | run %s",
                 cfg.model, num_classes, f"{count_params(model):,}", len(train_split),
                 len(val_split) if val_split else "no", steps_per_epoch, cfg.batch_size, run_dir)
+    if cfg.device_target == "CPU":
+        logger.info("CPU speed: %s", apply_cpu_speed_guard())  # decided on import, logged here for the run
 
     total_steps = cfg.epoch_size * steps_per_epoch
     record: dict[str, Any] = {}
