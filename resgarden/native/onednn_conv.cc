@@ -17,7 +17,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -116,64 +115,23 @@ int ThreadCount() {
   return hardware > 0 ? static_cast<int>(hardware) : 1;
 }
 
-// Temporaries (re-laid-out operands, scratchpads) are reused across calls: a fresh allocation of
-// this size comes from mmap, and first touching its pages costs a page fault each, which measured
-// as much as the reorders themselves. Used under Runtime::mutex only.
-class BufferCache {
- public:
-  ~BufferCache() {
-    for (auto &entry : free_) std::free(entry.second);
-  }
-  void *Acquire(size_t bytes, size_t *capacity) {
-    auto found = free_.lower_bound(bytes);
-    if (found != free_.end() && found->first <= 2 * bytes) {
-      void *p = found->second;
-      *capacity = found->first;
-      cached_bytes_ -= found->first;
-      free_.erase(found);
-      return p;
-    }
-    *capacity = (bytes + 4095) / 4096 * 4096;
-    void *p = std::aligned_alloc(4096, *capacity);
-    if (p == nullptr) throw std::bad_alloc();
-    return p;
-  }
-  void Release(void *p, size_t capacity) {
-    if (cached_bytes_ + capacity > kMaxCachedBytes) {
-      std::free(p);
-      return;
-    }
-    cached_bytes_ += capacity;
-    free_.emplace(capacity, p);
-  }
-
- private:
-  static constexpr size_t kMaxCachedBytes = size_t{1} << 30;
-  std::multimap<size_t, void *> free_;
-  size_t cached_bytes_ = 0;
+// A temporary (an operand in oneDNN's layout, a scratchpad) for one call.
+struct FreeDeleter {
+  void operator()(void *p) const { std::free(p); }
 };
+using Buffer = std::unique_ptr<void, FreeDeleter>;
 
-// A temporary borrowed from the cache for one call.
-class Buffer {
- public:
-  Buffer(BufferCache &cache, size_t bytes) : cache_(cache), data_(cache.Acquire(bytes, &capacity_)) {}
-  ~Buffer() { cache_.Release(data_, capacity_); }
-  Buffer(const Buffer &) = delete;
-  Buffer &operator=(const Buffer &) = delete;
-  void *get() const { return data_; }
-
- private:
-  BufferCache &cache_;
-  size_t capacity_ = 0;
-  void *data_;
-};
+Buffer Allocate(size_t bytes) {
+  void *p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  if (p == nullptr) throw std::bad_alloc();
+  return Buffer(p);
+}
 
 struct Runtime {
   dnnl::engine engine{dnnl::engine::kind::cpu, 0};
   ThreadPool pool{ThreadCount()};
   dnnl::stream stream = dnnl::threadpool_interop::make_stream(engine, &pool);
-  std::mutex mutex;  // one convolution at a time: the pool, stream and buffers are shared
-  BufferCache buffers;
+  std::mutex mutex;  // one convolution at a time: the pool and stream are shared
 };
 
 Runtime &GetRuntime() {
@@ -297,7 +255,7 @@ std::string PlanKey(Kind kind, const ConvShape &s, const dtype types[3]) {
 // data[i] is the caller's buffer for plan->operands[i].
 void Execute(Runtime &rt, const Plan &plan, void *const data[3]) {
   std::unordered_map<int, memory> args;
-  std::vector<std::unique_ptr<Buffer>> temporaries;
+  std::vector<Buffer> temporaries;
   std::vector<std::pair<const Operand *, memory>> outputs;
   for (size_t i = 0; i < plan.operands.size(); ++i) {
     const Operand &op = plan.operands[i];
@@ -306,8 +264,8 @@ void Execute(Runtime &rt, const Plan &plan, void *const data[3]) {
       args.emplace(op.arg, user);
       continue;
     }
-    temporaries.push_back(std::make_unique<Buffer>(rt.buffers, op.chosen.get_size()));
-    memory staged(op.chosen, rt.engine, temporaries.back()->get());
+    temporaries.push_back(Allocate(op.chosen.get_size()));
+    memory staged(op.chosen, rt.engine, temporaries.back().get());
     if (op.is_input)
       op.convert.execute(rt.stream, user, staged);
     else
@@ -315,10 +273,10 @@ void Execute(Runtime &rt, const Plan &plan, void *const data[3]) {
     args.emplace(op.arg, staged);
   }
   if (plan.scratchpad_bytes) {
-    temporaries.push_back(std::make_unique<Buffer>(rt.buffers, plan.scratchpad_bytes));
+    temporaries.push_back(Allocate(plan.scratchpad_bytes));
     args.emplace(DNNL_ARG_SCRATCHPAD,
                  memory(memory::desc({static_cast<memory::dim>(plan.scratchpad_bytes)}, memory::data_type::u8, tag::x),
-                        rt.engine, temporaries.back()->get()));
+                        rt.engine, temporaries.back().get()));
   }
   plan.compute.execute(rt.stream, args);
   for (auto &out : outputs) out.first->convert.execute(rt.stream, args.at(out.first->arg), out.second);
