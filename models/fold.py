@@ -32,12 +32,27 @@ def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     conv.bias_add = ops.BiasAdd()
 
 
-def _last_conv(cell: nn.Cell) -> nn.Conv2d | None:
+def _last_conv(cell: nn.Cell | None) -> nn.Conv2d | None:
     if isinstance(cell, nn.Conv2d):
         return cell
     if isinstance(cell, nn.SequentialCell) and len(cell) and isinstance(cell[len(cell) - 1], nn.Conv2d):
         return cell[len(cell) - 1]
     return None
+
+
+def _bn_slots(cell: nn.Cell) -> list[tuple[nn.Cell | None, nn.Cell, str | int]]:
+    """``(conv, owner, key)`` for every place ``owner[key]`` (index) or ``owner.key`` (name) in
+    ``cell`` that may hold a BN reading ``conv``'s output directly."""
+    slots: list[tuple[nn.Cell | None, nn.Cell, str | int]] = []
+    if isinstance(cell, nn.SequentialCell):
+        slots += [(cell[i], cell, i + 1) for i in range(len(cell) - 1)]
+    for conv_name, bn_name in BN_PAIRS.get(type(cell).__name__, ()):
+        convs, bns = getattr(cell, conv_name, None), getattr(cell, bn_name, None)
+        if isinstance(convs, nn.CellList) and isinstance(bns, nn.CellList):
+            slots += [(convs[i], bns, i) for i in range(len(convs))]
+        else:
+            slots.append((_last_conv(convs), cell, bn_name))
+    return slots
 
 
 def fold_batchnorm(net: nn.Cell) -> int:
@@ -48,28 +63,14 @@ def fold_batchnorm(net: nn.Cell) -> int:
         raise ValueError("fold_batchnorm needs the model in eval mode (net.set_train(False))")
     folded = 0
     for _, cell in list(net.cells_and_names()):
-        if isinstance(cell, nn.SequentialCell):
-            for i in range(len(cell) - 1):
-                if isinstance(cell[i], nn.Conv2d) and isinstance(cell[i + 1], nn.BatchNorm2d):
-                    _fold_pair(cell[i], cell[i + 1])
-                    cell[i + 1] = nn.Identity()
-                    folded += 1
-        for conv_name, bn_name in BN_PAIRS.get(type(cell).__name__, ()):
-            convs, bns = getattr(cell, conv_name, None), getattr(cell, bn_name, None)
-            if isinstance(convs, nn.CellList) and isinstance(bns, nn.CellList):
-                pairs = [(convs[i], bns, i) for i in range(len(convs))]
+        for conv, owner, key in _bn_slots(cell):
+            bn = owner[key] if isinstance(key, int) else getattr(owner, key, None)
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            _fold_pair(conv, bn)
+            if isinstance(key, int):
+                owner[key] = nn.Identity()
             else:
-                pairs = [(convs, cell, bn_name)]
-            for conv_cell, owner, key in pairs:
-                conv = _last_conv(conv_cell) if conv_cell is not None else None
-                bn = owner[key] if isinstance(owner, nn.CellList) else getattr(owner, key, None)
-                if conv is None or not isinstance(bn, nn.BatchNorm2d):
-                    continue
-                _fold_pair(conv, bn)
-                if isinstance(owner, nn.CellList):
-                    owner[key] = nn.Identity()
-                else:
-                    setattr(owner, key, nn.Identity())
-                folded += 1
-    net.set_train(False)
+                setattr(owner, key, nn.Identity())
+            folded += 1
     return folded

@@ -16,8 +16,8 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 
     """A conv with PyTorch-style symmetric padding (k // 2 * dilation), no bias by default."""
     padding = (kernel_size // 2) * dilation
     return Conv2d(in_channels, out_channels, kernel_size, stride=stride,
-                     pad_mode="pad" if padding else "valid", padding=padding,
-                     dilation=dilation, group=groups, has_bias=bias)
+                  pad_mode="pad" if padding else "valid", padding=padding,
+                  dilation=dilation, group=groups, has_bias=bias)
 
 
 def pool3x3(kind: str, stride: int, pad_mode: str) -> nn.Cell:
