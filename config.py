@@ -20,8 +20,10 @@ from typing import Any, Callable
 
 import yaml
 
+from resgarden.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A bad flag, YAML key or value; the message is meant for the user as is."""
 
 
@@ -53,7 +55,16 @@ SETTINGS: tuple[Setting, ...] = (
     # run
     S("config", None, "YAML recipe; command-line flags override it", aliases=("config_path", "c")),
     S("mode", 0, "0: graph mode, 1: PyNative mode", int, choices=(0, 1)),
-    S("device_target", "CPU", "CPU, GPU or Ascend", choices=("CPU", "GPU", "Ascend")),
+    S("device_target", "auto", "auto (what the installed MindSpore can run on: Ascend, else GPU, else CPU), "
+      "CPU, GPU or Ascend", choices=("auto", "CPU", "GPU", "Ascend")),
+    S("device_id", None, "single process: the accelerator to use (default 0); data-parallel jobs give each rank "
+      "the device of its local rank", int),
+    S("jit_level", "auto", "graph mode's compile level: auto (MindSpore's default for the target), O0 (kernel by "
+      "kernel), O1 (with operator fusion), O2 (whole graph on Ascend; deprecated since MindSpore 2.9)",
+      choices=("auto", "O0", "O1", "O2")),
+    S("dataset_sink_mode", False, "GPU / Ascend: feed batches through the device queue and run several steps per "
+      "call (MindSpore's data_sink); on CPU, which MindSpore does not support it on, training runs without",
+      parse_bool),
     S("seed", 42, "random seed of weights, data order and augmentation", int),
     S("distribute", False, "data-parallel training over several processes", parse_bool,
       aliases=("run_distribute",)),

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import sys
 
-from resgarden.platform import apply_cpu_speed_guard
+from resgarden.cli import configure, run
 
-apply_cpu_speed_guard()
 
-from config import parse_config  # noqa: E402
-from resgarden.cli import run  # noqa: E402
-from resgarden.export import export_model  # noqa: E402
+def _export(argv: list[str] | None) -> str:
+    cfg = configure(argv, prog="export.py", description=__doc__)
+    from resgarden.export import export_model  # the engine after the device target is chosen
+
+    return f"wrote {export_model(cfg)}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run("export.py", lambda: f"wrote {export_model(parse_config(argv, prog='export.py', description=__doc__))}")
+    return run("export.py", lambda: _export(argv))
 
 
 if __name__ == "__main__":

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import sys
 
-from resgarden.platform import apply_cpu_speed_guard
+from resgarden.cli import configure, run
 
-apply_cpu_speed_guard()
 
-from config import parse_config  # noqa: E402
-from resgarden.cli import run  # noqa: E402
-from resgarden.predict import format_predictions, predict  # noqa: E402
+def _infer(argv: list[str] | None) -> str:
+    cfg = configure(argv, prog="infer.py", description=__doc__)
+    from resgarden.predict import format_predictions, predict  # the engine after the device target is chosen
+
+    return format_predictions(predict(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run("infer.py", lambda: format_predictions(predict(parse_config(argv, prog="infer.py",
-                                                                           description=__doc__))))
+    return run("infer.py", lambda: _infer(argv))
 
 
 if __name__ == "__main__":

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import sys
 
-from resgarden.platform import apply_cpu_speed_guard
-
-apply_cpu_speed_guard()
-
-from config import parse_config  # noqa: E402
-from resgarden.cli import run  # noqa: E402
-from resgarden.trainer import train  # noqa: E402
+from resgarden.cli import configure, run
 
 
 def _train(argv: list[str] | None) -> str | None:
-    result = train(parse_config(argv, prog="train.py", description=__doc__))
+    cfg = configure(argv, prog="train.py", description=__doc__)
+    from resgarden.trainer import train  # the engine after the device target is chosen
+
+    result = train(cfg)
     if result["rank"] != 0:  # data-parallel: rank 0 speaks for the job
         return None
     accuracy = f", val top-1 {result['val_top1']:.2f}%" if "val_top1" in result else ""

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import sys
 
-from resgarden.platform import apply_cpu_speed_guard
+from resgarden.cli import configure, run
 
-apply_cpu_speed_guard()
 
-from config import parse_config  # noqa: E402
-from resgarden.cli import run  # noqa: E402
-from resgarden.validation import format_result, validate  # noqa: E402
+def _validate(argv: list[str] | None, prog: str) -> str | None:
+    cfg = configure(argv, prog=prog, description=__doc__)
+    from resgarden.validation import format_result, validate  # the engine after the device target is chosen
+
+    return format_result(validate(cfg))
 
 
 def main(argv: list[str] | None = None, prog: str = "validate.py") -> int:
-    return run(prog, lambda: format_result(validate(parse_config(argv, prog=prog, description=__doc__))))
+    return run(prog, lambda: _validate(argv, prog))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from resgarden.native import conv_library
+from resgarden.platform import native_kernels_wanted
 
 _disabled = False
 _ops: dict[tuple, tuple[ops.Custom, Tensor]] = {}
@@ -28,7 +29,8 @@ def native_conv_disabled() -> Iterator[None]:
 
 def native_conv_available() -> bool:
     """True when new ``Conv2d`` cells will use the native kernels (CPU target, library built)."""
-    return not _disabled and ms.get_context("device_target") == "CPU" and conv_library()[0] is not None
+    return (not _disabled and ms.get_context("device_target") == "CPU" and native_kernels_wanted()
+            and conv_library()[0] is not None)
 
 
 def _out_size(size: int, kernel: int, stride: int, pad_total: int, dilation: int) -> int:

@@ -18,12 +18,14 @@ from typing import Mapping
 
 import numpy as np
 
+from resgarden.errors import UserError
+
 # PyTorch module names -> ours, then BN tensor names -> MindSpore's.
 TORCH_MODULE_MAP = ((r"^fc\.", "classifier."), (r"\.downsample\.", ".down_sample."))
 TORCH_BN_MAP = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """Weights that cannot be read or mapped; the message is for the user."""
 
 

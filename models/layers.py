@@ -27,16 +27,17 @@ def pool3x3(kind: str, stride: int, pad_mode: str) -> nn.Cell:
     averages exclude padding) as mindcv's released weights were trained with; ``"pad"`` pads one
     pixel of zeros on every side as PyTorch/timm do (averages include padding; zeros are exact
     for max pooling because every pool in these nets follows a ReLU).
+
+    The ``"pad"`` pools pad by concatenation and pool unpadded: MindSpore's ``AvgPool2d`` refuses
+    its own padding on Ascend 910B / 910_93, max pooling's own padding is slower on CPU, and
+    ``nn.Pad`` is 4x slower still (and its graph-mode backward is wrong on CPU).
     """
     if pad_mode not in POOL_PAD_MODES:
         raise ValueError(f"pool pad_mode must be one of {POOL_PAD_MODES}, got {pad_mode!r}")
     pool_cls = nn.MaxPool2d if kind == "max" else nn.AvgPool2d
     if pad_mode == "same":
         return pool_cls(kernel_size=3, stride=stride, pad_mode="same")
-    if kind == "avg":
-        return nn.AvgPool2d(kernel_size=3, stride=stride, pad_mode="pad", padding=1, count_include_pad=True)
-    # Max pooling's own padding is slower on CPU than padding by concatenation, and nn.Pad is 4x slower still.
-    return nn.SequentialCell([ZeroPad1(), nn.MaxPool2d(kernel_size=3, stride=stride)])
+    return nn.SequentialCell([ZeroPad1(), pool_cls(kernel_size=3, stride=stride)])
 
 
 class ZeroPad1(nn.Cell):
@@ -62,20 +63,22 @@ class GlobalAvgPool(nn.Cell):
 
 
 class DropPath(nn.Cell):
-    """Stochastic depth: zero a sample's residual branch with probability ``drop_prob``."""
+    """Stochastic depth: zero a sample's residual branch with probability ``drop_prob``.
+
+    The per-sample mask is ``nn.Dropout`` of ones, so its random stream is seeded by
+    ``mindspore.set_seed`` like every dropout (``ops.UniformReal`` without seeds is not)."""
 
     def __init__(self, drop_prob: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= drop_prob < 1.0:
             raise ValueError(f"drop path rate must be in [0, 1), got {drop_prob}")
         self.keep_prob = 1.0 - drop_prob
-        self.uniform = ops.UniformReal()
+        self.dropout = nn.Dropout(p=drop_prob)
 
     def construct(self, x: Tensor) -> Tensor:
         if not self.training or self.keep_prob == 1.0:
             return x
-        mask = ops.floor(self.uniform((x.shape[0], 1, 1, 1)) + self.keep_prob)
-        return x / self.keep_prob * mask
+        return x * self.dropout(ops.ones((x.shape[0], 1, 1, 1), x.dtype))
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:

@@ -11,6 +11,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
+from resgarden.errors import UserError
+
 logger = logging.getLogger("resgarden")
 
 # mindcv layouts -> ours. Applied only to names the model does not have, first match wins.
@@ -31,7 +33,7 @@ TRAINING_STATE_GROUPS = ("moments.", "accum.", "stat.", "adam_m.", "adam_v.", "l
 TRAINING_STATE_NAMES = frozenset({"global_step", "learning_rate", "momentum", "beta1_power", "beta2_power",
                                   "scale_sense", "current_iterator_step", "last_overflow_iterator_step",
                                   "epoch_num", "step_num", "loss_scale", "loss_scale_good_steps",
-                                  "accum_micro_step", "ema_updates"})
+                                  "accum_micro_step", "ema_updates", "overflow_skipped_steps"})
 
 
 def is_training_state(name: str) -> bool:
@@ -39,7 +41,7 @@ def is_training_state(name: str) -> bool:
     return name in TRAINING_STATE_NAMES or name.startswith(TRAINING_STATE_GROUPS)
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A checkpoint cannot be read or does not fit the model."""
 
 

@@ -18,6 +18,8 @@ from mindspore import nn
 
 from models.weights import WeightsError, read_checkpoint
 
+from .train_step import SKIPPED_STEPS
+
 MANIFEST = "checkpoints.json"
 META_PREFIX = "meta."
 EMA_PREFIX = "ema."
@@ -141,12 +143,12 @@ def load_training_state(train_cell: nn.Cell, path: str) -> dict[str, Any]:
     """Load every parameter of ``train_cell`` from ``path`` (strict) and return its metadata."""
     state = read_checkpoint(path)
     params = train_cell.parameters_dict()
-    missing = [n for n in params if n not in state]
+    missing = [n for n in params if n not in state and n != SKIPPED_STEPS]  # a counter older runs lack
     if missing:
         raise WeightsError(f"{path} cannot resume this run: {len(missing)} training parameters missing, "
                            f"e.g. {missing[:3]} (different model or optimizer?)")
     mismatched = [n for n in params if tuple(state[n].shape) != tuple(params[n].shape)]
     if mismatched:
         raise WeightsError(f"{path} cannot resume this run: shapes differ for {mismatched[:3]}")
-    ms.load_param_into_net(train_cell, {n: state[n] for n in params}, strict_load=True)
+    ms.load_param_into_net(train_cell, {n: state[n] for n in params if n in state}, strict_load=True)
     return read_meta(state)

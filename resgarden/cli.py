@@ -1,21 +1,28 @@
-"""How every entry point runs: logging, one-line errors for user mistakes, exit codes."""
+"""How every entry point runs: the config and the platform first, then logging, one-line errors for
+user mistakes, exit codes. Imports no engine module, so that the device target is chosen before the
+models (and their CPU kernels) are imported."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from typing import Callable
 
-from config import ConfigError
-from models.convert import ConversionError
-from models.weights import WeightsError
+from config import parse_config
 
-from .data import DataError
-from .distributed import DistributedError
-from .download import DownloadError
-from .trainer import setup_logging
+from .errors import DistributedError, UserError
+from .logs import setup_logging
+from .platform import select_device_target
 
-USER_ERRORS = (ConfigError, DataError, WeightsError, DownloadError, ConversionError)
+
+def configure(argv: Sequence[str] | None, prog: str, description: str | None) -> argparse.Namespace:
+    """The merged settings, with ``device_target`` resolved (``auto`` -> what this MindSpore can run
+    on) and the CPU speed guard applied for it: call before importing the engine or the models."""
+    cfg = parse_config(argv, prog=prog, description=description)
+    cfg.device_target = select_device_target(cfg.device_target)
+    return cfg
 
 
 def run(prog: str, action: Callable[[], str | None], on_interrupt: str = "interrupted") -> int:
@@ -24,7 +31,7 @@ def run(prog: str, action: Callable[[], str | None], on_interrupt: str = "interr
     setup_logging()
     try:
         message = action()
-    except USER_ERRORS as exc:
+    except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except DistributedError as exc:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .download import download_verified
+from .errors import UserError
 
 logger = logging.getLogger("resgarden")
 
@@ -28,7 +29,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 CIFAR10_DIR = "cifar-10-batches-bin"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Missing or malformed data; the message is for the user as is."""
 
 
@@ -311,9 +312,11 @@ def mixing(cfg, num_classes: int, epoch: int):
 
 
 def make_loader(split: Split, cfg, training: bool, epoch: int = 0, num_classes: int | None = None,
-                shard: tuple[int, int] = (0, 1)):
-    """A batched MindSpore dataset for one epoch of rank ``shard[0]`` of ``shard[1]`` (training
-    drops the last partial batch and, with mixup/cutmix, yields soft targets)."""
+                shard: tuple[int, int] = (0, 1), epochs: int = 1):
+    """A batched MindSpore dataset for epoch ``epoch`` of rank ``shard[0]`` of ``shard[1]`` (training
+    drops the last partial batch and, with mixup/cutmix, yields soft targets). ``epochs`` > 1 (dataset
+    sink mode) chains that many epochs' sample orders, each without its last partial batch; their
+    augmentation then draws from one random stream seeded for ``epoch``."""
     import random
 
     import mindspore.dataset as ds
@@ -323,8 +326,11 @@ def make_loader(split: Split, cfg, training: bool, epoch: int = 0, num_classes: 
     ds.config.set_seed(seed)
     random.seed(seed)  # Python-side augmentations (auto-augment policies, mixup)
     np.random.seed(seed % (2**32))
-    order = shard_order(epoch_order(len(split), cfg.seed, epoch, shuffle=training), rank, size, equal=training)
-    source = SampleSource(split, order)
+    orders = [shard_order(epoch_order(len(split), cfg.seed, e, shuffle=training), rank, size, equal=training)
+              for e in range(epoch, epoch + epochs)]
+    if epochs > 1:
+        orders = [order[:len(order) // cfg.batch_size * cfg.batch_size] for order in orders]
+    source = SampleSource(split, np.concatenate(orders))
     dataset = ds.GeneratorDataset(source, column_names=["image", "label"], shuffle=False,
                                   num_parallel_workers=1)
     dataset = dataset.map(transforms(cfg, training), input_columns="image",

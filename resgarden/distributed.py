@@ -1,14 +1,20 @@
-"""Data-parallel runs: which launcher started the process, MPI ranks -> MindSpore's dynamic
-cluster, ``init()``, and the few collectives the training loop needs outside the graph.
+"""Data-parallel runs: which launcher started the process, which device each rank takes, MPI ranks
+-> MindSpore's dynamic cluster, ``init()``, and the few collectives the training loop needs outside
+the graph.
 
-Launchers:
+Launchers (:data:`LAUNCHERS`, then msrun):
 - ``msrun`` (or dynamic-cluster variables set by hand: ``MS_ROLE``, ``MS_WORKER_NUM``, ...):
   MindSpore's plain ``init()``. msrun also runs the script once as the scheduler, whose ``init()``
   never returns, so nothing with side effects may happen before :func:`init_cluster`.
-- ``mpirun`` (OpenMPI ``OMPI_COMM_WORLD_*``, MPICH / Intel MPI ``PMI_*``): on CPU, MindSpore's
-  ``init()`` cannot use MPI, so the MPI ranks are turned into dynamic-cluster variables, rank 0
-  starts the scheduler process and every rank waits until the scheduler accepts connections. On
-  GPU / Ascend, ``init()`` runs natively under mpirun. ``--dist_init`` forces either path.
+- OpenMPI ``mpirun``, MPICH / Intel MPI ``mpiexec`` and Slurm ``srun``: their rank variables are
+  turned into dynamic-cluster variables (the path msrun takes, on CPU, GPU and Ascend alike), rank 0
+  starts the scheduler process and every rank waits until the scheduler accepts connections.
+  ``--dist_init=native`` instead hands OpenMPI jobs to MindSpore's own MPI bootstrap, which reads
+  OpenMPI's variables only.
+
+Each rank on a GPU / Ascend node takes the device of its local rank (device 0 where the launcher
+makes one device visible per rank), set once before ``init()``: MindSpore requires that, and
+refuses a second ``set_device``.
 """
 from __future__ import annotations
 
@@ -22,25 +28,37 @@ import tempfile
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
 from config import ConfigError
 
-# (rank, size, local rank) variables of the MPI launchers we know, most specific first
-MPI_RANK_VARS = (
-    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-    ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK"),
+from .errors import DistributedError
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """A process launcher known by the variables it gives each process."""
+    name: str
+    rank_var: str
+    size_vars: tuple[str, ...]  # the first one set counts
+    local_var: str
+
+
+# most specific first: mpirun inside a Slurm allocation also sees the allocation's SLURM_* variables
+LAUNCHERS = (
+    Launcher("OpenMPI", "OMPI_COMM_WORLD_RANK", ("OMPI_COMM_WORLD_SIZE",), "OMPI_COMM_WORLD_LOCAL_RANK"),
+    Launcher("MPICH / Intel MPI", "PMI_RANK", ("PMI_SIZE",), "MPI_LOCALRANKID"),
+    Launcher("Slurm srun", "SLURM_PROCID", ("SLURM_STEP_NUM_TASKS",), "SLURM_LOCALID"),
 )
+MSRUN = "msrun"
+SUPPORTED_LAUNCHERS = "OpenMPI mpirun, MPICH / Intel MPI mpiexec, Slurm srun or msrun"
+# the variable through which each accelerator runtime makes a subset of a node's devices visible
+VISIBLE_DEVICES = {"GPU": "CUDA_VISIBLE_DEVICES", "Ascend": "ASCEND_RT_VISIBLE_DEVICES"}
 PORT_WAIT_SECONDS = 300.0
 _COLLECTIVE = re.compile(r"AllReduce|AllGather|Broadcast|ReduceScatter|timed out|[Cc]luster|[Hh]eartbeat")
 _TIMED_OUT = re.compile(r"(worker|node) (\d+) is the first one timed out")
-
-
-class DistributedError(RuntimeError):
-    """The job cannot go on: a rank died, stopped answering or could not join."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +68,7 @@ class Cluster:
     size: int = 1
     local_rank: int = 0
     launcher: str = "none"
+    device_id: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -96,33 +115,96 @@ _current = Cluster()  # this process's place, once init_cluster() ran
 _scheduler_log: str | None = None  # the log of the scheduler rank 0 started under mpirun
 
 
-def detect_launcher(environ: Mapping[str, str]) -> str:
-    """'dynamic_cluster' (msrun or MS_* variables), 'mpi' (mpirun / mpiexec / srun with PMI) or 'none'."""
+def find_launcher(environ: Mapping[str, str]) -> Launcher | str | None:
+    """The MPI / Slurm launcher that started this process, :data:`MSRUN` (msrun or MindSpore's MS_*
+    variables set by hand), or None; a ConfigError for a launcher's partial set of variables."""
     if environ.get("MS_ROLE"):
-        return "dynamic_cluster"
-    if any(rank in environ for rank, _, _ in MPI_RANK_VARS):
-        return "mpi"
-    return "none"
+        return MSRUN
+    for launcher in LAUNCHERS:
+        if launcher.rank_var in environ:
+            if not any(var in environ for var in launcher.size_vars):
+                raise ConfigError(f"{launcher.name}: {launcher.rank_var} is set but not {' or '.join(launcher.size_vars)}; "
+                                  f"start the job with {SUPPORTED_LAUNCHERS}")
+            return launcher
+    if "PMIX_RANK" in environ:
+        raise ConfigError("a PMIx launcher set PMIX_RANK but no rank variables known here; start the job with "
+                          f"{SUPPORTED_LAUNCHERS}")
+    return None
 
 
-def mpi_ranks(environ: Mapping[str, str]) -> tuple[int, int]:
-    """(rank, size) from the MPI launcher's environment."""
-    for rank_var, size_var, _ in MPI_RANK_VARS:
-        if rank_var in environ and size_var in environ:
-            return int(environ[rank_var]), int(environ[size_var])
-    raise ConfigError("no MPI rank variables (OMPI_COMM_WORLD_RANK / PMI_RANK) in the environment")
+def launcher_ranks(launcher: Launcher, environ: Mapping[str, str]) -> tuple[int, int]:
+    """(rank, size) from the launcher's variables."""
+    size_var = next(var for var in launcher.size_vars if var in environ)
+    return int(environ[launcher.rank_var]), int(environ[size_var])
 
 
-def mpi_local_rank(environ: Mapping[str, str]) -> int:
-    """This process's rank among the ranks on its node: the launcher's variable, or, for launchers
-    that set none (PMI-1 ones such as ``srun --mpi=pmi2``), MPI's shared-memory split via mpi4py
-    (a collective: every rank must call it)."""
-    local_var = next((local for rank, _, local in MPI_RANK_VARS if rank in environ), None)
-    if local_var is not None and local_var in environ:
-        return int(environ[local_var])
+def mpi_shared_memory_rank() -> int:
+    """This process's rank among the ranks on its node, from MPI's shared-memory split via mpi4py
+    (a collective: every rank must call it); for launchers that set no local-rank variable."""
     from mpi4py import MPI
 
     return MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+
+
+def launcher_local_rank(launcher: Launcher, environ: Mapping[str, str],
+                        fallback: Callable[[], int] = mpi_shared_memory_rank) -> int:
+    """This process's rank among the ranks on its node: the launcher's variable, else ``fallback``."""
+    if launcher.local_var in environ:
+        return int(environ[launcher.local_var])
+    return fallback()
+
+
+def local_device_id(local_rank: int, device_target: str, environ: Mapping[str, str]) -> int:
+    """The device a rank takes on its node: its local rank, or 0 where the launcher makes one device
+    visible per rank (``CUDA_VISIBLE_DEVICES`` / ``ASCEND_RT_VISIBLE_DEVICES``); a ConfigError where
+    the node has fewer visible devices than ranks."""
+    variable = VISIBLE_DEVICES.get(device_target)
+    if variable is None or variable not in environ:
+        return local_rank
+    visible = [d for d in environ[variable].split(",") if d.strip()]
+    if len(visible) == 1:
+        return 0
+    if local_rank < len(visible):
+        return local_rank
+    raise ConfigError(f"local rank {local_rank} has no {device_target} of its own: {variable}={environ[variable]!r} "
+                      f"makes {len(visible)} visible; start at most {len(visible)} ranks per node")
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    """How this process joins the job, decided from the launcher's environment before ``init()``."""
+    launcher: str  # a Launcher's name or MSRUN
+    path: str  # "dynamic_cluster" or "native"
+    rank: int | None = None  # known before init() under MPI / Slurm launchers
+    size: int | None = None
+    device_id: int | None = None  # None: CPU, msrun's scheduler, or left to MindSpore
+
+
+def plan_cluster(environ: Mapping[str, str], device_target: str, dist_init: str = "auto",
+                 local_rank_fallback: Callable[[], int] = mpi_shared_memory_rank) -> ClusterPlan:
+    """Which launcher, which path, which rank and which device; a ConfigError for what is not supported."""
+    launcher = find_launcher(environ)
+    if launcher is None:
+        raise ConfigError("--distribute / --run_distribute=1 needs a launcher: start with "
+                          "`mpirun -n N python train.py ...`, `msrun --worker_num=N ... train.py ...` or `srun` "
+                          "(or set MindSpore's MS_ROLE / MS_WORKER_NUM / MS_SCHED_HOST / MS_SCHED_PORT)")
+    accelerator = device_target != "CPU"
+    if launcher == MSRUN:
+        # msrun exports each worker's local rank as DEVICE_ID; its scheduler process takes no device
+        local = environ.get("DEVICE_ID") if environ.get("MS_ROLE") == "MS_WORKER" else None
+        device_id = local_device_id(int(local), device_target, environ) if accelerator and local else None
+        return ClusterPlan(MSRUN, "dynamic_cluster", device_id=device_id)
+    if dist_init == "native" and launcher.name != "OpenMPI":
+        raise ConfigError(f"--dist_init=native: MindSpore's own MPI bootstrap reads OpenMPI's variables only, not "
+                          f"{launcher.name}'s; use --dist_init=dynamic_cluster (the default)")
+    if dist_init == "native" and not accelerator:
+        raise ConfigError("--dist_init=native: MindSpore cannot use MPI on CPU; use --dist_init=dynamic_cluster "
+                          "(the default)")
+    rank, size = launcher_ranks(launcher, environ)
+    device_id = None
+    if accelerator:
+        device_id = local_device_id(launcher_local_rank(launcher, environ, local_rank_fallback), device_target, environ)
+    return ClusterPlan(launcher.name, "native" if dist_init == "native" else "dynamic_cluster", rank, size, device_id)
 
 
 def dynamic_cluster_env(rank: int, size: int, host: str, port: int, timeout: int) -> dict[str, str]:
@@ -184,16 +266,14 @@ def start_scheduler(env: dict[str, str], log_path: str) -> subprocess.Popen:
                                 stdout=log, stderr=subprocess.STDOUT)
 
 
-def _translate_mpi(cfg, environ: dict[str, str]) -> str | None:
-    """Set dynamic-cluster variables from the MPI ranks; rank 0 starts the scheduler and gets its log
-    path back (the other ranks None)."""
-    rank, size = mpi_ranks(environ)
+def _translate_mpi(cfg, plan: ClusterPlan, environ: dict[str, str]) -> str | None:
+    """Set dynamic-cluster variables from the launcher's ranks; rank 0 starts the scheduler and gets
+    its log path back (the other ranks None)."""
     host = cfg.dist_host or environ.get("MS_SCHED_HOST") or "127.0.0.1"
     port = int(cfg.dist_port)
-    variables = dynamic_cluster_env(rank, size, host, port, cfg.dist_timeout)
-    environ.update(variables)
+    environ.update(dynamic_cluster_env(plan.rank, plan.size, host, port, cfg.dist_timeout))
     log_path = None
-    if rank == 0:
+    if plan.rank == 0:
         check_port_free(host, port)
         log_path = scheduler_log_path(port)
         start_scheduler(dict(environ), log_path)
@@ -201,31 +281,38 @@ def _translate_mpi(cfg, environ: dict[str, str]) -> str | None:
     return log_path
 
 
+def place_device(device_target: str, device_id: int | None = None) -> None:
+    """``mindspore.set_device`` once per process (MindSpore refuses a second, different call, and
+    requires it before ``init()`` and before any Tensor on Ascend); a ConfigError where it fails."""
+    import mindspore as ms
+
+    if device_target == "CPU" and ms.get_context("device_target") == "CPU":
+        return
+    try:
+        ms.set_device(device_target, device_id)
+    except (RuntimeError, ValueError) as exc:
+        where = device_target if device_id is None else f"{device_target} device {device_id}"
+        raise ConfigError(f"device_target={where} is not usable here: {str(exc).splitlines()[0]}") from None
+
+
 def init_cluster(cfg, environ: dict[str, str] | None = None) -> Cluster:
-    """Join the job when ``cfg.distribute`` is on (a clear error without a launcher); set MindSpore's
-    data-parallel context. Call before anything with side effects (see module docstring)."""
+    """When ``cfg.distribute`` is on: place this rank on its device, join the job (a clear error
+    without a launcher) and set MindSpore's data-parallel context. Call before anything with side
+    effects and before any Tensor or Parameter exists (see module docstring)."""
     global _current, _scheduler_log
-    if not cfg.distribute:
-        return Cluster()
+    if not cfg.distribute:  # a single process: resgarden.context.set_context placed it
+        return Cluster(device_id=getattr(cfg, "device_id", None) or 0)
     environ = os.environ if environ is None else environ
-    launcher = detect_launcher(environ)
-    if launcher == "none":
-        raise ConfigError("--distribute / --run_distribute=1 needs a launcher: start with "
-                          "`mpirun -n N python train.py ...` or `msrun --worker_num=N ... train.py ...` "
-                          "(or set MindSpore's MS_ROLE / MS_WORKER_NUM / MS_SCHED_HOST / MS_SCHED_PORT)")
-    path = cfg.dist_init
-    if path == "auto":
-        path = "dynamic_cluster" if launcher == "dynamic_cluster" or cfg.device_target == "CPU" else "native"
+    plan = plan_cluster(environ, cfg.device_target, cfg.dist_init)
     import mindspore as ms
     from mindspore.communication import get_group_size, get_local_rank, get_rank, init
 
-    if path == "dynamic_cluster" and launcher == "mpi":
-        _scheduler_log = _translate_mpi(cfg, environ)
-        if cfg.device_target != "CPU":  # one accelerator per rank of a node
-            ms.set_device(cfg.device_target, mpi_local_rank(environ))
-    elif launcher == "dynamic_cluster":
+    if plan.launcher != MSRUN and plan.path == "dynamic_cluster":
+        _scheduler_log = _translate_mpi(cfg, plan, environ)
+    elif plan.launcher == MSRUN:
         environ.setdefault("MS_NODE_TIMEOUT", str(cfg.dist_timeout))
-
+    if environ.get("MS_ROLE") != "MS_SCHED":
+        place_device(cfg.device_target, plan.device_id)
     try:
         init()
     except RuntimeError as exc:  # msrun's scheduler role ends here when a worker dies
@@ -237,7 +324,8 @@ def init_cluster(cfg, environ: dict[str, str] | None = None) -> Cluster:
         local_rank = rank
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                  device_num=size)
-    _current = Cluster(rank, size, local_rank, f"{launcher}/{path}")
+    device_id = plan.device_id if plan.device_id is not None else ms.get_current_device().device_id
+    _current = Cluster(rank, size, local_rank, f"{plan.launcher}/{plan.path}", device_id)
     return _current
 
 
@@ -283,6 +371,15 @@ def _set_flat(params: list, like: list[np.ndarray], flat: np.ndarray) -> None:
     for param, value in zip(params, like):
         param.set_data(ms.Tensor(flat[offset:offset + value.size].reshape(value.shape).astype(value.dtype)))
         offset += value.size
+
+
+def seed_random_ops(seed: int, cluster: Cluster) -> None:
+    """Seed the random ops created from here on (dropout, drop path) per rank, so ranks draw their
+    own masks (rank 0 those of a single process). Weights drawn afterwards differ per rank too:
+    :func:`broadcast_parameters` gives every rank rank 0's."""
+    import mindspore as ms
+
+    ms.set_seed(seed + cluster.rank)
 
 
 def broadcast_parameters(cell, cluster: Cluster) -> None:

@@ -10,10 +10,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from .errors import UserError
+
 logger = logging.getLogger("resgarden")
 
 
-class DownloadError(ValueError):
+class DownloadError(UserError):
     """A download failed or its content is not what was published; the message is for the user."""
 
 

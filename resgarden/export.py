@@ -10,6 +10,7 @@ import numpy as np
 from config import ConfigError
 from models.conv import native_conv_disabled
 
+from .context import set_context
 from .inference import build_inference_model, resolve_weights
 
 logger = logging.getLogger("resgarden")
@@ -20,6 +21,7 @@ def export_model(cfg) -> str:
     """Build the model with ``--pretrained`` or ``--ckpt_path`` weights and export it; return the path."""
     if cfg.dynamic_batch and cfg.file_format != "MINDIR":
         raise ConfigError("--dynamic_batch is supported for MINDIR only")
+    set_context(cfg)
     state, meta, _ = resolve_weights(cfg)
     num_classes = cfg.num_classes or meta.get("num_classes") or (
         state["classifier.weight"].shape[0] if state is not None and "classifier.weight" in state else 1000)

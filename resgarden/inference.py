@@ -13,7 +13,7 @@ from models.pretrained import PRETRAINED
 from models.weights import adapt_head, load_weights
 
 from .checkpoint import read_run_weights
-from .trainer import check_model, set_context
+from .context import check_model
 
 logger = logging.getLogger("resgarden")
 
@@ -34,10 +34,11 @@ def apply_weights_transform(cfg, meta: dict[str, Any]) -> None:
 
 def resolve_weights(cfg) -> tuple[dict[str, Any] | None, dict[str, Any], str]:
     """(weights or None for --pretrained, run metadata, source) from exactly one of --pretrained or
-    --ckpt_path. A run checkpoint also supplies the model name and eval transform unless given."""
+    --ckpt_path. A run checkpoint also supplies the model name and eval transform unless given.
+    Call after :func:`resgarden.context.set_context` (and, in a data-parallel job, ``init_cluster``):
+    reading a checkpoint creates Parameters."""
     if cfg.pretrained == bool(cfg.ckpt_path):
         raise ConfigError("give exactly one of --pretrained or --ckpt_path (a file or a run folder)")
-    set_context(cfg)
     state, meta, source = None, {}, "pretrained"
     if cfg.ckpt_path:
         state, meta, source = read_run_weights(cfg.ckpt_path)

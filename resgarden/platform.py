@@ -1,4 +1,5 @@
-"""Process-level platform setup that must happen before MindSpore builds its first kernel.
+"""Process-level platform setup that must happen before MindSpore builds its first kernel: the
+device target (``auto``: what the installed MindSpore can run on) and the CPU speed guard.
 
 MindSpore 2.9 and 2.10 bundle a oneDNN whose k x k convolutions (and strided 1x1 convolutions)
 take a pathologically slow path when oneDNN may use AVX-512: about 150x slower than with AVX2 on
@@ -9,18 +10,21 @@ the same core. Two ways out, decided once per process by :func:`apply_cpu_speed_
 * where those kernels cannot be built (no C++ compiler, no headers, not Linux x86-64, or
   ``RESGARDEN_NATIVE_CONV=0``), oneDNN is capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``).
 
-A value the user set is never overridden.
+A value the user set is never overridden. On GPU and Ascend targets neither happens: the native
+kernels are CPU-only, so they are not even compiled there.
 """
 from __future__ import annotations
 
 import importlib.metadata
 import logging
 import os
-import sys
 
+from resgarden.errors import UserError
 from resgarden.native import conv_library
 
 logger = logging.getLogger("resgarden")
+
+DEVICE_TARGETS = ("Ascend", "GPU", "CPU")  # auto picks the first this MindSpore can run on
 
 ISA_VARIABLE = "ONEDNN_MAX_CPU_ISA"
 AFFECTED_MINDSPORE = ("2.9.", "2.10.")
@@ -61,23 +65,76 @@ def decide_isa_cap(environ: dict[str, str], version: str, has_avx512: bool,
                     f"set {ISA_VARIABLE}=AVX2 (export {ISA_VARIABLE}=ALL to opt out)")
 
 
-def apply_cpu_speed_guard() -> str:
-    """Build or find the native convolutions, set ``ONEDNN_MAX_CPU_ISA=AVX2`` if still needed
-    (idempotent); return the decision, logged at INFO.
+def available_device_targets() -> tuple[list[str], str]:
+    """(targets whose MindSpore backend plugin loaded in this installation, in DEVICE_TARGETS order;
+    MindSpore's own plugin-loading message, for the log). Imports MindSpore; runs no kernel."""
+    import mindspore  # noqa: F401  (loads the device plugins)
+    from mindspore._c_expression import MSContext
+
+    context = MSContext.get_instance()
+    return [t for t in DEVICE_TARGETS if context.is_pkg_support_device(t)], context.load_plugin_error()
+
+
+def resolve_device_target(requested: str, available: list[str], load_error: str = "") -> str:
+    """``requested`` itself if this MindSpore can run on it, the first available for ``auto``;
+    else a UserError naming what this installation can run on."""
+    if requested == "auto":
+        return available[0] if available else "CPU"
+    if requested in available:
+        return requested
+    why = next((line.strip() for line in load_error.splitlines() if requested.lower() in line.lower()), "")
+    raise UserError(f"device_target={requested} is not available in this MindSpore installation; it can run on "
+                    f"{', '.join(available) or 'nothing'} (--device_target=auto picks {available[0] if available else 'CPU'})"
+                    + (f"; MindSpore: {why}" if why else ""))
+
+
+_target: str | None = None  # the device target this process chose
+_guarded_target: str | None = None  # the target the CPU speed guard was applied for
+
+
+def select_device_target(requested: str = "auto") -> str:
+    """Resolve ``requested`` (``auto``, ``CPU``, ``GPU`` or ``Ascend``) against this installation,
+    apply the CPU speed guard for it and return it; call before importing the models."""
+    global _target
+    available, load_error = available_device_targets()
+    _target = resolve_device_target(requested, available, load_error)
+    apply_cpu_speed_guard(_target)
+    return _target
+
+
+def default_device_target() -> str:
+    """The target chosen by :func:`select_device_target`, else what ``auto`` resolves to here."""
+    return _target or resolve_device_target("auto", available_device_targets()[0])
+
+
+def native_kernels_wanted() -> bool:
+    """Whether this process runs on CPU, so this project's native CPU kernels are worth building."""
+    apply_cpu_speed_guard()
+    return _guarded_target == "CPU"
+
+
+def apply_cpu_speed_guard(device_target: str | None = None) -> str:
+    """For a CPU target: build or find the native convolutions and set ``ONEDNN_MAX_CPU_ISA=AVX2``
+    if still needed; on GPU / Ascend nothing is built or set. Idempotent (decided once per process;
+    ``device_target`` None: :func:`default_device_target`); returns the decision (the training log states it).
 
     Must run before MindSpore creates its first CPU kernel; it is called by ``models`` on import
-    and by every entry point first thing.
+    and by every entry point (:func:`select_device_target`) before the engine is imported.
     """
-    global _decision
-    if _decision is None:
-        library, why_not = conv_library()
-        value, reason = decide_isa_cap(dict(os.environ), mindspore_version(), cpu_has_avx512(),
-                                       native_conv=library is not None)
-        if value is not None:
-            os.environ[ISA_VARIABLE] = value
-            if "mindspore" in sys.modules:
-                reason += " (MindSpore was already imported: the cap holds only if no kernel ran yet)"
-        native = f"native oneDNN convolutions on CPU ({library})" if library else f"native convolutions off: {why_not}"
-        _decision = f"{native}; {reason}"
-        logger.info("CPU speed: %s", _decision)
+    global _decision, _guarded_target
+    if _decision is not None:
+        return _decision
+    target = _guarded_target = device_target or default_device_target()
+    if target != "CPU":
+        _decision = f"device target {target}: native CPU convolutions not built, oneDNN left as it is"
+        logger.debug("CPU speed: %s", _decision)
+        return _decision
+    library, why_not = conv_library()
+    value, reason = decide_isa_cap(dict(os.environ), mindspore_version(), cpu_has_avx512(),
+                                   native_conv=library is not None)
+    if value is not None:
+        os.environ[ISA_VARIABLE] = value
+    native = f"native oneDNN convolutions on CPU ({library})" if library else f"native convolutions off: {why_not}"
+    _decision = f"{native}; {reason}"
+    logger.debug("CPU speed: %s", _decision)
     return _decision

@@ -10,6 +10,7 @@ from PIL import Image
 
 from config import ConfigError
 
+from .context import set_context
 from .data import DataError, transforms
 from .inference import build_inference_model, resolve_weights
 
@@ -29,6 +30,7 @@ def predict(cfg) -> list[dict[str, Any]]:
     if not cfg.images:
         raise ConfigError("give the images to classify: --images a.jpg [b.jpg ...]")
     lemmas = imagenet_lemmas()
+    set_context(cfg)
     state, meta, _ = resolve_weights(cfg)
     classes = meta.get("classes") or list(lemmas)
     names = [lemmas.get(c, c) for c in classes]

@@ -1,16 +1,23 @@
 """One training step as a Cell: loss scaling (fixed or dynamic), gradient clipping, gradient
 accumulation and an exponential moving average (EMA) of the weights.
 
-All of its state (loss scale, good-step counter, accumulated gradients, micro-step, EMA weights
-and their update count) are Parameters, so checkpoints of this Cell resume exactly.
+All of its state (loss scale, good-step counter, skipped-step counter, accumulated gradients,
+micro-step, EMA weights and their update count) are Parameters, so checkpoints of this Cell resume
+exactly.
+
+Overflow is detected by MindSpore's ``mindspore.amp.all_finite``: on Ascend 910A (and 910B in
+saturation mode) float16 overflow saturates to the largest finite value instead of inf, which only
+the NPU's float status (read by ``all_finite`` there) reveals; elsewhere it checks the values.
 """
 from __future__ import annotations
 
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore.amp import all_finite
+
+SKIPPED_STEPS = "overflow_skipped_steps"  # the Parameter counting optimizer steps skipped on overflow
 
 _unscale = ops.MultitypeFuncGraph("unscale")
-_finite = ops.MultitypeFuncGraph("finite")
 _accumulate = ops.MultitypeFuncGraph("accumulate")
 _average = ops.MultitypeFuncGraph("average")
 _zero = ops.MultitypeFuncGraph("zero")
@@ -20,11 +27,6 @@ _ema = ops.MultitypeFuncGraph("ema")
 @_unscale.register("Tensor", "Tensor")
 def _unscale_grad(scale: Tensor, grad: Tensor) -> Tensor:
     return grad / ops.cast(scale, grad.dtype)
-
-
-@_finite.register("Tensor")
-def _is_finite(grad: Tensor) -> Tensor:
-    return ops.isfinite(grad).all()
 
 
 @_accumulate.register("Tensor", "Tensor")
@@ -49,7 +51,7 @@ def _ema_update(decay: Tensor, average: Tensor, value: Tensor) -> Tensor:
 
 class TrainStep(nn.Cell):
     """loss -> scaled grads -> unscale -> [accumulate] -> finite check -> [dynamic scale] -> [clip]
-    -> optimizer (skipped on overflow) -> [EMA]. Returns the loss.
+    -> optimizer (skipped and counted in ``skipped_steps`` on overflow) -> [EMA]. Returns the loss.
 
     Args:
         network: a Cell returning the loss of ``*inputs``.
@@ -77,6 +79,7 @@ class TrainStep(nn.Cell):
         self.hyper_map = ops.HyperMap()
         self.loss_scale = Parameter(Tensor(loss_scale, ms.float32), name="loss_scale", requires_grad=False)
         self.good_steps = Parameter(Tensor(0, ms.int32), name="loss_scale_good_steps", requires_grad=False)
+        self.skipped_steps = Parameter(Tensor(0, ms.int32), name=SKIPPED_STEPS, requires_grad=False)
         self.dynamic_loss_scale = dynamic_loss_scale
         self.scale_window = scale_window
         self.clip_norm = clip_norm
@@ -97,7 +100,8 @@ class TrainStep(nn.Cell):
             self.ema_updates = Parameter(Tensor(0.0, ms.float32), name="ema_updates", requires_grad=False)
 
     def _apply(self, grads: tuple) -> Tensor:
-        finite = ops.stack(self.hyper_map(_finite, grads)).all()
+        finite = all_finite(grads)
+        ops.assign(self.skipped_steps, ops.select(finite, self.skipped_steps, self.skipped_steps + 1))
         if self.dynamic_loss_scale:
             good = ops.select(finite, self.good_steps + 1, ops.zeros_like(self.good_steps))
             grow = good >= self.scale_window

@@ -7,6 +7,8 @@ import os
 import sys
 import time
 from datetime import datetime
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import mindspore as ms
@@ -15,58 +17,26 @@ from tqdm import tqdm
 
 import models
 from config import ConfigError, save_config
-from models.pretrained import CACHE_ENV
 from models.profile import count_params
 from models.weights import adapt_head, load_weights
 
 from .amp import Float32Loss, apply_amp
 from .checkpoint import EMA_PREFIX, CheckpointManager, find_checkpoint, load_training_state, read_run_weights
+from .context import check_model, set_context
 from .data import load_splits, make_loader, uses_soft_targets
-from .distributed import (Cluster, DistributedError, average_buffers, broadcast_parameters, describe_failure,
-                          init_cluster, is_collective_failure, ranks_out_of_sync)
+from .distributed import (Cluster, average_buffers, broadcast_parameters, describe_failure,
+                          init_cluster, is_collective_failure, ranks_out_of_sync, seed_random_ops)
+from .errors import DistributedError
 from .evaluate import evaluate
+from .logs import setup_logging
 from .optim import create_optimizer, freeze_backbone, lr_per_step
 from .platform import apply_cpu_speed_guard
 from .plot import plot_metrics
+from .steps import SinkSteps, batch_steps, sink_size_for, use_sink_mode
 from .train_step import TrainStep
 
 logger = logging.getLogger("resgarden")
 EVAL_TRANSFORM_KEYS = ("image_size", "crop_pct", "interpolation", "mean", "std")
-GRAPH_RECURSION_LIMIT = 4000
-
-
-def setup_logging(log_file: str | None = None, quiet: bool = False) -> None:
-    """INFO to stdout, and to ``log_file`` when given (once per process); ``quiet`` (ranks > 0 of a
-    data-parallel job): warnings and errors only."""
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    if not any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stdout
-               for h in logger.handlers):
-        console = logging.StreamHandler(sys.stdout)
-        console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(console)
-    if log_file:  # one run's log file at a time, also when train() is called again in-process
-        for old in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
-            logger.removeHandler(old)
-            old.close()
-        handler = logging.FileHandler(log_file, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
-
-
-def set_context(cfg) -> None:
-    """Execution mode and device; one clear error where the device is not available."""
-    ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == 0 else ms.PYNATIVE_MODE)
-    try:
-        if ms.get_context("device_target") != cfg.device_target:
-            ms.set_device(cfg.device_target)
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"device_target={cfg.device_target} is not usable here: {str(exc).splitlines()[0]}") from None
-    ms.set_seed(cfg.seed)
-    # graph compilation of a 100-layer net's optimizer over grouped parameters nests deeper than
-    # MindSpore's default limit of 1000 calls (res2net101 reaches it)
-    ms.set_recursion_limit(GRAPH_RECURSION_LIMIT)
-    if cfg.weights_cache:
-        os.environ[CACHE_ENV] = cfg.weights_cache
 
 
 def build_model(cfg, num_classes: int) -> nn.Cell:
@@ -92,14 +62,6 @@ def _run_dirs(cfg) -> tuple[str, str]:
     return candidate, os.path.join(candidate, "ckpt_0")
 
 
-def check_model(cfg) -> None:
-    """``cfg.model`` must be registered; else a ConfigError naming the closest models."""
-    try:
-        models.check_model_name(cfg.model)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
 def train(cfg) -> dict[str, Any]:
     """Train as configured (data-parallel with ``cfg.distribute``); returns the final epoch's metrics
     and the run folder."""
@@ -118,8 +80,10 @@ def _fit(cfg, cluster: Cluster) -> dict[str, Any]:
     """Data, model, epochs: everything after joining the job."""
     if cluster.distributed:
         logger.info("rank %d of %d (pid %d, %s) joined", cluster.rank, cluster.size, os.getpid(), cluster.launcher)
+        seed_random_ops(cfg.seed, cluster)  # own dropout masks per rank; weights from rank 0 (below)
     if not cluster.is_main:
         setup_logging(quiet=True)
+    _log_devices(cfg.device_target, cluster)
     with cluster.main_first():  # rank 0 downloads / writes the data set, then the others read it
         train_split, val_split = load_splits(cfg)
     num_classes = cfg.num_classes or len(train_split.classes)
@@ -177,35 +141,33 @@ def _fit(cfg, cluster: Cluster) -> dict[str, Any]:
                 len(val_split) if val_split else "no", steps_per_epoch, cfg.batch_size, run_dir)
     if cfg.device_target == "CPU":
         logger.info("CPU speed: %s", apply_cpu_speed_guard())  # decided on import, logged here for the run
+    sink = None
+    if use_sink_mode(cfg.dataset_sink_mode, cfg.device_target, cfg.mixup_off_epoch):
+        sink_size = sink_size_for(steps_per_epoch, cfg.log_interval)
+        loader, source = make_loader(train_split, cfg, training=True, epoch=start_epoch, num_classes=num_classes,
+                                     shard=cluster.shard, epochs=cfg.epoch_size - start_epoch)
+        sink = SinkSteps(train_cell, loader, sink_size, cfg.jit_level)
+        logger.info("dataset sink mode: %d steps per call, epochs %d-%d in one device queue",
+                    sink_size, start_epoch + 1, cfg.epoch_size)
 
-    total_steps = cfg.epoch_size * steps_per_epoch
+    clock = RunClock(global_step, cfg.epoch_size * steps_per_epoch)
     record: dict[str, Any] = {}
-    run_start, run_start_step = time.perf_counter(), global_step
     for epoch in range(start_epoch, cfg.epoch_size):
-        loader, source = make_loader(train_split, cfg, training=True, epoch=epoch, num_classes=num_classes,
-                                     shard=cluster.shard)
-        epoch_start, loss_sum, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epoch_size}", leave=False,
-                   disable=not (sys.stdout.isatty() and cluster.is_main))
-        for i, (images, labels) in enumerate(loader.create_tuple_iterator(num_epochs=1)):
-            loss = float(train_cell(images, labels).asnumpy())
-            global_step += 1
-            loss_sum, seen = loss_sum + loss * len(labels), seen + len(labels)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{seen / (time.perf_counter() - epoch_start):.1f}")
-            if (i + 1) % cfg.log_interval == 0 or i + 1 == steps_per_epoch:
-                elapsed = time.perf_counter() - run_start
-                per_step = elapsed / max(global_step - run_start_step, 1)
-                logger.info("epoch %d/%d step %d/%d loss %.4f lr %.6f %.1f img/s eta %s",
-                            epoch + 1, cfg.epoch_size, i + 1, steps_per_epoch, loss, _lr(lrs, global_step, accumulation),
-                            cluster.size * seen / (time.perf_counter() - epoch_start),
-                            _format_eta(per_step * (total_steps - global_step)))
-        bar.close()
+        if sink is None:
+            loader, source = make_loader(train_split, cfg, training=True, epoch=epoch, num_classes=num_classes,
+                                         shard=cluster.shard)
+            steps = batch_steps(train_cell, loader)
+        else:
+            steps = sink.epoch(steps_per_epoch)
+        bad_before = len(source.bad_files)
+        epoch_start = time.perf_counter()
+        train_loss, skipped = _run_epoch(steps, train_cell, clock, epoch, cfg, steps_per_epoch, cluster, lrs)
+        global_step = clock.step
         average_buffers(train_cell, cluster)
-        unreadable = int(cluster.all_reduce_sum([len(source.bad_files)])[0])
-        record = dict(epoch=epoch + 1, global_step=global_step, train_loss=loss_sum / max(seen, 1),
+        unreadable = int(cluster.all_reduce_sum([len(source.bad_files) - bad_before])[0])
+        record = dict(epoch=epoch + 1, global_step=global_step, train_loss=train_loss,
                       lr=_lr(lrs, global_step, accumulation), epoch_seconds=time.perf_counter() - epoch_start,
-                      unreadable_images=unreadable)
+                      unreadable_images=unreadable, skipped_steps=skipped)
         last = epoch + 1 == cfg.epoch_size
         if val_split is not None and cfg.val_while_train and ((epoch + 1) % cfg.val_interval == 0 or last):
             metrics = evaluate(_with_ema_weights(ema_model, train_cell) if ema_model else model, val_split, cfg,
@@ -232,6 +194,63 @@ def _fit(cfg, cluster: Cluster) -> dict[str, Any]:
                                                 os.path.join(run_dir, "curves.png")))
     record.update(run_dir=run_dir, rank=cluster.rank)
     return record
+
+
+@dataclass
+class RunClock:
+    """Steps done in this run and when it started, for the ETA."""
+    step: int
+    total_steps: int
+    start_step: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.start_step = self.step
+
+    def eta(self) -> str:
+        per_step = (time.perf_counter() - self.start) / max(self.step - self.start_step, 1)
+        return _format_eta(per_step * (self.total_steps - self.step))
+
+
+def _run_epoch(steps: Iterator[tuple[int, ms.Tensor]], train_cell: TrainStep, clock: RunClock, epoch: int, cfg,
+               steps_per_epoch: int, cluster: Cluster, lrs) -> tuple[float, int]:
+    """Run one epoch's ``steps``, logging every ``--log_interval`` steps; returns (mean training loss,
+    optimizer steps skipped on overflow). Losses are read back from the device only where logged."""
+    accumulation = max(1, cfg.gradient_accumulation_steps)
+    skipped_at_start = skipped_logged = int(train_cell.skipped_steps.asnumpy())
+    start, done, loss_sum, pending = time.perf_counter(), 0, 0.0, []
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epoch_size}", leave=False,
+               disable=not (sys.stdout.isatty() and cluster.is_main))
+    for count, loss in steps:
+        clock.step += count
+        before, done = done, done + count
+        pending.append((count, loss))
+        bar.update(count)
+        if done // cfg.log_interval == before // cfg.log_interval and done < steps_per_epoch:
+            continue
+        losses = [(n, float(value.asnumpy())) for n, value in pending]  # the only read-back
+        loss_sum, pending = loss_sum + sum(n * value for n, value in losses), []
+        images_per_s = cluster.size * done * cfg.batch_size / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{losses[-1][1]:.4f}", img_s=f"{images_per_s:.1f}")
+        logger.info("epoch %d/%d step %d/%d loss %.4f lr %.6f %.1f img/s eta %s", epoch + 1, cfg.epoch_size, done,
+                    steps_per_epoch, losses[-1][1], _lr(lrs, clock.step, accumulation), images_per_s, clock.eta())
+        skipped = int(train_cell.skipped_steps.asnumpy())
+        if skipped > skipped_logged:
+            logger.warning("%d optimizer step(s) skipped since the last log: gradients overflowed (loss scale now "
+                           "%g); %d this epoch", skipped - skipped_logged, float(train_cell.loss_scale.asnumpy()),
+                           skipped - skipped_at_start)
+            skipped_logged = skipped
+    bar.close()
+    return loss_sum / max(done, 1), skipped_logged - skipped_at_start
+
+
+def _log_devices(device_target: str, cluster: Cluster) -> None:
+    """Which device each rank runs on, logged by rank 0 (a collective in a data-parallel job)."""
+    if not cluster.distributed:
+        logger.info("device: %s%s", device_target, "" if device_target == "CPU" else f" {cluster.device_id}")
+        return
+    ids = [int(i) for i in cluster.gather([cluster.device_id])[:, 0]]
+    logger.info("devices: %s", ", ".join(f"rank {r} -> {device_target} {d}" for r, d in enumerate(ids)))
 
 
 def _check_in_sync(train_cell: nn.Cell, cluster: Cluster) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from config import ConfigError
 
 from .data import ensure_digits, imagenet_root, load_cifar10_split, load_imagenet_split, resolve_dataset
+from .context import set_context
 from .distributed import current, init_cluster
 from .evaluate import evaluate
 from .inference import build_inference_model, resolve_weights
@@ -27,8 +28,11 @@ def _eval_split(cfg):
 
 def validate(cfg) -> dict[str, Any]:
     """Top-1/top-5/loss/count/img/s of ``--pretrained`` weights or ``--ckpt_path`` on the eval split."""
+    set_context(cfg)
+    # with --distribute each rank scores a shard and the counts are summed; joined before the
+    # checkpoint is read, since MindSpore needs init() before any Parameter on Ascend
+    cluster = init_cluster(cfg)
     state, meta, source = resolve_weights(cfg)
-    cluster = init_cluster(cfg)  # with --distribute each rank scores a shard; counts are summed
     with cluster.main_first():  # rank 0 writes / downloads the data and weights first
         split = _eval_split(cfg)
     if meta.get("classes") and meta["classes"] != split.classes:

@@ -27,12 +27,10 @@ from resgarden.distributed import (
     Cluster,
     check_port_free,
     describe_failure,
-    detect_launcher,
     dynamic_cluster_env,
     init_cluster,
     lost_rank,
-    mpi_local_rank,
-    mpi_ranks,
+    plan_cluster,
 )
 from tests.helpers import write_imagenet_layout
 
@@ -51,7 +49,7 @@ def _free_port() -> int:
 
 def _env() -> dict[str, str]:
     """This venv's python first on PATH (msrun runs `python`); OpenMPI allowed to run as root (CI)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "PMIX_", "MS_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_", "MS_"))}
     env.update(PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
     return env
@@ -69,12 +67,12 @@ def _launch(launcher: str, script_args: list[str], log_dir: str, ranks: int = 2)
 # ---------------------------------------------------------------- without launching anything
 
 def test_launcher_detection_and_mpi_translation():
-    assert detect_launcher({}) == "none"
-    assert detect_launcher({"MS_ROLE": "MS_WORKER"}) == "dynamic_cluster"
     openmpi = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
-    assert detect_launcher(openmpi) == "mpi" and (*mpi_ranks(openmpi), mpi_local_rank(openmpi)) == (3, 8, 1)
+    plan = plan_cluster(openmpi, "CPU")
+    assert (plan.launcher, plan.path, plan.rank, plan.size) == ("OpenMPI", "dynamic_cluster", 3, 8)
     mpich = {"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0"}
-    assert (*mpi_ranks(mpich), mpi_local_rank(mpich)) == (2, 4, 0)
+    assert (plan_cluster(mpich, "GPU").rank, plan_cluster(mpich, "GPU").device_id) == (2, 0)
+    assert plan_cluster({"MS_ROLE": "MS_WORKER"}, "CPU").launcher == "msrun"
     env = dynamic_cluster_env(3, 8, "10.0.0.5", 9000, timeout=45)
     assert env == {"MS_ROLE": "MS_WORKER", "MS_NODE_ID": "3", "MS_WORKER_NUM": "8", "MS_SCHED_HOST": "10.0.0.5",
                    "MS_SCHED_PORT": "9000", "MS_NODE_TIMEOUT": "45", "MS_TOPO_TIMEOUT": "60"}
@@ -93,7 +91,7 @@ def test_shards_cover_each_sample_once_per_epoch(size):
 
 def test_no_launcher_is_a_clear_error(monkeypatch, capsys):
     for name in list(os.environ):
-        if name.startswith(("OMPI_", "PMI_", "PMIX_", "MS_ROLE")):
+        if name.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_", "MS_ROLE")):
             monkeypatch.delenv(name)
     cfg = argparse.Namespace(distribute=True, dist_init="auto", device_target="CPU")
     with pytest.raises(ConfigError, match="needs a launcher: start with `mpirun"):
@@ -122,14 +120,17 @@ def test_lost_rank_message_names_the_rank():
 # ---------------------------------------------------------------- 2 ranks on CPU
 
 @needs_mpirun
-def test_local_rank_from_mpi_when_the_launcher_sets_none():
-    """Without OMPI_COMM_WORLD_LOCAL_RANK, mpi4py's shared-memory split gives the same local rank."""
-    code = ("import os; from resgarden.distributed import mpi_local_rank; env = dict(os.environ); "
-            "local = env.pop('OMPI_COMM_WORLD_LOCAL_RANK'); print('local', local, mpi_local_rank(env))")
-    done = subprocess.run([MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-c", code], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+def test_local_rank_from_mpi_when_the_launcher_sets_none(tmp_path):
+    """Without OMPI_COMM_WORLD_LOCAL_RANK, mpi4py's shared-memory split gives the same local rank
+    (each rank writes its own file: ranks printing to one stdout interleave)."""
+    code = ("import os, sys; from resgarden.distributed import LAUNCHERS, launcher_local_rank; "
+            "env = dict(os.environ); local = env.pop('OMPI_COMM_WORLD_LOCAL_RANK'); "
+            "open(os.path.join(sys.argv[1], 'rank' + env['OMPI_COMM_WORLD_RANK']), 'w')"
+            ".write(f'{local} {launcher_local_rank(LAUNCHERS[0], env)}')")
+    done = subprocess.run([MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-c", code, str(tmp_path)], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(line for line in done.stdout.splitlines() if line.startswith("local")) == ["local 0 0", "local 1 1"]
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["0 0", "1 1"]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,12 @@
+"""Error types every layer raises and the entry points report: a leaf module, importing nothing."""
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Something the user can fix (a flag, a file, the data, the network); the message is meant
+    for the user as is and the entry points print it as one line (exit code 2)."""
+
+
+class DistributedError(RuntimeError):
+    """A data-parallel job cannot go on: a rank died, stopped answering or could not join
+    (one line, exit code 1)."""
