@@ -11,8 +11,10 @@ def setup_logging(log_file: str | None = None, quiet: bool = False) -> None:
     """INFO to stdout, and to ``log_file`` when given (once per process); ``quiet`` (ranks > 0 of a
     data-parallel job): warnings and errors only."""
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    if not any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stdout
-               for h in logger.handlers):
+    consoles = [h for h in logger.handlers if type(h) is logging.StreamHandler]
+    for stale in [h for h in consoles if h.stream is not sys.stdout]:  # sys.stdout was replaced since
+        logger.removeHandler(stale)
+    if not any(h.stream is sys.stdout for h in consoles):
         console = logging.StreamHandler(sys.stdout)
         console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(console)
