@@ -82,7 +82,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("train_split", "train", "training split folder / list-file name"),
     S("val_split", "val", "validation split folder / list-file name"),
     S("dataset_download", False, "download CIFAR-10 if it is missing", parse_bool),
-    S("num_parallel_workers", 2, "data loading workers", int),
+    S("num_parallel_workers", None, "data loading worker processes (default: the CPUs this rank may use, i.e. its "
+      "CPU affinity divided by the ranks on its node, at most 16)", int),
     S("batch_size", 32, "images per step (per process)", int),
     S("image_size", 224, "training / evaluation crop size", int, aliases=("image_resize",)),
     S("scale", [0.08, 1.0], "RandomResizedCrop area range", float, nargs="+"),

@@ -10,8 +10,8 @@ import models
 from config import ConfigError
 from models.pretrained import CACHE_ENV
 
-from .distributed import place_device
-from .platform import select_device_target
+from .distributed import Cluster, place_device
+from .platform import default_data_workers, select_device_target
 
 logger = logging.getLogger("resgarden")
 GRAPH_RECURSION_LIMIT = 4000
@@ -34,6 +34,14 @@ def set_context(cfg) -> None:
     ms.set_recursion_limit(GRAPH_RECURSION_LIMIT)
     if cfg.weights_cache:
         os.environ[CACHE_ENV] = cfg.weights_cache
+
+
+def set_data_workers(cfg, cluster: Cluster) -> None:
+    """``--num_parallel_workers`` when not given: this rank's share of its node's CPUs; logged."""
+    if cfg.num_parallel_workers is None:
+        cfg.num_parallel_workers, why = default_data_workers(cluster.local_size)
+        logger.info("data loading: %d worker process(es) (%s; --num_parallel_workers sets it)",
+                    cfg.num_parallel_workers, why)
 
 
 def check_model(cfg) -> None:

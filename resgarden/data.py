@@ -8,17 +8,31 @@ on MindSpore's C++ dataset ops.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import random
 import shutil
 import tarfile
 import tempfile
+import threading
+import zlib
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 
 import numpy as np
 from PIL import Image
 
+from .augment import ImageTransform
 from .download import download_verified
 from .errors import UserError
+from .images import UnreadableImage
+from .platform import default_data_workers
+
+SHARED_MEMORY_DIR = "/dev/shm"  # where multiprocessing.shared_memory puts its segments on Linux
 
 logger = logging.getLogger("resgarden")
 
@@ -187,38 +201,177 @@ def ensure_digits(root: str, image_size: int = 32, val_fraction: float = 0.2) ->
 
 # ---------------------------------------------------------------- pipeline
 
-class SampleSource:
-    """Random-access source for GeneratorDataset over one epoch's order of a Split.
+class BatchSource:
+    """One epoch's order of a Split as batches, for GeneratorDataset (iterable). Each image is read
+    and transformed by resgarden/augment.py and written straight into its batch's array.
 
-    A file that cannot be decoded is logged with its path (once) and replaced by the next sample.
+    ``workers`` > 1: that many forked worker processes build whole batches into shared memory
+    (no interpreter lock between them, so Python steps such as auto-augment policies scale too);
+    threads where processes cannot be used. Batches come out in order either way.
+
+    Each image draws from its own random stream, keyed by ``seed_key``, its epoch and its position
+    in that epoch (``order`` may chain several epochs of ``epoch_length`` samples, starting at
+    ``first_epoch``); a worker process seeds Python's and NumPy's global streams per batch for the
+    auto-augment policies. A file that cannot be decoded is logged with its path (once) and
+    replaced by the next sample in the order; ``bad_files`` holds this epoch's.
     """
 
-    def __init__(self, split: Split, order: np.ndarray) -> None:
+    def __init__(self, split: Split, order: np.ndarray, transform: ImageTransform, seed_key: tuple[int, ...],
+                 batch_size: int, drop_remainder: bool, workers: int = 1, first_epoch: int = 0,
+                 epoch_length: int | None = None) -> None:
         self.split = split
         self.order = order
+        self.transform = transform
+        self.seed_key = seed_key
+        self.first_epoch = first_epoch
+        self.epoch_length = epoch_length or max(len(order), 1)
+        self.batch_size = batch_size
+        self.samples = len(order) // batch_size * batch_size if drop_remainder else len(order)
+        self.workers = max(1, workers)
         self.bad_files: set[str] = set()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self.order)
+        return -(-self.samples // self.batch_size)
 
-    def _decode(self, index: int) -> np.ndarray:
+    def batch_shape(self, batch: int) -> tuple[int, int, int, int]:
+        size = self.transform.size
+        return min(self.batch_size, self.samples - batch * self.batch_size), 3, size, size
+
+    def _read(self, index: int) -> bytes | np.ndarray:
         if self.split.images is not None:
             return self.split.images[index]
-        with Image.open(self.split.paths[index]) as image:
-            return np.asarray(image.convert("RGB"))
+        try:
+            with open(self.split.paths[index], "rb") as handle:
+                return handle.read()
+        except OSError as exc:
+            raise UnreadableImage(exc.strerror or str(exc)) from None
 
-    def __getitem__(self, position: int) -> tuple[np.ndarray, np.int32]:
+    def sample(self, position: int, out: np.ndarray, bad: list[tuple[str, str]]) -> int:
+        """Write the image at ``position`` of the order (or the next readable one) into ``out``;
+        return its label. Unreadable files are appended to ``bad`` as (path, reason)."""
+        epoch, offset = divmod(position, self.epoch_length)
+        rng = np.random.default_rng((*self.seed_key, self.first_epoch + epoch, offset))
         n = len(self.order)
         for attempt in range(n):
             index = int(self.order[(position + attempt) % n])
             try:
-                return self._decode(index), self.split.labels[index]
-            except (OSError, ValueError, SyntaxError) as exc:
-                path = self.split.paths[index]
-                if path not in self.bad_files:
-                    self.bad_files.add(path)
-                    logger.warning("skipping unreadable image %s (%s)", path, exc)
+                self.transform(self._read(index), rng, out)
+                return int(self.split.labels[index])
+            except UnreadableImage as exc:
+                bad.append((self.split.paths[index], str(exc)))
         raise DataError("no readable image in the data set")
+
+    def fill(self, batch: int, images: np.ndarray) -> tuple[list[int], list[tuple[str, str]]]:
+        """Write batch ``batch`` into ``images``; (labels, unreadable files)."""
+        bad: list[tuple[str, str]] = []
+        start = batch * self.batch_size
+        return [self.sample(start + i, images[i], bad) for i in range(len(images))], bad
+
+    def _collect(self, images: np.ndarray, labels: list[int], bad: list[tuple[str, str]]):
+        with self._lock:
+            for path, reason in bad:
+                self.bad_files.add(path)
+                if path not in _LOGGED_BAD_FILES:  # once per process, not once per epoch
+                    _LOGGED_BAD_FILES.add(path)
+                    logger.warning("skipping unreadable image %s (%s)", path, reason)
+        return images, np.asarray(labels, np.int32)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self.workers == 1:
+            for batch in range(len(self)):
+                images = np.empty(self.batch_shape(batch), np.float32)
+                yield self._collect(images, *self.fill(batch, images))
+        elif worker_processes_possible(self):
+            yield from self._in_processes()
+        else:
+            yield from self._in_threads()
+
+    def _in_threads(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        def fill(batch: int) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+            images = np.empty(self.batch_shape(batch), np.float32)
+            return (images, *self.fill(batch, images))
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="resgarden-data") as pool:
+            yield from (self._collect(*batch) for batch in pool.map(fill, range(len(self))))
+
+    def _in_processes(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        slots = [shared_memory.SharedMemory(create=True, size=_batch_bytes(self)) for _ in range(2 * self.workers)]
+        free, queued = list(range(len(slots))), deque()
+        next_batch = 0
+        try:
+            with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
+                                     initializer=_set_worker_source, initargs=(self,)) as pool:
+                while True:
+                    while free and next_batch < len(self):
+                        slot = free.pop()
+                        queued.append((slot, next_batch, pool.submit(_fill_slot, next_batch, slots[slot].name)))
+                        next_batch += 1
+                    if not queued:
+                        return
+                    slot, batch, future = queued.popleft()
+                    try:
+                        labels, bad = future.result()
+                    except BrokenProcessPool:
+                        raise DataError("a data loading worker process died (out of memory, or a crash in an "
+                                        "image library); --num_parallel_workers=1 decodes in the main process") from None
+                    # copied out: MindSpore keeps referring to the arrays it is given, without a copy
+                    images = np.ndarray(self.batch_shape(batch), np.float32, buffer=slots[slot].buf).copy()
+                    free.append(slot)
+                    yield self._collect(images, labels, bad)
+        finally:
+            for memory in slots:
+                memory.close()
+                memory.unlink()
+
+
+def _batch_bytes(source: BatchSource) -> int:
+    return int(np.prod(source.batch_shape(0))) * 4
+
+
+def worker_processes_possible(source: BatchSource) -> bool:
+    """Whether forked workers can be used: fork exists (Linux) and the shared-memory folder has
+    room for the batches in flight (a container's default 64 MB /dev/shm may not); else threads,
+    said once in the log."""
+    needed = _batch_bytes(source) * 2 * source.workers
+    reason = None
+    if "fork" not in multiprocessing.get_all_start_methods():
+        reason = "this platform cannot fork"
+    else:
+        try:
+            stats = os.statvfs(SHARED_MEMORY_DIR)
+            if stats.f_bavail * stats.f_frsize < needed:
+                reason = f"{SHARED_MEMORY_DIR} has less than the {needed / 2**20:.0f} MB free that the batches in " \
+                         f"flight need (docker: --shm-size)"
+        except OSError as exc:
+            reason = f"{SHARED_MEMORY_DIR} is not usable ({exc.strerror})"
+    if reason and reason not in _THREAD_FALLBACKS:
+        _THREAD_FALLBACKS.add(reason)
+        logger.warning("data loading in %d threads instead of processes: %s", source.workers, reason)
+    return reason is None
+
+
+_THREAD_FALLBACKS: set[str] = set()
+_LOGGED_BAD_FILES: set[str] = set()
+_worker_source: BatchSource | None = None  # in a worker process: the source it was forked with
+_worker_slots: dict[str, shared_memory.SharedMemory] = {}
+
+
+def _set_worker_source(source: BatchSource) -> None:
+    global _worker_source
+    _worker_source = source
+
+
+def _fill_slot(batch: int, slot_name: str) -> tuple[list[int], list[tuple[str, str]]]:
+    """In a worker process: build batch ``batch`` into the shared-memory slot ``slot_name``."""
+    source = _worker_source
+    if slot_name not in _worker_slots:
+        _worker_slots[slot_name] = shared_memory.SharedMemory(name=slot_name)  # unlinked by the parent
+    seed = zlib.crc32(repr((*source.seed_key, source.first_epoch, batch)).encode())
+    random.seed(seed)  # the auto-augment policies draw from the global streams
+    np.random.seed(seed)
+    images = np.ndarray(source.batch_shape(batch), np.float32, buffer=_worker_slots[slot_name].buf)
+    return source.fill(batch, images)
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -248,14 +401,9 @@ def _interpolation(name: str):
 AUTO_AUGMENT_PREFIXES = ("randaug", "autoaug", "3a", "trivialaugwide")
 
 
-def _to_array(image) -> np.ndarray:
-    return np.asarray(image)
-
-
-def auto_augment_policy(cfg) -> list:
-    """mindcv's PIL policy for ``cfg.auto_augment``, wrapped to take and return HWC uint8 arrays."""
+def auto_augment_policy(cfg):
+    """mindcv's policy for ``cfg.auto_augment`` (HWC uint8 array in and out)."""
     from mindcv.data import auto_augment as policies
-    from mindspore.dataset import vision
 
     name = cfg.auto_augment
     hparams = dict(translate_const=int(cfg.image_size * 0.45), interpolation=_interpolation(cfg.interpolation),
@@ -268,31 +416,16 @@ def auto_augment_policy(cfg) -> list:
         policy = policies.trivial_augment_wide_transform(name, hparams)
     else:
         raise DataError(f"unknown auto_augment policy {name!r}; use one starting with {', '.join(AUTO_AUGMENT_PREFIXES)}")
-    return [vision.ToPIL(), policy, _to_array]
+    return policy
 
 
-def transforms(cfg, training: bool) -> list:
-    """Training: RandomResizedCrop, flip, auto-augment or colour jitter, normalise, random erasing;
-    eval: resize to image_size / crop_pct, center crop, normalise."""
-    from mindspore.dataset import vision
-
-    size = cfg.image_size
-    normalize = [vision.Normalize([m * 255 for m in cfg.mean], [s * 255 for s in cfg.std]), vision.HWC2CHW()]
-    if not training:
-        return [vision.Resize(int(round(size / cfg.crop_pct)), interpolation=_interpolation(cfg.interpolation)),
-                vision.CenterCrop(size)] + normalize
-    ops = [vision.RandomResizedCrop(size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
-                                    interpolation=_interpolation(cfg.interpolation))]
-    if cfg.hflip > 0:
-        ops.append(vision.RandomHorizontalFlip(cfg.hflip))
-    if cfg.auto_augment:
-        ops += auto_augment_policy(cfg)
-    elif cfg.color_jitter:
-        ops.append(vision.RandomColorAdjust(*(3 * (cfg.color_jitter,))))
-    ops += normalize
-    if cfg.re_prob > 0:
-        ops.append(vision.RandomErasing(prob=cfg.re_prob))
-    return ops
+def image_transform(cfg, training: bool) -> ImageTransform:
+    """Everything an image of ``cfg``'s training or evaluation split goes through before batching."""
+    return ImageTransform(size=cfg.image_size, training=training, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
+                          hflip=cfg.hflip, resize=int(round(cfg.image_size / cfg.crop_pct)),
+                          interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std),
+                          color_jitter=cfg.color_jitter or 0.0, re_prob=cfg.re_prob,
+                          policy=auto_augment_policy(cfg) if training and cfg.auto_augment else None)
 
 
 def uses_soft_targets(cfg) -> bool:
@@ -315,10 +448,9 @@ def make_loader(split: Split, cfg, training: bool, epoch: int = 0, num_classes: 
                 shard: tuple[int, int] = (0, 1), epochs: int = 1):
     """A batched MindSpore dataset for epoch ``epoch`` of rank ``shard[0]`` of ``shard[1]`` (training
     drops the last partial batch and, with mixup/cutmix, yields soft targets). ``epochs`` > 1 (dataset
-    sink mode) chains that many epochs' sample orders, each without its last partial batch; their
-    augmentation then draws from one random stream seeded for ``epoch``."""
-    import random
-
+    sink mode) chains that many epochs' sample orders, each without its last partial batch, with the
+    same per-image augmentation as epoch by epoch (auto-augment policies and mixup draw from one
+    global stream seeded for ``epoch``)."""
     import mindspore.dataset as ds
 
     rank, size = shard
@@ -330,12 +462,12 @@ def make_loader(split: Split, cfg, training: bool, epoch: int = 0, num_classes: 
               for e in range(epoch, epoch + epochs)]
     if epochs > 1:
         orders = [order[:len(order) // cfg.batch_size * cfg.batch_size] for order in orders]
-    source = SampleSource(split, np.concatenate(orders))
-    dataset = ds.GeneratorDataset(source, column_names=["image", "label"], shuffle=False,
-                                  num_parallel_workers=1)
-    dataset = dataset.map(transforms(cfg, training), input_columns="image",
-                          num_parallel_workers=max(1, cfg.num_parallel_workers))
-    dataset = dataset.batch(cfg.batch_size, drop_remainder=training)
+    source = BatchSource(split, np.concatenate(orders), image_transform(cfg, training),
+                         seed_key=(cfg.seed, rank, int(training)), batch_size=cfg.batch_size,
+                         drop_remainder=training, first_epoch=epoch,
+                         workers=cfg.num_parallel_workers or default_data_workers()[0],
+                         epoch_length=len(orders[0]))
+    dataset = ds.GeneratorDataset(source, column_names=["image", "label"], shuffle=False)
     if training and uses_soft_targets(cfg):
         dataset = dataset.map(mixing(cfg, num_classes or len(split.classes), epoch), input_columns=["image", "label"])
     return dataset, source

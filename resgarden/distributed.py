@@ -69,6 +69,7 @@ class Cluster:
     local_rank: int = 0
     launcher: str = "none"
     device_id: int = 0
+    local_size: int = 1  # ranks on this node
 
     @property
     def is_main(self) -> bool:
@@ -152,6 +153,15 @@ def launcher_local_rank(launcher: Launcher, environ: Mapping[str, str],
     if launcher.local_var in environ:
         return int(environ[launcher.local_var])
     return fallback()
+
+
+def local_rank_count(environ: Mapping[str, str]) -> int:
+    """How many ranks of the job share this node, from the launcher's variables (1 if unknown)."""
+    for variable in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE", "LOCAL_RANK_SIZE"):
+        match = re.match(r"\d+", environ.get(variable, ""))
+        if match:
+            return max(1, int(match.group()))
+    return 1
 
 
 def local_device_id(local_rank: int, device_target: str, environ: Mapping[str, str]) -> int:
@@ -325,7 +335,7 @@ def init_cluster(cfg, environ: dict[str, str] | None = None) -> Cluster:
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                  device_num=size)
     device_id = plan.device_id if plan.device_id is not None else ms.get_current_device().device_id
-    _current = Cluster(rank, size, local_rank, f"{plan.launcher}/{plan.path}", device_id)
+    _current = Cluster(rank, size, local_rank, f"{plan.launcher}/{plan.path}", device_id, local_rank_count(environ))
     return _current
 
 

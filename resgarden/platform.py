@@ -107,6 +107,17 @@ def default_device_target() -> str:
     return _target or resolve_device_target("auto", available_device_targets()[0])
 
 
+MAX_DEFAULT_WORKERS = 16
+
+
+def default_data_workers(local_ranks: int = 1) -> tuple[int, str]:
+    """(data loading workers for one rank, how that was decided): the CPUs this process may run on,
+    shared by the ranks on its node, at least 1 and at most MAX_DEFAULT_WORKERS."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(MAX_DEFAULT_WORKERS, cpus // max(1, local_ranks)))
+    return workers, f"{cpus} CPUs in this process's affinity / {local_ranks} rank(s) on the node"
+
+
 def native_kernels_wanted() -> bool:
     """Whether this process runs on CPU, so this project's native CPU kernels are worth building."""
     apply_cpu_speed_guard()

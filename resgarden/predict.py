@@ -6,12 +6,12 @@ from typing import Any
 
 import mindspore as ms
 import numpy as np
-from PIL import Image
 
 from config import ConfigError
 
 from .context import set_context
-from .data import DataError, transforms
+from .data import DataError, image_transform
+from .images import UnreadableImage, read_rgb
 from .inference import build_inference_model, resolve_weights
 
 CLASS_NAMES_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models",
@@ -35,16 +35,13 @@ def predict(cfg) -> list[dict[str, Any]]:
     classes = meta.get("classes") or list(lemmas)
     names = [lemmas.get(c, c) for c in classes]
     model = build_inference_model(cfg, len(classes), state)
-    pipeline = transforms(cfg, training=False)
+    transform = image_transform(cfg, training=False)
     results = []
     for path in cfg.images:
         try:
-            with Image.open(path) as image:
-                array = np.asarray(image.convert("RGB"))
-        except (OSError, ValueError) as exc:
+            array = transform(read_rgb(path), rng=None)
+        except UnreadableImage as exc:
             raise DataError(f"cannot read image {path}: {exc}") from None
-        for op in pipeline:
-            array = op(array)
         logits = model(ms.Tensor(array[None].astype(np.float32))).asnumpy()[0].astype(np.float64)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()

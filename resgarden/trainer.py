@@ -22,7 +22,7 @@ from models.weights import adapt_head, load_weights
 
 from .amp import Float32Loss, apply_amp
 from .checkpoint import EMA_PREFIX, CheckpointManager, find_checkpoint, load_training_state, read_run_weights
-from .context import check_model, set_context
+from .context import check_model, set_context, set_data_workers
 from .data import load_splits, make_loader, uses_soft_targets
 from .distributed import (Cluster, average_buffers, broadcast_parameters, describe_failure,
                           init_cluster, is_collective_failure, ranks_out_of_sync, seed_random_ops)
@@ -84,6 +84,7 @@ def _fit(cfg, cluster: Cluster) -> dict[str, Any]:
     if not cluster.is_main:
         setup_logging(quiet=True)
     _log_devices(cfg.device_target, cluster)
+    set_data_workers(cfg, cluster)
     with cluster.main_first():  # rank 0 downloads / writes the data set, then the others read it
         train_split, val_split = load_splits(cfg)
     num_classes = cfg.num_classes or len(train_split.classes)

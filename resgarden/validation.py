@@ -9,7 +9,7 @@ from typing import Any
 from config import ConfigError
 
 from .data import ensure_digits, imagenet_root, load_cifar10_split, load_imagenet_split, resolve_dataset
-from .context import set_context
+from .context import set_context, set_data_workers
 from .distributed import current, init_cluster
 from .evaluate import evaluate
 from .inference import build_inference_model, resolve_weights
@@ -32,6 +32,7 @@ def validate(cfg) -> dict[str, Any]:
     # with --distribute each rank scores a shard and the counts are summed; joined before the
     # checkpoint is read, since MindSpore needs init() before any Parameter on Ascend
     cluster = init_cluster(cfg)
+    set_data_workers(cfg, cluster)
     state, meta, source = resolve_weights(cfg)
     with cluster.main_first():  # rank 0 writes / downloads the data and weights first
         split = _eval_split(cfg)

@@ -1,0 +1,168 @@
+"""The per-image part of the input pipelines, run by the loader's threads: decode, crop and resize,
+flip, colour augmentation, normalisation to CHW float32, random erasing. The heavy steps release
+the interpreter lock (libjpeg-turbo, OpenCV, NumPy; Pillow inside the auto-augment policies), so N
+threads use N cores. Each image draws from its own random stream, fixed by (seed, epoch, rank,
+position): the crop, flip, jitter and erasing do not depend on the number of threads, and resumes
+replay them (mindcv's auto-augment policies draw from Python's global ``random``: reproducible with
+one thread).
+
+Training: RandomResizedCrop as torchvision / MindSpore sample it (10 tries of area and log-ratio,
+else the centred crop of the clamped ratio); a JPEG is decoded at 1/2, 1/4 or 1/8 of its size in
+the DCT domain where the crop keeps at least the output size at that scale. Colour jitter and
+random erasing follow torchvision's ColorJitter (brightness, contrast, saturation in random order)
+and RandomErasing (value 0), as MindSpore's RandomColorAdjust and RandomErasing do. Evaluation: the
+shorter side resized to ``resize`` and a centred crop in MindSpore's arithmetic (long side and
+offsets floored), so scores match MindSpore's Resize + CenterCrop.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from .images import decode_rgb, jpeg_size
+
+cv2.setNumThreads(1)  # one image per thread; the loader runs several threads
+INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
+ERASE_SCALE, ERASE_RATIO = (0.02, 0.33), (0.3, 3.3)
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Encoded image (or decoded HWC uint8 array) -> (3, size, size) float32, for one split."""
+    size: int
+    training: bool
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (0.75, 1.333)
+    hflip: float = 0.5
+    resize: int = 256  # evaluation: shorter side before the centred crop
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    color_jitter: float = 0.0
+    re_prob: float = 0.0
+    policy: Callable[[np.ndarray], np.ndarray] | None = field(default=None, compare=False)  # auto-augment
+
+    def __call__(self, image: bytes | np.ndarray, rng: np.random.Generator | None,
+                 out: np.ndarray | None = None) -> np.ndarray:
+        """The model's input image, written into ``out`` (a (3, size, size) float32 view) if given."""
+        if self.training:
+            pixels = self._crop(image, rng)
+            if self.policy is not None:
+                pixels = np.asarray(self.policy(pixels))  # mindcv's policies take arrays (faster than PIL images)
+            elif self.color_jitter:
+                pixels = jitter(pixels, rng, self.color_jitter)
+        else:
+            pixels = self._centre(image)
+        out = normalize(pixels, self.mean, self.std, out)
+        if self.training and self.re_prob > 0 and rng.random() < self.re_prob:
+            erase(out, rng)
+        return out
+
+    def _crop(self, image: bytes | np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        size = image.shape[:2] if isinstance(image, np.ndarray) else jpeg_size(image)
+        if size is None:  # not a JPEG libjpeg-turbo converts: decode in full first
+            image = decode_rgb(image)
+            size = image.shape[:2]
+        height, width = size
+        top, left, crop_h, crop_w = crop_box(rng, height, width, self.scale, self.ratio)
+        if not isinstance(image, np.ndarray):
+            image = decode_rgb(image, fast=True, reduce=dct_factor(min(crop_h, crop_w), self.size))
+        scale_y, scale_x = image.shape[0] / height, image.shape[1] / width
+        y, x = int(top * scale_y), int(left * scale_x)
+        crop = image[y:y + max(1, round(crop_h * scale_y)), x:x + max(1, round(crop_w * scale_x))]
+        pixels = cv2.resize(crop, (self.size, self.size), interpolation=INTERPOLATION[self.interpolation])
+        if self.hflip > 0 and rng.random() < self.hflip:
+            pixels = cv2.flip(pixels, 1)
+        return pixels
+
+    def _centre(self, image: bytes | np.ndarray) -> np.ndarray:
+        pixels = image if isinstance(image, np.ndarray) else decode_rgb(image)
+        height, width = pixels.shape[:2]
+        if height <= width:
+            new_h, new_w = self.resize, int(self.resize * width / height)
+        else:
+            new_h, new_w = int(self.resize * height / width), self.resize
+        pixels = cv2.resize(pixels, (new_w, new_h), interpolation=INTERPOLATION[self.interpolation])
+        if min(new_h, new_w) < self.size:  # a crop larger than the image: zero padding, as MindSpore's
+            pad_h, pad_w = max(0, self.size - new_h), max(0, self.size - new_w)
+            pixels = cv2.copyMakeBorder(pixels, pad_h // 2, pad_h - pad_h // 2, pad_w // 2, pad_w - pad_w // 2,
+                                        cv2.BORDER_CONSTANT, value=0)
+            new_h, new_w = pixels.shape[:2]
+        top, left = (new_h - self.size) // 2, (new_w - self.size) // 2
+        return pixels[top:top + self.size, left:left + self.size]
+
+
+def normalize(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],
+              out: np.ndarray | None = None) -> np.ndarray:
+    """HWC uint8 -> CHW float32 ``(x / 255 - mean) / std``, into ``out`` when given."""
+    chw = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    if out is None:
+        out = np.empty(chw.shape, np.float32)
+    scale = np.array([1.0 / (255.0 * s) for s in std], np.float32)[:, None, None]
+    np.multiply(chw, scale, out=out)
+    out -= np.array([m / s for m, s in zip(mean, std)], np.float32)[:, None, None]
+    return out
+
+
+def crop_box(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
+             ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a RandomResizedCrop box."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        crop_w = int(round(math.sqrt(target * aspect)))
+        crop_h = int(round(math.sqrt(target / aspect)))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            return int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1)), crop_h, crop_w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        crop_w, crop_h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        crop_w, crop_h = int(round(height * ratio[1])), height
+    else:
+        crop_w, crop_h = width, height
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+
+def dct_factor(crop_side: int, size: int) -> int:
+    """1, 2, 4 or 8: the largest power-of-two reduction leaving ``crop_side`` >= ``size``."""
+    factor = 1
+    while factor < 8 and crop_side // (factor * 2) >= size:
+        factor *= 2
+    return factor
+
+
+def jitter(pixels: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Brightness, contrast and saturation, each by a factor in [1 - strength, 1 + strength], in
+    random order (Pillow's ImageEnhance arithmetic: blends with black, the mean grey, the grey image)."""
+    for op in rng.permutation(3):
+        factor = float(rng.uniform(max(0.0, 1.0 - strength), 1.0 + strength))
+        if op == 0:
+            pixels = cv2.addWeighted(pixels, factor, pixels, 0.0, 0.0)
+        elif op == 1:
+            mean = float(int(cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY).mean() + 0.5))
+            pixels = cv2.addWeighted(pixels, factor, pixels, 0.0, mean * (1.0 - factor))
+        else:
+            grey = cv2.cvtColor(cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+            pixels = cv2.addWeighted(pixels, factor, grey, 1.0 - factor, 0.0)
+    return pixels
+
+
+def erase(chw: np.ndarray, rng: np.random.Generator) -> None:
+    """Zero one random box of ``chw`` in place (area 2-33 %, aspect 0.3-3.3, up to 10 tries)."""
+    _, height, width = chw.shape
+    log_ratio = (math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]))
+    for _ in range(10):
+        area = height * width * rng.uniform(*ERASE_SCALE)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        box_h, box_w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if box_h < height and box_w < width:
+            top, left = int(rng.integers(0, height - box_h + 1)), int(rng.integers(0, width - box_w + 1))
+            chw[:, top:top + box_h, left:left + box_w] = 0.0
+            return
