@@ -1,9 +1,11 @@
-"""Training-step and inference throughput of our models, optionally against timm in the same run.
+"""Training-step and inference throughput of our models, optionally against timm in the same run;
+or the input pipeline's, against mindcv's loader.
 
     python benchmark.py --models resnet50 res2net50 --modes graph --compare-timm
+    python benchmark.py --pipeline --compare-mindcv --workers 1 2 --repeats 3 --seconds 5 --json pipeline.json
 
-Every measurement runs in a fresh subprocess; with --compare-timm, MindSpore and timm runs
-alternate (--repeats times each) and the table shows medians and the MindSpore/timm ratio.
+Every measurement runs in a fresh subprocess; with --compare-timm / --compare-mindcv the two sides
+alternate (--repeats times each) and the table shows medians and their ratio.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import statistics
 import subprocess
 import sys
 
-from resgarden.bench import TIMM_NAMES, measure_pipeline, run_worker
+from resgarden.bench import TIMM_NAMES, run_worker
+from resgarden.bench_pipeline import TRANSFORMS, write_photo_folder
 
 
 def _measure(python: str, framework: str, model: str, task: str, mode: str, batch: int, size: int,
@@ -31,6 +34,49 @@ def _measure(python: str, framework: str, model: str, task: str, mode: str, batc
     raise RuntimeError(f"{framework} {model} {task} {mode} failed: {tail}")
 
 
+def _measure_loader(loader: str, photos: str, transform: str, workers: int, args) -> float:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", loader, "--photos", photos, "--transforms", transform,
+           "--workers", str(workers), "--seconds", str(args.seconds), "--image-size", str(args.image_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])["img_s"]
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    raise RuntimeError(f"{loader} {transform} loader with {workers} workers failed: {tail}")
+
+
+def _pipeline(args) -> int:
+    """Medians of alternating project / mindcv runs per (transform, workers); table and JSON rows."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        photos = args.photos or write_photo_folder(scratch)
+        rows = []
+        print(f"{'transform':12s} {'workers':>7s} {'project img/s':>13s}"
+              + (f" {'mindcv img/s':>12s} {'ratio':>6s}" if args.compare_mindcv else ""), flush=True)
+        for transform in args.transforms:
+            for workers in args.workers:
+                ours, theirs = [], []
+                for _ in range(args.repeats):
+                    ours.append(_measure_loader("project", photos, transform, workers, args))
+                    if args.compare_mindcv:
+                        theirs.append(_measure_loader("mindcv", photos, transform, workers, args))
+                row = dict(transform=transform, workers=workers, project_img_s=round(statistics.median(ours), 1))
+                line = f"{transform:12s} {workers:7d} {row['project_img_s']:13.1f}"
+                if args.compare_mindcv:
+                    row.update(mindcv_img_s=round(statistics.median(theirs), 1))
+                    row.update(ratio=round(row["project_img_s"] / row["mindcv_img_s"], 2))
+                    line += f" {row['mindcv_img_s']:12.1f} {row['ratio']:6.2f}"
+                rows.append(row)
+                print(line, flush=True)
+    print(f"# medians of {args.repeats} alternating runs of {args.seconds:g} s each, batch 32, {args.image_size} px, "
+          f"500x375 photo JPEGs; {os.cpu_count()} CPUs")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(rows, handle, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet50", "res2net50"])
@@ -45,24 +91,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-python", default=sys.executable,
                         help="Python that has torch and timm (default: this one)")
     parser.add_argument("--pipeline", action="store_true",
-                        help="instead: data pipeline img/s (JPEG decode + training augmentation) per worker count")
-    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="--pipeline: map workers to try")
-    parser.add_argument("--auto_augment", default=None, help="--pipeline: also apply this policy")
-    parser.add_argument("--worker", choices=["mindspore", "timm"], help=argparse.SUPPRESS)
+                        help="instead: input pipeline img/s (decode, augment, normalise, batch of 32) per worker count")
+    parser.add_argument("--compare-mindcv", action="store_true", help="--pipeline: also measure mindcv's loader")
+    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="--pipeline: worker counts to try")
+    parser.add_argument("--transforms", nargs="+", choices=TRANSFORMS, default=list(TRANSFORMS),
+                        help="--pipeline: standard training (RandomResizedCrop + flip), with RandAugment, evaluation")
+    parser.add_argument("--seconds", type=float, default=5.0, help="--pipeline: seconds read per measurement")
+    parser.add_argument("--photos", default=None, help="--pipeline: folder of photo JPEGs (default: written anew)")
+    parser.add_argument("--json", default=None, help="--pipeline: also write the rows to this JSON file")
+    parser.add_argument("--worker", choices=["mindspore", "timm", "project", "mindcv"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.worker in ("project", "mindcv"):
+        from resgarden.bench_pipeline import measure
+
+        result = measure(args.worker, args.photos, args.transforms[0], args.workers[0], args.seconds,
+                         args.train_batch, args.image_size)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
     if args.worker:
         run_worker(args.worker, args.models[0], args.tasks[0], args.modes[0], args.train_batch,
                    args.image_size, args.steps)
         return 0
-
     if args.pipeline:
-        print(f"{'workers':>7s} {'batch':>5s} {'size':>4s} {'augment':16s} {'img/s':>8s}")
-        for workers in args.workers:
-            result = measure_pipeline(workers, args.image_size, args.train_batch, auto_augment=args.auto_augment)
-            print(f"{workers:7d} {args.train_batch:5d} {args.image_size:4d} {args.auto_augment or 'rrc+flip':16s} "
-                  f"{result['img_s']:8.1f}", flush=True)
-        return 0
+        return _pipeline(args)
     unknown = [m for m in args.models if m not in TIMM_NAMES]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {sorted(TIMM_NAMES)}")

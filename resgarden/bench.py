@@ -102,33 +102,3 @@ def measure_timm(model_name: str, task: str, mode: str, batch: int, size: int, s
 def run_worker(framework: str, model_name: str, task: str, mode: str, batch: int, size: int, steps: int) -> None:
     measure = measure_mindspore if framework == "mindspore" else measure_timm
     print("RESULT " + json.dumps(measure(model_name, task, mode, batch, size, steps)), flush=True)
-
-
-def measure_pipeline(workers: int, size: int, batch: int, images: int = 96, auto_augment: str | None = None) -> dict:
-    """img/s of decode + training augmentation over ImageNet-sized JPEGs (500x375, q90) written
-    to a temporary folder, with ``workers`` parallel map workers."""
-    import os
-    import tempfile
-
-    import numpy as np
-    from PIL import Image
-
-    from config import parse_config
-    from resgarden.data import make_loader, scan_class_folders
-
-    with tempfile.TemporaryDirectory() as root:
-        rs = np.random.RandomState(0)
-        for i in range(images):
-            folder = os.path.join(root, f"n{i % 4:08d}")
-            os.makedirs(folder, exist_ok=True)
-            # smooth random content compresses like a photo, unlike white noise
-            base = rs.randint(0, 256, (24, 32, 3)).astype(np.uint8)
-            Image.fromarray(base).resize((500, 375), Image.BICUBIC).save(os.path.join(folder, f"{i}.JPEG"), quality=90)
-        args = [f"--image_size={size}", f"--batch_size={batch}", f"--num_parallel_workers={workers}"]
-        if auto_augment:
-            args.append(f"--auto_augment={auto_augment}")
-        split = scan_class_folders(root)
-        loader, _ = make_loader(split, parse_config(args), training=True)
-        start = time.perf_counter()
-        count = sum(len(labels) for _, labels in loader.create_tuple_iterator(num_epochs=1, output_numpy=True))
-        return dict(img_s=count / (time.perf_counter() - start), images=count)

@@ -229,6 +229,7 @@ class BatchSource:
         self.samples = len(order) // batch_size * batch_size if drop_remainder else len(order)
         self.workers = max(1, workers)
         self.bad_files: set[str] = set()
+        self.failure: DataError | None = None  # what ended the iteration, see :func:`batches`
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -278,14 +279,18 @@ class BatchSource:
         return images, np.asarray(labels, np.int32)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        if self.workers == 1:
-            for batch in range(len(self)):
-                images = np.empty(self.batch_shape(batch), np.float32)
-                yield self._collect(images, *self.fill(batch, images))
-        elif worker_processes_possible(self):
-            yield from self._in_processes()
-        else:
-            yield from self._in_threads()
+        try:
+            if self.workers == 1:
+                for batch in range(len(self)):
+                    images = np.empty(self.batch_shape(batch), np.float32)
+                    yield self._collect(images, *self.fill(batch, images))
+            elif worker_processes_possible(self):
+                yield from self._in_processes()
+            else:
+                yield from self._in_threads()
+        except DataError as exc:
+            self.failure = exc
+            raise
 
     def _in_threads(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         def fill(batch: int) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
@@ -323,6 +328,17 @@ class BatchSource:
             for memory in slots:
                 memory.close()
                 memory.unlink()
+
+
+def batches(loader, source: BatchSource, output_numpy: bool = False) -> Iterator[tuple]:
+    """One epoch of ``loader``'s batches; a DataError raised in its source comes out as itself
+    (MindSpore's pipeline wraps it in a RuntimeError with pages of context)."""
+    try:
+        yield from loader.create_tuple_iterator(num_epochs=1, output_numpy=output_numpy)
+    except RuntimeError:
+        if source.failure is not None:
+            raise source.failure from None
+        raise
 
 
 def _batch_bytes(source: BatchSource) -> int:

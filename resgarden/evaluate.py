@@ -6,7 +6,7 @@ import time
 import numpy as np
 from mindspore import nn
 
-from .data import Split, make_loader
+from .data import Split, batches, make_loader
 from .distributed import Cluster
 
 
@@ -31,7 +31,7 @@ def evaluate(model: nn.Cell, split: Split, cfg, cluster: Cluster | None = None) 
     loss_sum = 0.0
     start = time.perf_counter()
     try:
-        for images, labels in loader.create_tuple_iterator(num_epochs=1):
+        for images, labels in batches(loader, source):
             logits = model(images).asnumpy().astype(np.float64)
             y = labels.asnumpy()
             h1, h5, loss = accumulate(logits, y)

@@ -14,13 +14,15 @@ from mindspore import Tensor, nn
 
 from config import ConfigError
 
+from .data import BatchSource, batches
+
 logger = logging.getLogger("resgarden")
 SINK_TARGETS = ("GPU", "Ascend")  # MindSpore's data_sink refuses every other target
 
 
-def batch_steps(train_cell: nn.Cell, loader) -> Iterator[tuple[int, Tensor]]:
+def batch_steps(train_cell: nn.Cell, loader, source: BatchSource) -> Iterator[tuple[int, Tensor]]:
     """One step per batch of ``loader`` (one epoch)."""
-    for images, labels in loader.create_tuple_iterator(num_epochs=1):
+    for images, labels in batches(loader, source):
         yield 1, train_cell(images, labels)
 
 

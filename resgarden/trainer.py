@@ -157,7 +157,7 @@ def _fit(cfg, cluster: Cluster) -> dict[str, Any]:
         if sink is None:
             loader, source = make_loader(train_split, cfg, training=True, epoch=epoch, num_classes=num_classes,
                                          shard=cluster.shard)
-            steps = batch_steps(train_cell, loader)
+            steps = batch_steps(train_cell, loader, source)
         else:
             steps = sink.epoch(steps_per_epoch)
         bad_before = len(source.bad_files)

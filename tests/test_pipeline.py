@@ -1,0 +1,179 @@
+"""The input pipeline: MindSpore-equal evaluation, worker-count-independent training batches, worker
+processes and their fallbacks, and bad images that never end a run."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train as train_entry
+from config import parse_config
+from resgarden import data
+from resgarden.augment import ImageTransform, crop_box, dct_factor, erase, jitter
+from resgarden.bench_pipeline import write_photo_folder
+from resgarden.data import DataError, Split, make_loader, scan_class_folders
+from resgarden.images import UnreadableImage, decode_rgb
+from tests.helpers import write_imagenet_layout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return scan_class_folders(os.path.join(write_photo_folder(str(tmp_path_factory.mktemp("photos")), count=24),
+                                           "train"))
+
+
+def _batches(split: Split, args: list[str], training: bool, epoch: int = 0) -> list[np.ndarray]:
+    loader, _ = make_loader(split, parse_config(["--batch_size=8"] + args), training=training, epoch=epoch)
+    return [images for images, _ in loader.create_tuple_iterator(num_epochs=1, output_numpy=True)]
+
+
+def test_evaluation_equals_mindspores_decode_resize_crop(photos):
+    from mindspore.dataset import vision
+
+    cfg = parse_config(["--image_size=224", "--crop_pct=0.875"])
+    ours = data.image_transform(cfg, training=False)
+    theirs = [vision.Decode(), vision.Resize(256), vision.CenterCrop(224),
+              vision.Normalize([m * 255 for m in cfg.mean], [s * 255 for s in cfg.std]), vision.HWC2CHW()]
+    for path in photos.paths[:8]:
+        with open(path, "rb") as handle:
+            encoded = handle.read()
+        expected = np.frombuffer(encoded, np.uint8)
+        for op in theirs:
+            expected = op(expected)
+        got = ours(encoded, rng=None)
+        assert got.shape == expected.shape == (3, 224, 224)
+        grey_level = 1 / (255 * min(cfg.std))
+        assert np.abs(got - expected).max() <= 2 * grey_level + 1e-6  # rounding of two resamplings
+        assert np.abs(got - expected).mean() < 0.05 * grey_level
+
+
+@pytest.mark.parametrize("augment", [[], ["--color_jitter=0.4", "--re_prob=0.5"]], ids=["standard", "jitter-erasing"])
+def test_training_batches_do_not_depend_on_the_worker_count(photos, monkeypatch, augment):
+    sequential = _batches(photos, ["--num_parallel_workers=1"] + augment, training=True)
+    assert len(sequential) == 3 and sequential[0].shape == (8, 3, 224, 224) and sequential[0].dtype == np.float32
+    assert np.array_equal(np.concatenate(sequential), np.concatenate(_batches(
+        photos, ["--num_parallel_workers=1"] + augment, training=True)))  # replayable
+    processes = _batches(photos, ["--num_parallel_workers=2"] + augment, training=True)
+    monkeypatch.setattr(data, "worker_processes_possible", lambda source: False)
+    threads = _batches(photos, ["--num_parallel_workers=3"] + augment, training=True)
+    for other in (processes, threads):
+        assert np.array_equal(np.concatenate(sequential), np.concatenate(other))
+    assert not np.array_equal(sequential[0], _batches(photos, ["--num_parallel_workers=1"] + augment, True, 1)[0])
+
+
+def test_evaluation_keeps_the_last_partial_batch(photos):
+    batches = _batches(Split(photos.classes, photos.labels[:19], photos.paths[:19]), ["--num_parallel_workers=2"],
+                       training=False)
+    assert [len(b) for b in batches] == [8, 8, 3]
+
+
+def test_threads_when_shared_memory_is_short(photos, monkeypatch, caplog):
+    class Full:
+        f_bavail, f_frsize = 1, 4096
+
+    expected = np.concatenate(_batches(photos, ["--num_parallel_workers=1"], training=True))
+    monkeypatch.setattr(data.os, "statvfs", lambda path: Full())
+    monkeypatch.setattr(data, "_THREAD_FALLBACKS", set())
+    assert np.array_equal(np.concatenate(_batches(photos, ["--num_parallel_workers=2"], training=True)), expected)
+    assert "data loading in 2 threads instead of processes: /dev/shm has less than the" in caplog.text
+    assert "(docker: --shm-size)" in caplog.text
+
+
+def test_a_dead_worker_process_is_one_clear_error(photos, monkeypatch):
+    monkeypatch.setattr(data.BatchSource, "fill", lambda self, batch, images: os._exit(3))
+    source = data.BatchSource(photos, np.arange(len(photos)), data.image_transform(parse_config([]), True),
+                              seed_key=(0,), batch_size=8, drop_remainder=True, workers=2)
+    with pytest.raises(DataError, match="a data loading worker process died .*--num_parallel_workers=1"):
+        list(source)
+
+
+def test_crop_box_dct_factor_jitter_and_erasing():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = crop_box(rng, 375, 500, (0.08, 1.0), (0.75, 1.333))
+        assert 0 <= top and top + h <= 375 and 0 <= left and left + w <= 500
+        assert 0.08 * 375 * 500 * 0.95 <= h * w <= 375 * 500 and 0.7 <= w / h <= 1.4
+    assert crop_box(rng, 100, 1000, (0.5, 0.5), (1.0, 1.0)) == (0, 450, 100, 100)  # fallback: centred, ratio clamped
+    assert [dct_factor(side, 224) for side in (100, 447, 448, 900, 5000)] == [1, 1, 2, 4, 8]
+    pixels = np.full((32, 32, 3), 100, np.uint8)
+    assert np.array_equal(jitter(pixels, rng, 0.0), pixels)
+    assert jitter(pixels, np.random.default_rng(1), 0.5).mean() != 100
+    chw = np.ones((3, 50, 50), np.float32)
+    erase(chw, np.random.default_rng(2))
+    erased = (chw == 0).all(axis=0).sum()
+    assert 0.02 * 2500 * 0.9 <= erased <= 0.33 * 2500 * 1.1
+
+
+def test_large_photos_decode_at_a_fraction_in_the_dct_domain(photos):
+    big = io.BytesIO()
+    Image.open(photos.paths[0]).resize((2000, 1500)).save(big, "JPEG", quality=90)
+    assert decode_rgb(big.getvalue(), reduce=4).shape == (375, 500, 3)
+    cfg = parse_config(["--image_size=224", "--scale", "1", "1", "--ratio", "1.333", "1.334", "--hflip=0"])
+    out = data.image_transform(cfg, training=True)(big.getvalue(), np.random.default_rng(0))
+    full = data.image_transform(cfg, training=True)(decode_rgb(big.getvalue()), np.random.default_rng(0))
+    # the same picture through another filter (the DCT reduction averages, bilinear alone aliases)
+    assert out.shape == (3, 224, 224) and np.corrcoef(out.ravel(), full.ravel())[0, 1] > 0.99
+
+
+# ---------------------------------------------------------------- bad images
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, quality=90) if fmt == "JPEG" else image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def _odd_and_bad_files(folder: str, seed: int) -> tuple[list[str], list[str]]:
+    """(readable odd formats, unreadable files) written into ``folder``."""
+    rs = np.random.RandomState(seed)
+    rgb = Image.fromarray(rs.randint(0, 255, (40, 44, 3)).astype(np.uint8))
+    jpeg = _encoded(rgb, "JPEG")
+    odd = {"cmyk.JPEG": _encoded(rgb.convert("CMYK"), "JPEG"), "grey.JPEG": _encoded(rgb.convert("L"), "JPEG"),
+           "rgba.png": _encoded(rgb.convert("RGBA"), "PNG"), "palette.png": _encoded(rgb.convert("P"), "PNG"),
+           "sixteen.png": _encoded(Image.fromarray(rs.randint(0, 65535, (40, 44)).astype(np.uint16)), "PNG")}
+    bad = {"empty.JPEG": b"", "text.JPEG": b"not an image at all\n", "cut100.JPEG": jpeg[:100],
+           "cut300.JPEG": jpeg[:300], "cuthalf.JPEG": jpeg[:len(jpeg) // 2], "cut.png": _encoded(rgb, "PNG")[:200]}
+    for name, content in {**odd, **bad}.items():
+        with open(os.path.join(folder, name), "wb") as handle:
+            handle.write(content)
+    return [os.path.join(folder, n) for n in odd], [os.path.join(folder, n) for n in bad]
+
+
+def test_every_kind_of_bad_image_is_named_once_and_replaced(tmp_path):
+    root = tmp_path / "data"
+    classes = write_imagenet_layout(str(root), per_class=4, size=36)
+    odd_train, bad_train = _odd_and_bad_files(str(root / "train" / classes[0]), seed=0)
+    odd_val, bad_val = _odd_and_bad_files(str(root / "val" / classes[1]), seed=1)
+    for path in odd_train + odd_val:
+        with open(path, "rb") as handle:
+            assert decode_rgb(handle.read()).shape[2] == 3  # readable, just unusual
+    with pytest.raises(UnreadableImage):
+        decode_rgb(b"")
+    args = ["--model=resnet18", "--image_size=32", "--batch_size=9", "--epoch_size=2", f"--data_dir={root}",  # 27 files
+            f"--output_path={tmp_path / 'runs'}", "--num_parallel_workers=2", "--log_interval=100"]
+    assert train_entry.main(args) == 0
+    run_dir = next((tmp_path / "runs").iterdir())
+    log = (run_dir / "train.log").read_text()
+    for path in bad_train + bad_val:
+        assert log.count(f"skipping unreadable image {path} ") == 1, path  # once, though read every epoch
+    for path in odd_train + odd_val:
+        assert path not in log
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["unreadable_images"] for r in records] == [len(bad_train)] * 2
+    done = subprocess.run([sys.executable, "validate.py", f"--data_dir={root}", f"--ckpt_path={run_dir}",
+                           "--num_parallel_workers=2", f"--json={tmp_path / 'val.json'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for path in bad_val:
+        assert done.stdout.count(f"skipping unreadable image {path} ") == 1, path
+    result = json.loads((tmp_path / "val.json").read_text())
+    # an unreadable image is replaced by the next one, so every file of the split is scored once
+    assert result["unreadable"] == len(bad_val) and result["count"] == 4 * 4 + len(odd_val) + len(bad_val)
