@@ -6,9 +6,9 @@ import logging
 import os
 import sys
 import time
-from datetime import datetime
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import mindspore as ms

@@ -20,7 +20,7 @@ import models
 import train as train_entry
 from config import ConfigError, parse_config
 from resgarden import context, distributed, platform, steps, train_step, validation
-from resgarden.distributed import Cluster, ClusterPlan, init_cluster, local_device_id, plan_cluster, seed_random_ops
+from resgarden.distributed import Cluster, ClusterPlan, init_cluster, local_device_id, plan_cluster
 from resgarden.errors import UserError
 from resgarden.trainer import train
 from resgarden.train_step import TrainStep

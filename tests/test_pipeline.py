@@ -15,7 +15,7 @@ from PIL import Image
 import train as train_entry
 from config import parse_config
 from resgarden import data
-from resgarden.augment import ImageTransform, crop_box, dct_factor, erase, jitter
+from resgarden.augment import crop_box, dct_factor, erase, jitter
 from resgarden.bench_pipeline import write_photo_folder
 from resgarden.data import DataError, Split, make_loader, scan_class_folders
 from resgarden.images import UnreadableImage, decode_rgb
