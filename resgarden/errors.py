@@ -7,6 +7,10 @@ class UserError(ValueError):
     for the user as is and the entry points print it as one line (exit code 2)."""
 
 
+class DataError(UserError):
+    """Missing or malformed data; the message is for the user as is."""
+
+
 class DistributedError(RuntimeError):
     """A data-parallel job cannot go on: a rank died, stopped answering or could not join
     (one line, exit code 1)."""

@@ -6,7 +6,8 @@ import time
 import numpy as np
 from mindspore import nn
 
-from .data import Split, batches, make_loader
+from .batches import batches
+from .data import Split, make_loader
 from .distributed import Cluster
 
 

@@ -14,7 +14,7 @@ from mindspore import Tensor, nn
 
 from config import ConfigError
 
-from .data import BatchSource, batches
+from .batches import BatchSource, batches
 
 logger = logging.getLogger("resgarden")
 SINK_TARGETS = ("GPU", "Ascend")  # MindSpore's data_sink refuses every other target

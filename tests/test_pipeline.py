@@ -14,7 +14,7 @@ from PIL import Image
 
 import train as train_entry
 from config import parse_config
-from resgarden import data
+from resgarden import batches, data
 from resgarden.augment import crop_box, dct_factor, erase, jitter
 from resgarden.bench_pipeline import write_photo_folder
 from resgarden.data import DataError, Split, make_loader, scan_class_folders
@@ -62,7 +62,7 @@ def test_training_batches_do_not_depend_on_the_worker_count(photos, monkeypatch,
     assert np.array_equal(np.concatenate(sequential), np.concatenate(_batches(
         photos, ["--num_parallel_workers=1"] + augment, training=True)))  # replayable
     processes = _batches(photos, ["--num_parallel_workers=2"] + augment, training=True)
-    monkeypatch.setattr(data, "worker_processes_possible", lambda source: False)
+    monkeypatch.setattr(batches, "worker_processes_possible", lambda source: False)
     threads = _batches(photos, ["--num_parallel_workers=3"] + augment, training=True)
     for other in (processes, threads):
         assert np.array_equal(np.concatenate(sequential), np.concatenate(other))
@@ -80,16 +80,16 @@ def test_threads_when_shared_memory_is_short(photos, monkeypatch, caplog):
         f_bavail, f_frsize = 1, 4096
 
     expected = np.concatenate(_batches(photos, ["--num_parallel_workers=1"], training=True))
-    monkeypatch.setattr(data.os, "statvfs", lambda path: Full())
-    monkeypatch.setattr(data, "_THREAD_FALLBACKS", set())
+    monkeypatch.setattr(batches.os, "statvfs", lambda path: Full())
+    monkeypatch.setattr(batches, "_THREAD_FALLBACKS", set())
     assert np.array_equal(np.concatenate(_batches(photos, ["--num_parallel_workers=2"], training=True)), expected)
     assert "data loading in 2 threads instead of processes: /dev/shm has less than the" in caplog.text
     assert "(docker: --shm-size)" in caplog.text
 
 
 def test_a_dead_worker_process_is_one_clear_error(photos, monkeypatch):
-    monkeypatch.setattr(data.BatchSource, "fill", lambda self, batch, images: os._exit(3))
-    source = data.BatchSource(photos, np.arange(len(photos)), data.image_transform(parse_config([]), True),
+    monkeypatch.setattr(batches.BatchSource, "fill", lambda self, batch, images: os._exit(3))
+    source = batches.BatchSource(photos, np.arange(len(photos)), data.image_transform(parse_config([]), True),
                               seed_key=(0,), batch_size=8, drop_remainder=True, workers=2)
     with pytest.raises(DataError, match="a data loading worker process died .*--num_parallel_workers=1"):
         list(source)

@@ -1,0 +1,218 @@
+"""Batches for MindSpore's GeneratorDataset, built by the main process, forked worker processes
+(shared memory) or threads: every image read, transformed (resgarden/augment.py) and written
+straight into its batch's array."""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import random
+import threading
+import zlib
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import shared_memory
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .augment import ImageTransform
+from .errors import DataError
+from .images import UnreadableImage
+
+if TYPE_CHECKING:
+    from .data import Split
+
+logger = logging.getLogger("resgarden")
+SHARED_MEMORY_DIR = "/dev/shm"  # where multiprocessing.shared_memory puts its segments on Linux
+
+
+class BatchSource:
+    """One epoch's order of a Split as batches, for GeneratorDataset (iterable). Each image is read
+    and transformed by resgarden/augment.py and written straight into its batch's array.
+
+    ``workers`` > 1: that many forked worker processes build whole batches into shared memory
+    (no interpreter lock between them, so Python steps such as auto-augment policies scale too);
+    threads where processes cannot be used. Batches come out in order either way.
+
+    Each image draws from its own random stream, keyed by ``seed_key``, its epoch and its position
+    in that epoch (``order`` may chain several epochs of ``epoch_length`` samples, starting at
+    ``first_epoch``); a worker process seeds Python's and NumPy's global streams per batch for the
+    auto-augment policies. A file that cannot be decoded is logged with its path (once) and
+    replaced by the next sample in the order; ``bad_files`` holds this epoch's.
+    """
+
+    def __init__(self, split: Split, order: np.ndarray, transform: ImageTransform, seed_key: tuple[int, ...],
+                 batch_size: int, drop_remainder: bool, workers: int = 1, first_epoch: int = 0,
+                 epoch_length: int | None = None) -> None:
+        self.split = split
+        self.order = order
+        self.transform = transform
+        self.seed_key = seed_key
+        self.first_epoch = first_epoch
+        self.epoch_length = epoch_length or max(len(order), 1)
+        self.batch_size = batch_size
+        self.samples = len(order) // batch_size * batch_size if drop_remainder else len(order)
+        self.workers = max(1, workers)
+        self.bad_files: set[str] = set()
+        self.failure: DataError | None = None  # what ended the iteration, see :func:`batches`
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return -(-self.samples // self.batch_size)
+
+    def batch_shape(self, batch: int) -> tuple[int, int, int, int]:
+        size = self.transform.size
+        return min(self.batch_size, self.samples - batch * self.batch_size), 3, size, size
+
+    def _read(self, index: int) -> bytes | np.ndarray:
+        if self.split.images is not None:
+            return self.split.images[index]
+        try:
+            with open(self.split.paths[index], "rb") as handle:
+                return handle.read()
+        except OSError as exc:
+            raise UnreadableImage(exc.strerror or str(exc)) from None
+
+    def sample(self, position: int, out: np.ndarray, bad: list[tuple[str, str]]) -> int:
+        """Write the image at ``position`` of the order (or the next readable one) into ``out``;
+        return its label. Unreadable files are appended to ``bad`` as (path, reason)."""
+        epoch, offset = divmod(position, self.epoch_length)
+        rng = np.random.default_rng((*self.seed_key, self.first_epoch + epoch, offset))
+        n = len(self.order)
+        for attempt in range(n):
+            index = int(self.order[(position + attempt) % n])
+            try:
+                self.transform(self._read(index), rng, out)
+                return int(self.split.labels[index])
+            except UnreadableImage as exc:
+                bad.append((self.split.paths[index], str(exc)))
+        raise DataError("no readable image in the data set")
+
+    def fill(self, batch: int, images: np.ndarray) -> tuple[list[int], list[tuple[str, str]]]:
+        """Write batch ``batch`` into ``images``; (labels, unreadable files)."""
+        bad: list[tuple[str, str]] = []
+        start = batch * self.batch_size
+        return [self.sample(start + i, images[i], bad) for i in range(len(images))], bad
+
+    def _collect(self, images: np.ndarray, labels: list[int], bad: list[tuple[str, str]]):
+        with self._lock:
+            for path, reason in bad:
+                self.bad_files.add(path)
+                if path not in _LOGGED_BAD_FILES:  # once per process, not once per epoch
+                    _LOGGED_BAD_FILES.add(path)
+                    logger.warning("skipping unreadable image %s (%s)", path, reason)
+        return images, np.asarray(labels, np.int32)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        try:
+            if self.workers == 1:
+                for batch in range(len(self)):
+                    images = np.empty(self.batch_shape(batch), np.float32)
+                    yield self._collect(images, *self.fill(batch, images))
+            elif worker_processes_possible(self):
+                yield from self._in_processes()
+            else:
+                yield from self._in_threads()
+        except DataError as exc:
+            self.failure = exc
+            raise
+
+    def _in_threads(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        def fill(batch: int) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+            images = np.empty(self.batch_shape(batch), np.float32)
+            return (images, *self.fill(batch, images))
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="resgarden-data") as pool:
+            yield from (self._collect(*batch) for batch in pool.map(fill, range(len(self))))
+
+    def _in_processes(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        slots = [shared_memory.SharedMemory(create=True, size=_batch_bytes(self)) for _ in range(2 * self.workers)]
+        free, queued = list(range(len(slots))), deque()
+        next_batch = 0
+        try:
+            with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
+                                     initializer=_set_worker_source, initargs=(self,)) as pool:
+                while True:
+                    while free and next_batch < len(self):
+                        slot = free.pop()
+                        queued.append((slot, next_batch, pool.submit(_fill_slot, next_batch, slots[slot].name)))
+                        next_batch += 1
+                    if not queued:
+                        return
+                    slot, batch, future = queued.popleft()
+                    try:
+                        labels, bad = future.result()
+                    except BrokenProcessPool:
+                        raise DataError("a data loading worker process died (out of memory, or a crash in an "
+                                        "image library); --num_parallel_workers=1 decodes in the main process") from None
+                    # copied out: MindSpore keeps referring to the arrays it is given, without a copy
+                    images = np.ndarray(self.batch_shape(batch), np.float32, buffer=slots[slot].buf).copy()
+                    free.append(slot)
+                    yield self._collect(images, labels, bad)
+        finally:
+            for memory in slots:
+                memory.close()
+                memory.unlink()
+
+
+def batches(loader, source: BatchSource, output_numpy: bool = False) -> Iterator[tuple]:
+    """One epoch of ``loader``'s batches; a DataError raised in its source comes out as itself
+    (MindSpore's pipeline wraps it in a RuntimeError with pages of context)."""
+    try:
+        yield from loader.create_tuple_iterator(num_epochs=1, output_numpy=output_numpy)
+    except RuntimeError:
+        if source.failure is not None:
+            raise source.failure from None
+        raise
+
+
+def _batch_bytes(source: BatchSource) -> int:
+    return int(np.prod(source.batch_shape(0))) * 4
+
+
+def worker_processes_possible(source: BatchSource) -> bool:
+    """Whether forked workers can be used: fork exists (Linux) and the shared-memory folder has
+    room for the batches in flight (a container's default 64 MB /dev/shm may not); else threads,
+    said once in the log."""
+    needed = _batch_bytes(source) * 2 * source.workers
+    reason = None
+    if "fork" not in multiprocessing.get_all_start_methods():
+        reason = "this platform cannot fork"
+    else:
+        try:
+            stats = os.statvfs(SHARED_MEMORY_DIR)
+            if stats.f_bavail * stats.f_frsize < needed:
+                reason = f"{SHARED_MEMORY_DIR} has less than the {needed / 2**20:.0f} MB free that the batches in " \
+                         f"flight need (docker: --shm-size)"
+        except OSError as exc:
+            reason = f"{SHARED_MEMORY_DIR} is not usable ({exc.strerror})"
+    if reason and reason not in _THREAD_FALLBACKS:
+        _THREAD_FALLBACKS.add(reason)
+        logger.warning("data loading in %d threads instead of processes: %s", source.workers, reason)
+    return reason is None
+
+
+_THREAD_FALLBACKS: set[str] = set()
+_LOGGED_BAD_FILES: set[str] = set()
+_worker_source: BatchSource | None = None  # in a worker process: the source it was forked with
+_worker_slots: dict[str, shared_memory.SharedMemory] = {}
+
+
+def _set_worker_source(source: BatchSource) -> None:
+    global _worker_source
+    _worker_source = source
+
+
+def _fill_slot(batch: int, slot_name: str) -> tuple[list[int], list[tuple[str, str]]]:
+    """In a worker process: build batch ``batch`` into the shared-memory slot ``slot_name``."""
+    source = _worker_source
+    if slot_name not in _worker_slots:
+        _worker_slots[slot_name] = shared_memory.SharedMemory(name=slot_name)  # unlinked by the parent
+    seed = zlib.crc32(repr((*source.seed_key, source.first_epoch, batch)).encode())
+    random.seed(seed)  # the auto-augment policies draw from the global streams
+    np.random.seed(seed)
+    images = np.ndarray(source.batch_shape(batch), np.float32, buffer=_worker_slots[slot_name].buf)
+    return source.fill(batch, images)
