@@ -110,6 +110,30 @@ def default_device_target() -> str:
 MAX_DEFAULT_WORKERS = 16
 
 
+def available_memory(meminfo_path: str = "/proc/meminfo") -> int | None:
+    """Bytes of memory the kernel can hand out now (``MemAvailable``: free plus reclaimable page
+    cache); None where that cannot be read."""
+    try:
+        with open(meminfo_path, encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def fix_checkpoint_memory_check() -> None:
+    """MindSpore 2.10's ``load_checkpoint`` refuses a file larger than *free* memory
+    (``SC_AVPHYS_PAGES``); on a machine that has written a lot, page cache leaves a few hundred MB
+    free of many GB available, and a 200 MB training checkpoint fails to load. Make the check use
+    ``MemAvailable`` (where MindSpore has the check at all)."""
+    from mindspore.train import serialization
+
+    if hasattr(serialization, "_get_available_memory"):
+        serialization._get_available_memory = available_memory
+
+
 def default_data_workers(local_ranks: int = 1) -> tuple[int, str]:
     """(data loading workers for one rank, how that was decided): the CPUs this process may run on,
     shared by the ranks on its node, at least 1 and at most MAX_DEFAULT_WORKERS."""
