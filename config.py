@@ -1,4 +1,4 @@
-"""The one configuration of train.py, validate.py and eval.py: defaults < YAML < command line.
+"""The one configuration of every command: defaults < YAML < command line, then the specs.
 
 Every setting is declared once in SETTINGS with its type, default, help and the other names
 users bring from mindcv (``--data_dir --ckpt_save_dir --distribute --epoch_size``) and from
@@ -6,6 +6,9 @@ mindspore/models (``--data_path --output_path --run_distribute --config_path``).
 the same from the command line and YAML (``--pretrained``, ``--pretrained=False``,
 ``--run_distribute=1``); lists take several values (``--scale 0.08 1.0``); ``key=value``
 without dashes is accepted as an override. An unknown key is an error naming the closest one.
+
+The engine never sees these settings: ``train_job`` / ``inference_job`` turn them into the small
+frozen specs of :mod:`resgarden.specs`, each engine function taking the ones it reads.
 """
 from __future__ import annotations
 
@@ -13,18 +16,19 @@ import argparse
 import difflib
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import yaml
 
-from resgarden.errors import UserError
+from resgarden.errors import ConfigError
+from resgarden.platform import select_device_target
+from resgarden.specs import (EVAL_FIELDS, Augmentation, ClusterSpec, ContextSpec, DataSpec, EvalTransform,
+                             InferenceJob, LoaderSpec, Mixing, ModelSpec, OptimSpec, RunSpec, ScheduleSpec, StepSpec,
+                             TrainJob, WeightsSpec)
 
-
-class ConfigError(UserError):
-    """A bad flag, YAML key or value; the message is meant for the user as is."""
+__all__ = ["ConfigError", "configure", "inference_job", "load_yaml", "parse_config", "train_job"]
 
 
 def parse_bool(value: Any) -> bool:
@@ -271,11 +275,84 @@ def parse_config(argv: Sequence[str] | None = None, prog: str | None = None,
     return config
 
 
-def save_config(config: argparse.Namespace, path: str) -> None:
-    """Write the merged settings as YAML, atomically (temp file + rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml", dir=directory)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        yaml.safe_dump({k: v for k, v in vars(config).items() if k in BY_NAME}, handle, sort_keys=False)
-    os.replace(tmp, path)
+def config_yaml(config: argparse.Namespace) -> str:
+    """The merged settings as the YAML a run folder keeps (``-c`` reads it back)."""
+    return yaml.safe_dump({k: v for k, v in vars(config).items() if k in BY_NAME}, sort_keys=False)
+
+
+def configure(argv: Sequence[str] | None, prog: str, description: str | None) -> argparse.Namespace:
+    """The merged settings with ``device_target`` resolved (``auto`` -> what this MindSpore can run
+    on, from the platform layer): call before importing the engine or the models, whose CPU kernels
+    depend on it."""
+    config = parse_config(argv, prog=prog, description=description)
+    config.device_target = select_device_target(config.device_target)
+    return config
+
+
+# ---------------------------------------------------------------- specs
+
+def _context(c: argparse.Namespace) -> ContextSpec:
+    return ContextSpec(device_target=select_device_target(c.device_target), mode=c.mode, jit_level=c.jit_level,
+                       device_id=c.device_id, seed=c.seed, distribute=c.distribute, weights_cache=c.weights_cache)
+
+
+def _cluster(c: argparse.Namespace) -> ClusterSpec:
+    return ClusterSpec(distribute=c.distribute, device_target=select_device_target(c.device_target),
+                       device_id=c.device_id, dist_init=c.dist_init, dist_host=c.dist_host, dist_port=c.dist_port,
+                       dist_timeout=c.dist_timeout)
+
+
+def _loader(c: argparse.Namespace) -> LoaderSpec:
+    return LoaderSpec(
+        batch_size=c.batch_size, workers=c.num_parallel_workers, seed=c.seed,
+        eval_transform=EvalTransform(image_size=c.image_size, crop_pct=c.crop_pct, interpolation=c.interpolation,
+                                     mean=tuple(c.mean), std=tuple(c.std)),
+        augmentation=Augmentation(scale=tuple(c.scale), ratio=tuple(c.ratio), hflip=c.hflip,
+                                  auto_augment=c.auto_augment, color_jitter=c.color_jitter or 0.0,
+                                  re_prob=c.re_prob),
+        mixing=Mixing(mixup=c.mixup, cutmix=c.cutmix, prob=c.mixup_prob, switch_prob=c.mixup_switch_prob,
+                      off_epoch=c.mixup_off_epoch, label_smoothing=c.label_smoothing))
+
+
+def _data(c: argparse.Namespace) -> DataSpec:
+    return DataSpec(dataset=c.dataset, data_dir=c.data_dir, train_split=c.train_split, val_split=c.val_split,
+                    download=c.dataset_download)
+
+
+def _model(c: argparse.Namespace) -> ModelSpec:
+    return ModelSpec(name=c.model, num_classes=c.num_classes, in_channels=c.in_channels, drop_rate=c.drop_rate,
+                     drop_path_rate=c.drop_path_rate)
+
+
+def _weights(c: argparse.Namespace) -> WeightsSpec:
+    return WeightsSpec(pretrained=c.pretrained, ckpt_path=c.ckpt_path, fold_bn=c.fold_bn)
+
+
+def train_job(c: argparse.Namespace) -> TrainJob:
+    """The specs of a training run."""
+    return TrainJob(
+        context=_context(c), cluster=_cluster(c), data=_data(c), loader=_loader(c), model=_model(c),
+        weights=_weights(c),
+        schedule=ScheduleSpec(lr=c.lr, scheduler=c.scheduler, warmup_epochs=c.warmup_epochs, min_lr=c.min_lr,
+                              decay_epochs=c.decay_epochs, decay_rate=c.decay_rate,
+                              milestones=tuple(c.milestones), epochs=c.epoch_size),
+        optim=OptimSpec(opt=c.opt, momentum=c.momentum, weight_decay=c.weight_decay,
+                        filter_bias_and_bn=c.filter_bias_and_bn, backbone_lr_scale=c.backbone_lr_scale,
+                        freeze_backbone=c.freeze_backbone),
+        step=StepSpec(label_smoothing=c.label_smoothing, amp_level=c.amp_level, loss_scale=c.loss_scale,
+                      dynamic_loss_scale=c.loss_scale_type == "dynamic",
+                      clip_norm=c.clip_value if c.clip_grad else 0.0,
+                      accumulation=max(1, c.gradient_accumulation_steps), ema_decay=c.ema_decay if c.ema else 0.0),
+        run=RunSpec(epochs=c.epoch_size, output_dir=c.ckpt_save_dir, resume=c.resume,
+                    save_interval=c.ckpt_save_interval, keep_checkpoints=c.keep_checkpoint_max,
+                    save_policy=c.ckpt_save_policy, val_while_train=c.val_while_train, val_interval=c.val_interval,
+                    log_interval=c.log_interval, sink_mode=c.dataset_sink_mode, config_yaml=config_yaml(c)))
+
+
+def inference_job(c: argparse.Namespace) -> InferenceJob:
+    """The specs of validate, eval, infer and export; ``given`` names the model / eval-transform
+    settings the user set, which win over what the weights bring."""
+    given = frozenset(n for n in getattr(c, "explicit", ()) if n == "model" or n in EVAL_FIELDS)
+    return InferenceJob(context=_context(c), model=_model(c), weights=_weights(c), loader=_loader(c), given=given,
+                        cluster=_cluster(c), data=_data(c), json_path=c.json, images=tuple(c.images),
+                        file_format=c.file_format, file_name=c.file_name, dynamic_batch=c.dynamic_batch)

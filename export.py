@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import sys
 
-from resgarden.cli import configure, run
+from config import configure, inference_job
+from resgarden.runner import run
 
 
 def _export(argv: list[str] | None) -> str:
     cfg = configure(argv, prog="export.py", description=__doc__)
     from resgarden.export import export_model  # the engine after the device target is chosen
 
-    return f"wrote {export_model(cfg)}"
+    return f"wrote {export_model(inference_job(cfg))}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import sys
 
-from resgarden.cli import configure, run
+from config import configure, inference_job
+from resgarden.runner import run
 
 
 def _infer(argv: list[str] | None) -> str:
     cfg = configure(argv, prog="infer.py", description=__doc__)
     from resgarden.predict import format_predictions, predict  # the engine after the device target is chosen
 
-    return format_predictions(predict(cfg))
+    return format_predictions(predict(inference_job(cfg)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import sys
 
-from resgarden.cli import configure, run
+from config import configure, train_job
+from resgarden.runner import run
 
 
 def _train(argv: list[str] | None) -> str | None:
     cfg = configure(argv, prog="train.py", description=__doc__)
     from resgarden.trainer import train  # the engine after the device target is chosen
 
-    result = train(cfg)
+    result = train(train_job(cfg))
     if result["rank"] != 0:  # data-parallel: rank 0 speaks for the job
         return None
     accuracy = f", val top-1 {result['val_top1']:.2f}%" if "val_top1" in result else ""

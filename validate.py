@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import sys
 
-from resgarden.cli import configure, run
+from config import configure, inference_job
+from resgarden.runner import run
 
 
 def _validate(argv: list[str] | None, prog: str) -> str | None:
     cfg = configure(argv, prog=prog, description=__doc__)
     from resgarden.validation import format_result, validate  # the engine after the device target is chosen
 
-    return format_result(validate(cfg))
+    return format_result(validate(inference_job(cfg)))
 
 
 def main(argv: list[str] | None = None, prog: str = "validate.py") -> int:

@@ -13,11 +13,11 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 from typing import Mapping
 
 import numpy as np
 
+from resgarden.atomic import atomic_path
 from resgarden.errors import UserError
 
 # PyTorch module names -> ours, then BN tensor names -> MindSpore's.
@@ -81,10 +81,8 @@ def convert(model_name: str, src: str, out: str, num_classes: int | None = None)
     """Convert ``src`` into a MindSpore checkpoint ``out`` for ``model_name``; returns the load report."""
     import mindspore as ms
 
-    from . import create_model
+    from .registry import check_model_name, create_model
     from .weights import load_weights
-
-    from .registry import check_model_name
 
     try:
         check_model_name(model_name)
@@ -95,16 +93,8 @@ def convert(model_name: str, src: str, out: str, num_classes: int | None = None)
     model = create_model(model_name, num_classes=classes, pool_pad="pad")
     mapped = torch_to_ours(state, set(model.parameters_dict()))
     report = load_weights(model, mapped)  # strict: every parameter present with the right shape
-    directory = os.path.dirname(os.path.abspath(out))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(out, suffix=".ckpt") as tmp:
         ms.save_checkpoint(model, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return report.table()
 
 
@@ -119,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="MindSpore checkpoint to write")
     parser.add_argument("--num_classes", type=int, default=None, help="default: the size of the source's fc")
     args = parser.parse_args(argv)
-    from resgarden.cli import run
+    from resgarden.runner import run
 
     def action() -> str:
         report = convert(args.model, args.src, args.out, args.num_classes)

@@ -16,15 +16,14 @@ from dataclasses import dataclass
 from mindspore import nn
 
 from resgarden.download import DownloadError, download_verified
+from resgarden.specs import EvalTransform
 
-from .weights import WeightsError, adapt_head, load_weights, read_checkpoint
+from .weights import LoadReport, WeightsError, load_weights
 
 logger = logging.getLogger("resgarden")
 
 MINDCV_URL = "https://download.mindspore.cn/toolkits/mindcv/"
 CACHE_ENV = "RESGARDEN_CACHE"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -36,12 +35,7 @@ class Pretrained:
     source: str
     url: str | None = None
     recipe: str | None = None
-    num_classes: int = 1000
-    image_size: int = 224
-    crop_pct: float = 0.875
-    interpolation: str = "bilinear"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    eval_transform: EvalTransform = EvalTransform()
 
     @property
     def filename(self) -> str:
@@ -81,7 +75,7 @@ PRETRAINED: dict[str, Pretrained] = {
                               "res2net/res2net_101_v1b_ascend.yaml"),
     "resnest50": _mindcv("resnest/resnest50-f2e7fc9c.ckpt", 80.81, 95.16, "resnest/resnest50_ascend.yaml"),
     "resnest101": _mindcv("resnest/resnest101-7cc5c258.ckpt", 82.90, 96.12, "resnest/resnest101_ascend.yaml",
-                          image_size=256, crop_pct=0.9),
+                          eval_transform=EvalTransform(image_size=256, crop_pct=0.9)),
     # No released MindSpore weights: accuracy as published (Res2Net paper / PaddleClas).
     "res2net50_14w_8s": Pretrained(79.5, 94.7, "PaddleClas"),
     "res2net50_48w_2s": Pretrained(77.32, 93.53, "paper"),
@@ -101,12 +95,9 @@ def cache_dir(override: str | None = None) -> str:
     return override or os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "resgarden")
 
 
-def load_pretrained(model: nn.Cell, name: str, directory: str | None = None) -> None:
-    """Download (or reuse), verify and load the released weights of ``name`` into ``model``.
-
-    The classifier is fitted by :func:`models.weights.adapt_head` (1001 -> 1000 classes, or a
-    fresh head for another number of classes).
-    """
+def load_pretrained(model: nn.Cell, name: str, directory: str | None = None, head: str = "replace") -> LoadReport:
+    """Download (or reuse), verify and load the released weights of ``name`` into ``model``
+    (:func:`models.weights.load_weights` with the given head policy); logs and returns the report."""
     entry = PRETRAINED.get(name)
     if entry is None or entry.url is None:
         source = f" (published top-1 {entry.top1} from {entry.source})" if entry else ""
@@ -116,7 +107,6 @@ def load_pretrained(model: nn.Cell, name: str, directory: str | None = None) -> 
         path = download_verified(entry.url, entry.sha256_prefix, cache_dir(directory))
     except DownloadError as exc:
         raise WeightsError(str(exc)) from None
-    state = dict(read_checkpoint(path))
-    replaced_head = adapt_head(state, model)
-    report = load_weights(model, state, may_be_missing=replaced_head)
+    report = load_weights(model, path, head=head)
     logger.info("%s: loaded pretrained weights from %s: %s", name, entry.url, report.table())
+    return report

@@ -1,14 +1,20 @@
 """Model registry and factory in mindcv's style: ``register_model``, ``list_models``, ``create_model``."""
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
+import logging
 from typing import Any, Callable
 
 from mindspore import nn
 
-from .pretrained import load_pretrained
-from .weights import load_weights
+from resgarden.specs import EvalTransform
+
+from .pretrained import PRETRAINED, load_pretrained
+from .weights import Checkpoint, WeightsInfo, load_weights, open_checkpoint
+
+logger = logging.getLogger("resgarden")
 
 _MODELS: dict[str, Callable[..., nn.Cell]] = {}
 _FAMILIES: dict[str, str] = {}
@@ -44,19 +50,22 @@ def check_model_name(name: str) -> str:
 
 
 def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, in_channels: int = 3,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, checkpoint_path: str | None = None,
-                 **kwargs: Any) -> nn.Cell:
-    """Build a registered model, optionally with weights.
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 checkpoint_path: str | Checkpoint | None = None, head: str = "replace", **kwargs: Any) -> nn.Cell:
+    """Build a registered model, optionally with weights; ``model.pretrained_cfg`` (a
+    :class:`models.weights.WeightsInfo`) says where they came from and their eval transform.
 
     Args:
         name: a name from :func:`list_models`.
-        pretrained: load the released ImageNet weights of ``name`` (downloaded and verified);
-            with another ``num_classes`` the classifier is left freshly initialised.
+        pretrained: load the released ImageNet weights of ``name`` (downloaded and verified).
         num_classes: classifier outputs (0: no classifier, the model returns pooled features).
         in_channels: input image channels.
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth rate of the last block.
-        checkpoint_path: a MindSpore checkpoint to load (ours or mindcv's layout).
+        checkpoint_path: a MindSpore checkpoint to load (our layout, mindcv's), or one already read
+            with :func:`models.weights.open_checkpoint`.
+        head: a checkpoint head of other classes than ``num_classes``: ``"replace"`` it by a fresh
+            one (logged), or ``"refuse"`` (WeightsError). 1001-class heads are cut to 1000 either way.
         **kwargs: further trunk arguments, e.g. ``features_only=True`` or ``pool_pad="pad"``.
     """
     fn = _MODELS[check_model_name(name)]
@@ -64,8 +73,17 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, i
         raise ValueError("give either pretrained=True or checkpoint_path, not both")
     model = fn(num_classes=num_classes, in_channels=in_channels, drop_rate=drop_rate,
                drop_path_rate=drop_path_rate, **kwargs)
+    entry = PRETRAINED.get(name)
+    info = WeightsInfo(eval_transform=entry.eval_transform if entry else EvalTransform())
     if pretrained:
-        load_pretrained(model, name)
+        load_pretrained(model, name, head=head)
+        info = dataclasses.replace(info, source=entry.url, top1=entry.top1)
     elif checkpoint_path:
-        load_weights(model, checkpoint_path)
+        checkpoint = open_checkpoint(checkpoint_path) if isinstance(checkpoint_path, str) else checkpoint_path
+        report = load_weights(model, checkpoint, head=head)
+        # said at INFO where something was done to the weights (names mapped, head fitted, EMA taken)
+        level = logging.INFO if report.renamed or report.notes else logging.DEBUG
+        logger.log(level, "%s: weights from %s: %s", name, checkpoint.path, report.table())
+        info = WeightsInfo.of_checkpoint(checkpoint, info.eval_transform)
+    model.pretrained_cfg = info
     return model

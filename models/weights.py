@@ -1,7 +1,8 @@
-"""Loading weights into our models: checkpoint reading, mindcv name mapping, readable reports."""
+"""The one way weights enter our models: checkpoint reading, layout name mapping, head fitting,
+readable reports."""
 from __future__ import annotations
 
-import logging
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -12,8 +13,7 @@ import numpy as np
 from mindspore import nn
 
 from resgarden.errors import UserError
-
-logger = logging.getLogger("resgarden")
+from resgarden.specs import EvalTransform
 
 # mindcv layouts -> ours. Applied only to names the model does not have, first match wins.
 # ResNeSt names its shortcut `downsample` and its head `fc`; Res2Net-v1b's stride-1 avg-down
@@ -54,6 +54,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was done to fit the head
 
     @property
     def ok(self) -> bool:
@@ -62,6 +63,7 @@ class LoadReport:
     def table(self) -> str:
         """A readable summary: counts, then one line per problem parameter."""
         lines = [f"loaded {len(self.loaded)} parameters ({len(self.renamed)} renamed from mindcv layout)"]
+        lines += [f"  note        {note}" for note in self.notes]
         for name in self.missing:
             lines.append(f"  missing     {name}")
         for name in self.unexpected:
@@ -106,22 +108,96 @@ def _shape(value: object) -> tuple[int, ...]:
     return tuple(value.shape)  # Parameter, Tensor and ndarray all have .shape
 
 
-def load_weights(model: nn.Cell, source: str | Mapping[str, object], strict: bool = True,
-                 may_be_missing: tuple[str, ...] = ()) -> LoadReport:
-    """Load a checkpoint path or a name -> Parameter/Tensor/ndarray dict into ``model``.
+HEAD_POLICIES = ("refuse", "replace")
+HEAD_PREFIX = "classifier."
+META_PREFIX = "meta."  # run metadata saved beside the weights by resgarden/checkpoint.py
+EMA_PREFIX = "ema."  # the EMA of the weights a run kept
 
-    Names in mindcv's layout are mapped to ours. Entries that are not parameters of the model
-    are reported as unexpected; optimizer state and run metadata of our training checkpoints are
-    skipped. With ``strict`` any missing,
-    unexpected or mismatched parameter raises :class:`WeightsError` carrying the report table,
-    and nothing is loaded. Parameters whose names start with one of ``may_be_missing`` (a head
-    being replaced) keep their current values without counting as missing.
+
+def read_meta(state: Mapping[str, object]) -> dict[str, object]:
+    """The ``meta.*`` entries of a loaded checkpoint as plain Python values (empty for others)."""
+    meta = {}
+    for key, value in state.items():
+        if key.startswith(META_PREFIX):
+            raw = value.asnumpy().item() if hasattr(value, "asnumpy") else value
+            meta[key[len(META_PREFIX):]] = json.loads(raw) if isinstance(raw, str) else raw
+    return meta
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint file as read: its entries, and the run metadata our training checkpoints carry."""
+
+    path: str
+    state: dict[str, object]
+
+    @property
+    def meta(self) -> dict[str, object]:
+        return read_meta(self.state)
+
+    @property
+    def has_ema(self) -> bool:
+        return any(k.startswith(EMA_PREFIX) for k in self.state)
+
+    def weights(self) -> dict[str, object]:
+        """The model weights: the run's EMA of them when it kept one, else the plain ones."""
+        if self.has_ema:
+            return {k[len(EMA_PREFIX):]: v for k, v in self.state.items() if k.startswith(EMA_PREFIX)}
+        return self.state
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    """Read ``path`` once (one clear WeightsError if it cannot be read)."""
+    return Checkpoint(path, dict(read_checkpoint(path)))
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """What a created model carries about its weights (timm's ``pretrained_cfg``): their source,
+    the eval transform they were published or trained with, their classes and published top-1."""
+
+    source: str | None = None  # URL or file; None: freshly initialised
+    eval_transform: EvalTransform = EvalTransform()
+    classes: tuple[str, ...] | None = None
+    top1: float | None = None
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Checkpoint, default: EvalTransform) -> WeightsInfo:
+        meta = checkpoint.meta
+        transform = EvalTransform.from_dict(meta["eval_transform"]) if "eval_transform" in meta else default
+        classes = tuple(meta["classes"]) if meta.get("classes") else None
+        return cls(source=checkpoint.path, eval_transform=transform, classes=classes)
+
+
+def load_weights(model: nn.Cell, source: str | Checkpoint | Mapping[str, object], strict: bool = True,
+                 head: str = "refuse") -> LoadReport:
+    """Load a checkpoint path or a name -> Parameter/Tensor/ndarray dict into ``model``: the one way
+    weights enter a model (released weights, ``--ckpt_path``, ``create_model(checkpoint_path=...)``,
+    validate, infer, export).
+
+    Optimizer state and run metadata of training checkpoints are skipped, and a run that kept an
+    EMA of its weights gives those; names in another
+    layout (mindcv's) are mapped to ours. The classifier: a 1001-class head (1000 classes and the
+    unused extra output of some MindSpore releases) is cut to 1000; a head of other classes is kept
+    and fails the shape check with ``head="refuse"``, or is dropped with ``head="replace"`` so the
+    model keeps its freshly initialised one (fine-tuning). With ``strict`` any missing, unexpected
+    or mismatched parameter raises :class:`WeightsError` carrying the report table, and nothing is
+    loaded.
     """
-    state = read_checkpoint(source) if isinstance(source, str) else dict(source)
+    if head not in HEAD_POLICIES:
+        raise ValueError(f"head={head!r}: use one of {HEAD_POLICIES}")
+    checkpoint = open_checkpoint(source) if isinstance(source, str) else source
+    if isinstance(checkpoint, Checkpoint):
+        origin, state = checkpoint.path, checkpoint.weights()
+    else:
+        origin, state = "state dict", dict(checkpoint)
     state = {k: v for k, v in state.items() if not is_training_state(k)}
     params = model.parameters_dict()
     state, renamed = remap_names(state, set(params))
     report = LoadReport(renamed=renamed)
+    if isinstance(checkpoint, Checkpoint) and checkpoint.has_ema:
+        report.notes.append("the run kept an EMA of its weights: using it")
+    replaced = _fit_head(state, params, head, report.notes)
     to_load: dict[str, ms.Parameter] = {}
     for name, value in state.items():
         if name not in params:
@@ -132,39 +208,34 @@ def load_weights(model: nn.Cell, source: str | Mapping[str, object], strict: boo
             data = value if isinstance(value, ms.Parameter) else ms.Tensor(np.asarray(value))
             to_load[name] = data if isinstance(data, ms.Parameter) else ms.Parameter(data, name=name)
             report.loaded.append(name)
-    report.missing = [n for n in params if n not in state and not n.startswith(may_be_missing)]
+    report.missing = [n for n in params if n not in state and not (replaced and n.startswith(HEAD_PREFIX))]
     if strict and not report.ok:
-        origin = source if isinstance(source, str) else "state dict"
         raise WeightsError(f"weights from {origin} do not fit {type(model).__name__}:\n{report.table()}")
     ms.load_param_into_net(model, to_load, strict_load=False)
     return report
 
 
-def adapt_head(state: dict[str, object], model: nn.Cell) -> tuple[str, ...]:
-    """Fit a checkpoint's classifier to ``model``'s, in place; return the prefixes left unloaded.
 
-    A 1001-class head (1000 classes + an unused last output, as some MindSpore releases have)
-    is cut to 1000; any other difference in classes drops the head so the model keeps its freshly
-    initialised one (fine-tuning), and the log says so.
-    """
-    renamed_state, _ = remap_names(state, set(model.parameters_dict()))
-    state.clear()
-    state.update(renamed_state)
-    head = [k for k in ("classifier.weight", "classifier.bias") if k in state]
-    if not head:
-        return ()
-    params = model.parameters_dict()
-    have = _shape(state["classifier.weight"])[0] if "classifier.weight" in state else _shape(state[head[0]])[0]
-    want = params["classifier.weight"].shape[0] if "classifier.weight" in params else 0
+def _fit_head(state: dict[str, object], params: Mapping[str, ms.Parameter], head: str, notes: list[str]) -> bool:
+    """Fit the checkpoint's classifier (our names) to the model's, in place; True when it was
+    dropped so that the model keeps its own (``head="replace"``)."""
+    keys = [k for k in (HEAD_PREFIX + "weight", HEAD_PREFIX + "bias") if k in state]
+    if not keys:
+        return False
+    have = _shape(state[keys[0]])[0]
+    want = params[HEAD_PREFIX + "weight"].shape[0] if HEAD_PREFIX + "weight" in params else 0
     if have == want:
-        return ()
+        return False
     if have == 1001 and want == 1000:
-        for key in head:
+        for key in keys:
             value = state[key]
             state[key] = (value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value))[:1000]
-        logger.info("checkpoint head has 1001 outputs; using the first 1000")
-        return ()
-    for key in head:
+        notes.append("the checkpoint's head has 1001 outputs (1000 classes + an unused one): using the first 1000")
+        return False
+    if head == "refuse":
+        return False  # the shape check reports it
+    for key in keys:
         del state[key]
-    logger.info("checkpoint head has %d classes, model has %d: classifier replaced by a fresh one", have, want)
-    return ("classifier.",)
+    notes.append(f"the checkpoint's head has {have} classes, the model {want}: "
+                 + ("classifier replaced by a fresh one" if want else "no classifier (features only)"))
+    return True

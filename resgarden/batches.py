@@ -14,16 +14,14 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import shared_memory
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .augment import ImageTransform
 from .errors import DataError
 from .images import UnreadableImage
+from .split import Split
 
-if TYPE_CHECKING:
-    from .data import Split
 
 logger = logging.getLogger("resgarden")
 SHARED_MEMORY_DIR = "/dev/shm"  # where multiprocessing.shared_memory puts its segments on Linux

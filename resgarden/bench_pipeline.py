@@ -39,19 +39,17 @@ def write_photo_folder(root: str, count: int = 384, classes: int = 4, seed: int 
 
 
 def _project_batches(root: str, transform: str, workers: int, batch: int, size: int, repeat: int):
-    from config import parse_config
     from resgarden.data import Split, make_loader, scan_class_folders
+    from resgarden.specs import Augmentation, EvalTransform, LoaderSpec
 
     split = scan_class_folders(os.path.join(root, "train"))
     split = Split(paths=split.paths * repeat, labels=np.tile(split.labels, repeat), classes=split.classes)
-    args = [f"--image_size={size}", f"--batch_size={batch}", f"--num_parallel_workers={workers}"]
-    if transform == "randaugment":
-        args.append(f"--auto_augment={RANDAUGMENT}")
-    cfg = parse_config(args)
+    spec = LoaderSpec(batch_size=batch, workers=workers, eval_transform=EvalTransform(image_size=size),
+                      augmentation=Augmentation(auto_augment=RANDAUGMENT if transform == "randaugment" else None))
     epoch = 0
     while True:  # one loader per epoch, as training and validation build them
-        loader, _ = make_loader(split, cfg, training=transform != "eval", epoch=epoch)
-        yield from loader.create_tuple_iterator(num_epochs=1, output_numpy=True)
+        dataset, _ = make_loader(split, spec, training=transform != "eval", epoch=epoch)
+        yield from dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)
         epoch += 1
 
 

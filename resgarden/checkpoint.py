@@ -10,52 +10,26 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from typing import Any
 
 import mindspore as ms
 from mindspore import nn
 
-from models.weights import WeightsError, read_checkpoint
+from models.weights import META_PREFIX, Checkpoint, WeightsError, open_checkpoint, read_checkpoint, read_meta
 
+from .atomic import atomic_path, write_text
 from .train_step import SKIPPED_STEPS
 
 MANIFEST = "checkpoints.json"
-META_PREFIX = "meta."
-EMA_PREFIX = "ema."
 logger = logging.getLogger("resgarden")
 
 
 def save_atomic(cell: nn.Cell, path: str, meta: dict[str, Any]) -> None:
-    """Save ``cell``'s parameters and ``meta`` to ``path`` via a temp file in the same folder."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=directory)
-    os.close(fd)
-    try:
-        append = {META_PREFIX + k: (json.dumps(v) if not isinstance(v, (int, float)) or isinstance(v, bool) else v)
-                  for k, v in meta.items()}
+    """Save ``cell``'s parameters and ``meta`` (as ``meta.*`` entries) to ``path``, atomically."""
+    append = {META_PREFIX + k: (json.dumps(v) if not isinstance(v, (int, float)) or isinstance(v, bool) else v)
+              for k, v in meta.items()}
+    with atomic_path(path, suffix=".ckpt") as tmp:
         ms.save_checkpoint(cell, tmp, append_dict=append)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_json_atomic(path: str, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1)
-    os.replace(tmp, path)
-
-
-def read_meta(state: dict[str, Any]) -> dict[str, Any]:
-    """The ``meta.*`` entries of a loaded checkpoint as plain Python values."""
-    meta = {}
-    for key, value in state.items():
-        if key.startswith(META_PREFIX):
-            raw = value.asnumpy().item() if hasattr(value, "asnumpy") else value
-            meta[key[len(META_PREFIX):]] = json.loads(raw) if isinstance(raw, str) else raw
-    return meta
 
 
 class CheckpointManager:
@@ -94,7 +68,7 @@ class CheckpointManager:
                 os.remove(old_path)
         if is_best:
             save_atomic(cell, os.path.join(self.directory, f"{self.model_name}-best.ckpt"), meta)
-        _write_json_atomic(os.path.join(self.directory, MANIFEST), self.entries)
+        write_text(os.path.join(self.directory, MANIFEST), json.dumps(self.entries, indent=1))
         return path
 
 
@@ -124,19 +98,9 @@ def find_checkpoint(path: str, prefer_best: bool = False) -> str:
     return os.path.join(folder, latest["file"])
 
 
-def read_run_weights(path: str, prefer_ema: bool = True) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """(model weights, run metadata, file) of a checkpoint file or run folder (best, else latest).
-
-    When the run kept an EMA of the weights, those are returned (and the log says so).
-    """
-    source = find_checkpoint(path, prefer_best=True)
-    state = dict(read_checkpoint(source))
-    meta = read_meta(state)
-    ema = {k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
-    if ema and prefer_ema:
-        logger.info("%s: using its EMA weights", source)
-        return ema, meta, source
-    return state, meta, source
+def open_run_checkpoint(path: str) -> Checkpoint:
+    """A checkpoint file, or a run / checkpoint folder's best (else latest) checkpoint, read once."""
+    return open_checkpoint(find_checkpoint(path, prefer_best=True))
 
 
 def load_training_state(train_cell: nn.Cell, path: str) -> dict[str, Any]:

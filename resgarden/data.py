@@ -1,28 +1,27 @@
 """Data sets and input pipelines: ImageNet layout (class folders or PaddleClas list files),
 CIFAR-10 binary, and an embedded digits set written in the ImageNet layout.
 
-Images are decoded in Python (PIL) so that a corrupt file is reported by path and replaced by
-the next sample instead of ending an epoch; resizing, cropping, flipping and normalisation run
-on MindSpore's C++ dataset ops.
+Whole batches are built by :mod:`resgarden.batches` (decode, augment, normalise in worker
+processes; a corrupt file is reported by path and replaced by the next sample instead of ending an
+epoch) and handed to MindSpore through a ``GeneratorDataset``.
 """
 from __future__ import annotations
 
 import logging
 import os
 import random
-import shutil
 import tarfile
-import tempfile
-from dataclasses import dataclass
-
 import numpy as np
 from PIL import Image
 
+from .atomic import atomic_directory
 from .augment import ImageTransform
 from .batches import BatchSource
 from .download import download_verified
 from .errors import DataError
 from .platform import default_data_workers
+from .specs import Augmentation, DataSpec, EvalTransform, LoaderSpec, Mixing
+from .split import Split
 
 
 logger = logging.getLogger("resgarden")
@@ -32,19 +31,6 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR10_DIR = "cifar-10-batches-bin"
-
-
-@dataclass
-class Split:
-    """One split: image files (paths) or decoded images (arrays), labels and class names."""
-
-    classes: list[str]
-    labels: np.ndarray
-    paths: list[str] | None = None
-    images: np.ndarray | None = None  # (N, H, W, 3) uint8 when in memory
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
 
 # ---------------------------------------------------------------- ImageNet layout
@@ -117,16 +103,18 @@ def _cifar_root(data_dir: str) -> str:
     return data_dir if os.path.basename(os.path.normpath(data_dir)) == CIFAR10_DIR else os.path.join(data_dir, CIFAR10_DIR)
 
 
+def _inside_cifar_folder(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+    """tarfile's "data" safety filter, with the archive's top folder stripped."""
+    member = tarfile.data_filter(member, path)
+    top, _, rest = member.name.partition("/")
+    return member.replace(name=rest, deep=False) if top == CIFAR10_DIR and rest else None
+
+
 def download_cifar10(data_dir: str) -> None:
     """Fetch the official binary archive (MD5-checked, atomic) and unpack it into ``data_dir``."""
     archive = download_verified(CIFAR10_URL, CIFAR10_MD5, data_dir, algorithm="md5")
-    staging = tempfile.mkdtemp(prefix=".cifar10.", dir=data_dir)
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(staging, filter="data")
-        os.replace(os.path.join(staging, CIFAR10_DIR), os.path.join(data_dir, CIFAR10_DIR))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with atomic_directory(os.path.join(data_dir, CIFAR10_DIR)) as staging, tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(staging, filter=_inside_cifar_folder)
 
 
 def load_cifar10_split(data_dir: str, train: bool, download: bool = False) -> Split:
@@ -166,10 +154,7 @@ def ensure_digits(root: str, image_size: int = 32, val_fraction: float = 0.2) ->
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".digits.", dir=parent)
-    try:
+    with atomic_directory(root) as staging:
         for label in range(10):
             indices = np.flatnonzero(digits.target == label)
             n_val = int(round(len(indices) * val_fraction))
@@ -180,9 +165,6 @@ def ensure_digits(root: str, image_size: int = 32, val_fraction: float = 0.2) ->
                 pixels = (digits.images[index] * (255.0 / 16.0)).astype(np.uint8)
                 image = Image.fromarray(pixels, mode="L").resize((image_size, image_size), Image.BILINEAR)
                 image.convert("RGB").save(os.path.join(folder, f"{index:04d}.png"))
-        os.replace(staging, root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return root
 
 
@@ -215,13 +197,14 @@ def _interpolation(name: str):
 AUTO_AUGMENT_PREFIXES = ("randaug", "autoaug", "3a", "trivialaugwide")
 
 
-def auto_augment_policy(cfg):
-    """mindcv's policy for ``cfg.auto_augment`` (HWC uint8 array in and out)."""
+def auto_augment_policy(augmentation: Augmentation, transform: EvalTransform):
+    """mindcv's policy for ``augmentation.auto_augment`` (HWC uint8 array in and out)."""
     from mindcv.data import auto_augment as policies
 
-    name = cfg.auto_augment
-    hparams = dict(translate_const=int(cfg.image_size * 0.45), interpolation=_interpolation(cfg.interpolation),
-                   img_mean=tuple(min(255, round(m * 255)) for m in cfg.mean))
+    name = augmentation.auto_augment
+    hparams = dict(translate_const=int(transform.image_size * 0.45),
+                   interpolation=_interpolation(transform.interpolation),
+                   img_mean=tuple(min(255, round(m * 255)) for m in transform.mean))
     if name.startswith("randaug"):
         policy = policies.rand_augment_transform(name, hparams)
     elif name.startswith(("autoaug", "3a")):
@@ -233,85 +216,85 @@ def auto_augment_policy(cfg):
     return policy
 
 
-def image_transform(cfg, training: bool) -> ImageTransform:
-    """Everything an image of ``cfg``'s training or evaluation split goes through before batching."""
-    return ImageTransform(size=cfg.image_size, training=training, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
-                          hflip=cfg.hflip, resize=int(round(cfg.image_size / cfg.crop_pct)),
-                          interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std),
-                          color_jitter=cfg.color_jitter or 0.0, re_prob=cfg.re_prob,
-                          policy=auto_augment_policy(cfg) if training and cfg.auto_augment else None)
+def image_transform(loader: LoaderSpec, training: bool) -> ImageTransform:
+    """Everything an image of a training or evaluation split goes through before batching."""
+    transform, augmentation = loader.eval_transform, loader.augmentation
+    return ImageTransform(size=transform.image_size, training=training, scale=augmentation.scale,
+                          ratio=augmentation.ratio, hflip=augmentation.hflip, resize=transform.resize,
+                          interpolation=transform.interpolation, mean=transform.mean, std=transform.std,
+                          color_jitter=augmentation.color_jitter, re_prob=augmentation.re_prob,
+                          policy=auto_augment_policy(augmentation, transform)
+                          if training and augmentation.auto_augment else None)
 
 
-def uses_soft_targets(cfg) -> bool:
-    """Mixup/cutmix produce soft (N, classes) targets for the whole run."""
-    return cfg.mixup > 0 or cfg.cutmix > 0
-
-
-def mixing(cfg, num_classes: int, epoch: int):
+def mixing(mix: Mixing, num_classes: int, epoch: int):
     """mindcv's batch Mixup/CutMix for this epoch (targets smoothed by ``label_smoothing``);
-    after ``mixup_off_epoch`` it only one-hot encodes and smooths."""
+    after ``off_epoch`` it only one-hot encodes and smooths."""
     from mindcv.data.mixup import Mixup
 
-    mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing, num_classes=num_classes)
-    mix.mixup_enabled = not (cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch)
-    return mix
+    mixer = Mixup(mixup_alpha=mix.mixup, cutmix_alpha=mix.cutmix, prob=mix.prob, switch_prob=mix.switch_prob,
+                  label_smoothing=mix.label_smoothing, num_classes=num_classes)
+    mixer.mixup_enabled = not (mix.off_epoch and epoch >= mix.off_epoch)
+    return mixer
 
 
-def make_loader(split: Split, cfg, training: bool, epoch: int = 0, num_classes: int | None = None,
+def make_loader(split: Split, loader: LoaderSpec, training: bool, epoch: int = 0, num_classes: int | None = None,
                 shard: tuple[int, int] = (0, 1), epochs: int = 1):
     """A batched MindSpore dataset for epoch ``epoch`` of rank ``shard[0]`` of ``shard[1]`` (training
-    drops the last partial batch and, with mixup/cutmix, yields soft targets). ``epochs`` > 1 (dataset
-    sink mode) chains that many epochs' sample orders, each without its last partial batch, with the
-    same per-image augmentation as epoch by epoch (auto-augment policies and mixup draw from one
-    global stream seeded for ``epoch``)."""
+    drops the last partial batch and, with mixup/cutmix, yields soft targets), and its batch source.
+    ``epochs`` > 1 (dataset sink mode) chains that many epochs' sample orders, each without its last
+    partial batch, with the same per-image augmentation as epoch by epoch (auto-augment policies and
+    mixup draw from one global stream seeded for ``epoch``)."""
     import mindspore.dataset as ds
 
     rank, size = shard
-    seed = cfg.seed + epoch + 1_000_003 * rank  # each rank augments differently, every epoch replayable
+    seed = loader.seed + epoch + 1_000_003 * rank  # each rank augments differently, every epoch replayable
     ds.config.set_seed(seed)
     random.seed(seed)  # Python-side augmentations (auto-augment policies, mixup)
     np.random.seed(seed % (2**32))
-    orders = [shard_order(epoch_order(len(split), cfg.seed, e, shuffle=training), rank, size, equal=training)
+    orders = [shard_order(epoch_order(len(split), loader.seed, e, shuffle=training), rank, size, equal=training)
               for e in range(epoch, epoch + epochs)]
     if epochs > 1:
-        orders = [order[:len(order) // cfg.batch_size * cfg.batch_size] for order in orders]
-    source = BatchSource(split, np.concatenate(orders), image_transform(cfg, training),
-                         seed_key=(cfg.seed, rank, int(training)), batch_size=cfg.batch_size,
+        orders = [order[:len(order) // loader.batch_size * loader.batch_size] for order in orders]
+    source = BatchSource(split, np.concatenate(orders), image_transform(loader, training),
+                         seed_key=(loader.seed, rank, int(training)), batch_size=loader.batch_size,
                          drop_remainder=training, first_epoch=epoch,
-                         workers=cfg.num_parallel_workers or default_data_workers()[0],
-                         epoch_length=len(orders[0]))
+                         workers=loader.workers or default_data_workers()[0], epoch_length=len(orders[0]))
     dataset = ds.GeneratorDataset(source, column_names=["image", "label"], shuffle=False)
-    if training and uses_soft_targets(cfg):
-        dataset = dataset.map(mixing(cfg, num_classes or len(split.classes), epoch), input_columns=["image", "label"])
+    if training and loader.mixing.enabled:
+        dataset = dataset.map(mixing(loader.mixing, num_classes or len(split.classes), epoch),
+                              input_columns=["image", "label"])
     return dataset, source
 
 
-def load_splits(cfg) -> tuple[Split, Split | None]:
-    """(train split, validation split or None) for the configured data set."""
-    dataset = resolve_dataset(cfg)
-    if dataset == "cifar10":
-        data_dir = cfg.data_dir or "./data/cifar10"
-        train = load_cifar10_split(data_dir, True, cfg.dataset_download)
+def load_splits(data: DataSpec) -> tuple[Split, Split | None]:
+    """(train split, validation split or None) for training on ``data``."""
+    if data.kind == "cifar10":
+        data_dir = data.data_dir or "./data/cifar10"
+        train = load_cifar10_split(data_dir, True, data.download)
         return train, load_cifar10_split(data_dir, False)
-    data_dir = imagenet_root(cfg) if dataset == "imagenet" else ensure_digits(cfg.data_dir or "./data/digits")
-    train = load_imagenet_split(data_dir, cfg.train_split)
+    data_dir = imagenet_root(data) if data.kind == "imagenet" else ensure_digits(data.data_dir or "./data/digits")
+    train = load_imagenet_split(data_dir, data.train_split)
     try:
-        val = load_imagenet_split(data_dir, cfg.val_split)
+        val = load_imagenet_split(data_dir, data.val_split)
     except DataError:
-        logger.warning("no '%s' split next to %s: training without validation", cfg.val_split, data_dir)
+        logger.warning("no '%s' split next to %s: training without validation", data.val_split, data_dir)
         val = None
     if val is not None and val.classes != train.classes:
-        raise DataError(f"the {cfg.val_split} split's classes differ from the {cfg.train_split} split's")
+        raise DataError(f"the {data.val_split} split's classes differ from the {data.train_split} split's")
     return train, val
 
 
-def imagenet_root(cfg) -> str:
+def load_eval_split(data: DataSpec) -> Split:
+    """The split validate / eval score: ``val_split`` of the data set (with ``--data_dir`` any folder
+    of class sub-folders is taken as it)."""
+    if data.kind == "cifar10":
+        return load_cifar10_split(data.data_dir or "./data/cifar10", False, data.download)
+    if data.kind == "digits":
+        return load_imagenet_split(ensure_digits(data.data_dir or "./data/digits"), data.val_split)
+    return load_imagenet_split(imagenet_root(data), data.val_split, plain_folder_ok=bool(data.data_dir))
+
+
+def imagenet_root(data: DataSpec) -> str:
     """``--data_dir``, or the current folder as mindcv does (its train/ and val/ are looked up there)."""
-    return cfg.data_dir or "."
-
-
-def resolve_dataset(cfg) -> str:
-    if cfg.dataset != "auto":
-        return cfg.dataset
-    return "imagenet" if cfg.data_dir else "digits"
+    return data.data_dir or "."

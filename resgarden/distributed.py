@@ -32,9 +32,8 @@ from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
-from config import ConfigError
-
-from .errors import DistributedError
+from .errors import ConfigError, DistributedError
+from .specs import ClusterSpec
 
 
 @dataclass(frozen=True)
@@ -276,12 +275,12 @@ def start_scheduler(env: dict[str, str], log_path: str) -> subprocess.Popen:
                                 stdout=log, stderr=subprocess.STDOUT)
 
 
-def _translate_mpi(cfg, plan: ClusterPlan, environ: dict[str, str]) -> str | None:
+def _translate_mpi(spec: ClusterSpec, plan: ClusterPlan, environ: dict[str, str]) -> str | None:
     """Set dynamic-cluster variables from the launcher's ranks; rank 0 starts the scheduler and gets
     its log path back (the other ranks None)."""
-    host = cfg.dist_host or environ.get("MS_SCHED_HOST") or "127.0.0.1"
-    port = int(cfg.dist_port)
-    environ.update(dynamic_cluster_env(plan.rank, plan.size, host, port, cfg.dist_timeout))
+    host = spec.dist_host or environ.get("MS_SCHED_HOST") or "127.0.0.1"
+    port = int(spec.dist_port)
+    environ.update(dynamic_cluster_env(plan.rank, plan.size, host, port, spec.dist_timeout))
     log_path = None
     if plan.rank == 0:
         check_port_free(host, port)
@@ -305,28 +304,28 @@ def place_device(device_target: str, device_id: int | None = None) -> None:
         raise ConfigError(f"device_target={where} is not usable here: {str(exc).splitlines()[0]}") from None
 
 
-def init_cluster(cfg, environ: dict[str, str] | None = None) -> Cluster:
-    """When ``cfg.distribute`` is on: place this rank on its device, join the job (a clear error
+def init_cluster(spec: ClusterSpec, environ: dict[str, str] | None = None) -> Cluster:
+    """When ``spec.distribute`` is on: place this rank on its device, join the job (a clear error
     without a launcher) and set MindSpore's data-parallel context. Call before anything with side
     effects and before any Tensor or Parameter exists (see module docstring)."""
     global _current, _scheduler_log
-    if not cfg.distribute:  # a single process: resgarden.context.set_context placed it
-        return Cluster(device_id=getattr(cfg, "device_id", None) or 0)
+    if not spec.distribute:  # a single process: resgarden.context.set_context placed it
+        return Cluster(device_id=spec.device_id or 0)
     environ = os.environ if environ is None else environ
-    plan = plan_cluster(environ, cfg.device_target, cfg.dist_init)
+    plan = plan_cluster(environ, spec.device_target, spec.dist_init)
     import mindspore as ms
     from mindspore.communication import get_group_size, get_local_rank, get_rank, init
 
     if plan.launcher != MSRUN and plan.path == "dynamic_cluster":
-        _scheduler_log = _translate_mpi(cfg, plan, environ)
+        _scheduler_log = _translate_mpi(spec, plan, environ)
     elif plan.launcher == MSRUN:
-        environ.setdefault("MS_NODE_TIMEOUT", str(cfg.dist_timeout))
+        environ.setdefault("MS_NODE_TIMEOUT", str(spec.dist_timeout))
     if environ.get("MS_ROLE") != "MS_SCHED":
-        place_device(cfg.device_target, plan.device_id)
+        place_device(spec.device_target, plan.device_id)
     try:
         init()
     except RuntimeError as exc:  # msrun's scheduler role ends here when a worker dies
-        raise DistributedError(describe_failure(exc, cfg.dist_timeout)) from None
+        raise DistributedError(describe_failure(exc, spec.dist_timeout)) from None
     rank, size = get_rank(), get_group_size()
     try:
         local_rank = get_local_rank()

@@ -5,11 +5,11 @@ import hashlib
 import http.client
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 
+from .atomic import atomic_path
 from .errors import UserError
 
 logger = logging.getLogger("resgarden")
@@ -51,23 +51,21 @@ def download_verified(url: str, digest_prefix: str, directory: str, algorithm: s
             return dest
         logger.warning("%s has the wrong %s; downloading it again", dest, algorithm)
         os.remove(dest)
-    os.makedirs(directory, exist_ok=True)
-    fd, part = tempfile.mkstemp(prefix=os.path.basename(dest) + ".", suffix=".part", dir=directory)
     digest = hashlib.new(algorithm)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            expected_size = response.headers.get("Content-Length")
-            size = 0
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                out.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-        if expected_size is not None and size != int(expected_size):
-            raise DownloadError(f"download of {url} was truncated ({size} of {expected_size} bytes)")
-        if not digest.hexdigest().startswith(digest_prefix):
-            raise DownloadError(f"{algorithm} of {url} is {digest.hexdigest()[:16]}..., expected {digest_prefix}...: "
-                                "the file is corrupt or was replaced; it was deleted")
-        os.replace(part, dest)
+        with atomic_path(dest, suffix=".part") as part:
+            with open(part, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+                expected_size = response.headers.get("Content-Length")
+                size = 0
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+            if expected_size is not None and size != int(expected_size):
+                raise DownloadError(f"download of {url} was truncated ({size} of {expected_size} bytes)")
+            if not digest.hexdigest().startswith(digest_prefix):
+                raise DownloadError(f"{algorithm} of {url} is {digest.hexdigest()[:16]}..., expected "
+                                    f"{digest_prefix}...: the file is corrupt or was replaced; it was deleted")
         return dest
     except DownloadError:
         raise
@@ -75,6 +73,3 @@ def download_verified(url: str, digest_prefix: str, directory: str, algorithm: s
         reason = getattr(exc, "reason", None) or exc
         raise DownloadError(f"cannot download {url} ({reason}). Without network, download it by hand "
                             f"and place it at {dest}") from None
-    finally:
-        if os.path.exists(part):
-            os.remove(part)

@@ -14,3 +14,7 @@ class DataError(UserError):
 class DistributedError(RuntimeError):
     """A data-parallel job cannot go on: a rank died, stopped answering or could not join
     (one line, exit code 1)."""
+
+
+class ConfigError(UserError):
+    """A bad flag, YAML key or value, or settings that do not go together."""

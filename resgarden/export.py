@@ -7,37 +7,41 @@ import os
 import mindspore as ms
 import numpy as np
 
-from config import ConfigError
 from models.conv import native_conv_disabled
 
 from .context import set_context
-from .inference import build_inference_model, resolve_weights
+from .errors import ConfigError
+from .model_loading import build_inference_model, eval_transform, model_name, read_weights
+from .specs import InferenceJob
 
 logger = logging.getLogger("resgarden")
 EXTENSIONS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
 
 
-def export_model(cfg) -> str:
+def export_model(job: InferenceJob) -> str:
     """Build the model with ``--pretrained`` or ``--ckpt_path`` weights and export it; return the path."""
-    if cfg.dynamic_batch and cfg.file_format != "MINDIR":
+    if job.dynamic_batch and job.file_format != "MINDIR":
         raise ConfigError("--dynamic_batch is supported for MINDIR only")
-    set_context(cfg)
-    state, meta, _ = resolve_weights(cfg)
-    num_classes = cfg.num_classes or meta.get("num_classes") or (
-        state["classifier.weight"].shape[0] if state is not None and "classifier.weight" in state else 1000)
+    set_context(job.context)
+    checkpoint = read_weights(job)
+    meta = checkpoint.meta if checkpoint else {}
+    head = checkpoint.weights().get("classifier.weight") if checkpoint else None
+    num_classes = job.model.num_classes or meta.get("num_classes") or (head.shape[0] if head is not None else 1000)
     with native_conv_disabled():  # an exported graph must not name a library on this machine
-        net = build_inference_model(cfg, num_classes, state)
-    batch = None if cfg.dynamic_batch else cfg.batch_size
-    shape = (batch, cfg.in_channels, cfg.image_size, cfg.image_size)
+        net = build_inference_model(job, checkpoint, num_classes)
+    size = eval_transform(job, net).image_size
+    batch = None if job.dynamic_batch else job.loader.batch_size
+    shape = (batch, job.model.in_channels, size, size)
     sample = ms.Tensor(shape=shape, dtype=ms.float32) if batch is None else ms.Tensor(np.zeros(shape, np.float32))
-    path = cfg.file_name or f"{cfg.model}{EXTENSIONS[cfg.file_format]}"
-    stem = path[: -len(EXTENSIONS[cfg.file_format])] if path.endswith(EXTENSIONS[cfg.file_format]) else path
+    name, extension = model_name(job, checkpoint), EXTENSIONS[job.file_format]
+    path = job.file_name or f"{name}{extension}"
+    stem = path[: -len(extension)] if path.endswith(extension) else path
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     try:
-        ms.export(net, sample, file_name=stem, file_format=cfg.file_format)
+        ms.export(net, sample, file_name=stem, file_format=job.file_format)
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{cfg.file_format} export of {cfg.model} failed: {str(exc).strip().splitlines()[0]}") from None
-    written = stem + EXTENSIONS[cfg.file_format]
-    logger.info("exported %s (%d classes, input %s) to %s", cfg.model, num_classes,
+        raise ConfigError(f"{job.file_format} export of {name} failed: {str(exc).strip().splitlines()[0]}") from None
+    written = stem + extension
+    logger.info("exported %s (%d classes, input %s) to %s", name, num_classes,
                 ["N" if d is None else d for d in shape], written)
     return written

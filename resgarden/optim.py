@@ -7,30 +7,32 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from .specs import OptimSpec, ScheduleSpec
 
-def lr_per_step(cfg, steps_per_epoch: float) -> np.ndarray:
+
+def lr_per_step(schedule: ScheduleSpec, steps_per_epoch: float) -> np.ndarray:
     """The LR of every optimizer step: linear warm-up to ``lr``, then the configured schedule.
 
     ``steps_per_epoch`` may be fractional (gradient accumulation over an uneven epoch).
     """
-    total = max(1, int(math.ceil(cfg.epoch_size * steps_per_epoch)))
-    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total)
+    total = max(1, int(math.ceil(schedule.epochs * steps_per_epoch)))
+    warmup = min(int(round(schedule.warmup_epochs * steps_per_epoch)), total)
     lrs = np.empty(total, np.float32)
     main_steps = max(total - warmup, 1)
     for step in range(total):
         if step < warmup:
-            lrs[step] = cfg.lr * (step + 1) / warmup
+            lrs[step] = schedule.lr * (step + 1) / warmup
             continue
         t = step - warmup
         epoch = int(step // steps_per_epoch)
-        if cfg.scheduler == "cosine":
-            lrs[step] = cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t / main_steps))
-        elif cfg.scheduler == "step":
-            lrs[step] = cfg.lr * cfg.decay_rate ** (epoch // cfg.decay_epochs)
-        elif cfg.scheduler == "multistep":
-            lrs[step] = cfg.lr * cfg.decay_rate ** sum(epoch >= m for m in cfg.milestones)
+        if schedule.scheduler == "cosine":
+            lrs[step] = schedule.min_lr + 0.5 * (schedule.lr - schedule.min_lr) * (1 + math.cos(math.pi * t / main_steps))
+        elif schedule.scheduler == "step":
+            lrs[step] = schedule.lr * schedule.decay_rate ** (epoch // schedule.decay_epochs)
+        elif schedule.scheduler == "multistep":
+            lrs[step] = schedule.lr * schedule.decay_rate ** sum(epoch >= m for m in schedule.milestones)
         else:
-            lrs[step] = cfg.lr
+            lrs[step] = schedule.lr
     return lrs
 
 
@@ -38,18 +40,18 @@ def _no_decay(name: str) -> bool:
     return name.endswith((".gamma", ".beta", ".bias"))
 
 
-def param_groups(net: nn.Cell, cfg, lrs: np.ndarray) -> list[dict]:
+def param_groups(net: nn.Cell, optim: OptimSpec, lrs: np.ndarray) -> list[dict]:
     """Parameter groups by (weight decay?, backbone?): no decay on BN/biases when
     ``filter_bias_and_bn``; the backbone's LR scaled by ``backbone_lr_scale``."""
     params = net.trainable_params()
     groups: dict[tuple[bool, bool], list] = {}
     for p in params:
-        decay = cfg.weight_decay > 0 and not (cfg.filter_bias_and_bn and _no_decay(p.name))
+        decay = optim.weight_decay > 0 and not (optim.filter_bias_and_bn and _no_decay(p.name))
         groups.setdefault((decay, not p.name.startswith("classifier.")), []).append(p)
     out = []
     for (decay, backbone), members in groups.items():
-        scale = cfg.backbone_lr_scale if backbone else 1.0
-        out.append({"params": members, "weight_decay": cfg.weight_decay if decay else 0.0,
+        scale = optim.backbone_lr_scale if backbone else 1.0
+        out.append({"params": members, "weight_decay": optim.weight_decay if decay else 0.0,
                     "lr": [float(lr) * scale for lr in lrs]})
     out.append({"order_params": params})
     return out
@@ -65,17 +67,17 @@ def freeze_backbone(net: nn.Cell) -> int:
     return frozen
 
 
-def create_optimizer(net: nn.Cell, cfg, lrs: np.ndarray) -> nn.Optimizer:
+def create_optimizer(net: nn.Cell, optim: OptimSpec, lrs: np.ndarray) -> nn.Optimizer:
     """momentum / nesterov / sgd / adamw / lamb over ``net`` with the per-step LRs ``lrs``."""
-    groups = param_groups(net, cfg, lrs)
+    groups = param_groups(net, optim, lrs)
     lr = list(lrs)
-    if cfg.opt in ("momentum", "nesterov"):
-        return nn.Momentum(groups, lr, cfg.momentum, use_nesterov=cfg.opt == "nesterov")
-    if cfg.opt == "sgd":
+    if optim.opt in ("momentum", "nesterov"):
+        return nn.Momentum(groups, lr, optim.momentum, use_nesterov=optim.opt == "nesterov")
+    if optim.opt == "sgd":
         return nn.SGD(groups, lr)
-    if cfg.opt == "lamb":
-        return Lamb(groups, lr, beta1=cfg.momentum)
-    return nn.AdamWeightDecay(groups, lr, beta1=cfg.momentum)
+    if optim.opt == "lamb":
+        return Lamb(groups, lr, beta1=optim.momentum)
+    return nn.AdamWeightDecay(groups, lr, beta1=optim.momentum)
 
 
 _lamb_update = ops.MultitypeFuncGraph("lamb_update")

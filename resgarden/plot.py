@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
+
+from .atomic import atomic_path
 
 
 def plot_metrics(metrics_path: str, png_path: str) -> str:
@@ -29,8 +30,9 @@ def plot_metrics(metrics_path: str, png_path: str) -> str:
         if axis.get_legend_handles_labels()[0]:
             axis.legend()
     figure.tight_layout()
-    tmp = png_path + ".tmp.png"
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    os.replace(tmp, png_path)
+    try:
+        with atomic_path(png_path, suffix=".png") as tmp:
+            figure.savefig(tmp, dpi=100)
+    finally:
+        plt.close(figure)
     return png_path

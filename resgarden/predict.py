@@ -1,18 +1,19 @@
 """Classify image files with released or trained weights: top-5 class names and probabilities."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import mindspore as ms
 import numpy as np
 
-from config import ConfigError
-
 from .context import set_context
-from .data import DataError, image_transform
+from .data import image_transform
+from .errors import ConfigError, DataError
 from .images import UnreadableImage, read_rgb
-from .inference import build_inference_model, resolve_weights
+from .model_loading import build_inference_model, eval_transform, read_weights
+from .specs import InferenceJob
 
 CLASS_NAMES_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models",
                                 "imagenet_classes.tsv")
@@ -25,19 +26,20 @@ def imagenet_lemmas() -> dict[str, str]:
     return dict(rows)
 
 
-def predict(cfg) -> list[dict[str, Any]]:
-    """Top-5 (name, probability) for each of ``cfg.images``."""
-    if not cfg.images:
+def predict(job: InferenceJob) -> list[dict[str, Any]]:
+    """Top-5 (name, probability) for each of ``job.images``."""
+    if not job.images:
         raise ConfigError("give the images to classify: --images a.jpg [b.jpg ...]")
     lemmas = imagenet_lemmas()
-    set_context(cfg)
-    state, meta, _ = resolve_weights(cfg)
-    classes = meta.get("classes") or list(lemmas)
+    set_context(job.context)
+    checkpoint = read_weights(job)
+    classes = (checkpoint.meta.get("classes") if checkpoint else None) or list(lemmas)
     names = [lemmas.get(c, c) for c in classes]
-    model = build_inference_model(cfg, len(classes), state)
-    transform = image_transform(cfg, training=False)
+    model = build_inference_model(job, checkpoint, len(classes))
+    loader = dataclasses.replace(job.loader, eval_transform=eval_transform(job, model))
+    transform = image_transform(loader, training=False)
     results = []
-    for path in cfg.images:
+    for path in job.images:
         try:
             array = transform(read_rgb(path), rng=None)
         except UnreadableImage as exc:

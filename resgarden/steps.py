@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from config import ConfigError
+from .errors import ConfigError
 
 from .batches import BatchSource, batches
 

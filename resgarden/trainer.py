@@ -1,4 +1,4 @@
-"""The training loop: data, model, optimizer, logging, validation, checkpoints and exact resume."""
+"""The training loop: setup, one epoch, end of epoch (validation, checkpoint, metrics), exact resume."""
 from __future__ import annotations
 
 import json
@@ -16,185 +16,245 @@ from mindspore import nn
 from tqdm import tqdm
 
 import models
-from config import ConfigError, save_config
 from models.profile import count_params
-from models.weights import adapt_head, load_weights
+from models.weights import EMA_PREFIX
 
+from .accuracy import evaluate
 from .amp import Float32Loss, apply_amp
-from .checkpoint import EMA_PREFIX, CheckpointManager, find_checkpoint, load_training_state, read_run_weights
-from .context import check_model, set_context, set_data_workers
-from .data import load_splits, make_loader, uses_soft_targets
+from .atomic import write_text
+from .checkpoint import CheckpointManager, find_checkpoint, load_training_state, open_run_checkpoint
+from .context import check_model, set_context, with_data_workers
+from .data import Split, load_splits, make_loader
 from .distributed import (Cluster, average_buffers, broadcast_parameters, describe_failure,
                           init_cluster, is_collective_failure, ranks_out_of_sync, seed_random_ops)
-from .errors import DistributedError
-from .evaluate import evaluate
+from .errors import ConfigError, DistributedError
 from .logs import setup_logging
 from .optim import create_optimizer, freeze_backbone, lr_per_step
 from .platform import apply_cpu_speed_guard
 from .plot import plot_metrics
+from .specs import LoaderSpec, TrainJob
 from .steps import SinkSteps, batch_steps, sink_size_for, use_sink_mode
 from .train_step import TrainStep
 
 logger = logging.getLogger("resgarden")
-EVAL_TRANSFORM_KEYS = ("image_size", "crop_pct", "interpolation", "mean", "std")
 
 
-def build_model(cfg, num_classes: int) -> nn.Cell:
-    """The model with pretrained weights or ``--ckpt_path`` weights, the head fitted to the data."""
-    model = models.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes,
-                                in_channels=cfg.in_channels, drop_rate=cfg.drop_rate,
-                                drop_path_rate=cfg.drop_path_rate)
-    if cfg.ckpt_path and not cfg.resume:
-        state, _, path = read_run_weights(cfg.ckpt_path)
-        report = load_weights(model, state, may_be_missing=adapt_head(state, model))
-        logger.info("initial weights from %s: %s", path, report.table())
-    return model
+def train(job: TrainJob) -> dict[str, Any]:
+    """Train as ``job`` says (data-parallel with ``job.cluster.distribute``); returns the final
+    epoch's metrics, the run folder and this process's rank."""
+    check_model(job.model.name)
+    set_context(job.context)
+    cluster = init_cluster(job.cluster)  # msrun's scheduler process stays in here: no side effects before
+    try:
+        return _fit(job, cluster)
+    except RuntimeError as exc:
+        if not cluster.distributed or isinstance(exc, DistributedError) or not is_collective_failure(exc):
+            raise
+        raise DistributedError(describe_failure(exc, job.cluster.dist_timeout, wait=10.0)) from None
 
 
-def _run_dirs(cfg) -> tuple[str, str]:
-    if cfg.resume:
-        ckpt_dir = os.path.dirname(os.path.abspath(find_checkpoint(cfg.resume)))
+@dataclass
+class Run:
+    """One training run as it goes: its data, cells, folders and progress."""
+
+    job: TrainJob
+    cluster: Cluster
+    loader: LoaderSpec  # job.loader with this rank's worker count
+    train_split: Split
+    val_split: Split | None
+    num_classes: int
+    steps_per_epoch: int
+    run_dir: str = ""
+    ckpt_dir: str = ""
+    lrs: Any = None
+    model: nn.Cell | None = None
+    ema_model: nn.Cell | None = None
+    train_cell: TrainStep | None = None
+    manager: CheckpointManager | None = None
+    start_epoch: int = 0
+    start_step: int = 0
+    best: float = float("-inf")
+    sink_source: Any = None  # dataset sink mode: the batch source of all remaining epochs
+
+
+def _fit(job: TrainJob, cluster: Cluster) -> dict[str, Any]:
+    """Everything after joining the job: setup, the epochs, the end of the run."""
+    run = _setup(job, cluster)
+    sink = _sink_steps(run)
+    clock = RunClock(run.start_step, job.run.epochs * run.steps_per_epoch)
+    record: dict[str, Any] = {}
+    for epoch in range(run.start_epoch, job.run.epochs):
+        record = _train_epoch(run, epoch, clock, sink)
+        _end_epoch(run, epoch, record)
+    if cluster.distributed:
+        _check_in_sync(run.train_cell, cluster)
+    metrics = os.path.join(run.run_dir, "metrics.jsonl")
+    if cluster.is_main and os.path.isfile(metrics):
+        logger.info("curves: %s", plot_metrics(metrics, os.path.join(run.run_dir, "curves.png")))
+    record.update(run_dir=run.run_dir, rank=cluster.rank)
+    return record
+
+
+def _setup(job: TrainJob, cluster: Cluster) -> Run:
+    """Data, run folder, model, training cell, resumed state and checkpoint manager, logged."""
+    if cluster.distributed:
+        logger.info("rank %d of %d (pid %d, %s) joined", cluster.rank, cluster.size, os.getpid(), cluster.launcher)
+        seed_random_ops(job.context.seed, cluster)  # own dropout masks per rank; weights from rank 0 (below)
+    if not cluster.is_main:
+        setup_logging(quiet=True)
+    _log_devices(job.context.device_target, cluster)
+    run = _load_data(job, cluster)
+    run.run_dir, run.ckpt_dir = _run_dirs(job.run.output_dir, job.run.resume)
+    if cluster.is_main:
+        os.makedirs(run.ckpt_dir, exist_ok=True)
+        setup_logging(os.path.join(run.run_dir, "train.log"))
+    run.model = build_model(job, run.num_classes)
+    broadcast_parameters(run.model, cluster)  # every rank starts from rank 0's weights
+    if cluster.distributed:
+        logger.info("data parallel: %d ranks (%s) | global batch %d = %d per rank x %d ranks x %d accumulation | "
+                    "lr %g as configured, not rescaled (linear rule: lr x global batch / recipe's batch)",
+                    cluster.size, cluster.launcher, run.loader.batch_size * cluster.size * job.step.accumulation,
+                    run.loader.batch_size, cluster.size, job.step.accumulation, job.schedule.lr)
+    _build_train_cell(run)
+    if job.run.resume:
+        _resume(run)
+    if cluster.is_main:
+        write_text(os.path.join(run.run_dir, "config.yaml"), job.run.config_yaml)
+        run.manager = CheckpointManager(run.ckpt_dir, job.model.name, job.run.keep_checkpoints, job.run.save_policy)
+    logger.info("model %s: %d classes, %s params | %d train / %s val images | %d steps/epoch, batch %d | run %s",
+                job.model.name, run.num_classes, f"{count_params(run.model):,}", len(run.train_split),
+                len(run.val_split) if run.val_split else "no", run.steps_per_epoch, run.loader.batch_size,
+                run.run_dir)
+    if job.context.device_target == "CPU":
+        logger.info("CPU speed: %s", apply_cpu_speed_guard())  # decided on import, logged here for the run
+    return run
+
+
+def _load_data(job: TrainJob, cluster: Cluster) -> Run:
+    """The splits (rank 0 downloads / writes them first) and what follows from them, checked."""
+    loader = with_data_workers(job.loader, cluster)
+    with cluster.main_first():
+        train_split, val_split = load_splits(job.data)
+    num_classes = job.model.num_classes or len(train_split.classes)
+    if loader.mixing.enabled and loader.batch_size % 2:
+        raise ConfigError(f"mixup/cutmix pair up images: batch_size must be even, got {loader.batch_size}")
+    if num_classes < len(train_split.classes):
+        raise ConfigError(f"num_classes={num_classes} but the data has {len(train_split.classes)} classes")
+    steps_per_epoch = len(train_split) // cluster.size // loader.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"batch_size={loader.batch_size} x {cluster.size} ranks is larger than the "
+                          f"{len(train_split)} training images")
+    return Run(job, cluster, loader, train_split, val_split, num_classes, steps_per_epoch)
+
+
+def build_model(job: TrainJob, num_classes: int) -> nn.Cell:
+    """The model to train: released weights (``--pretrained``) or a checkpoint's (``--ckpt_path``)
+    with the head replaced when its classes differ; neither when resuming (the run's own state wins)."""
+    weights, fresh = job.weights, bool(job.run.resume)
+    if weights.pretrained and weights.ckpt_path:
+        raise ConfigError("give --pretrained or --ckpt_path to start from, not both")
+    checkpoint = open_run_checkpoint(weights.ckpt_path) if weights.ckpt_path and not fresh else None
+    return models.create_model(job.model.name, pretrained=weights.pretrained and not fresh, num_classes=num_classes,
+                               in_channels=job.model.in_channels, drop_rate=job.model.drop_rate,
+                               drop_path_rate=job.model.drop_path_rate, checkpoint_path=checkpoint, head="replace")
+
+
+def _build_train_cell(run: Run) -> None:
+    """Schedule, loss, optimizer, the training step Cell and the EMA model (if any)."""
+    job = run.job
+    run.lrs = lr_per_step(job.schedule, run.steps_per_epoch / job.step.accumulation)
+    # with mixup/cutmix the targets arrive smoothed already
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.0 if run.loader.mixing.enabled else job.step.label_smoothing)
+    if job.optim.freeze_backbone:
+        logger.info("frozen backbone: %d parameters fixed, training the classifier only", freeze_backbone(run.model))
+    optimizer = create_optimizer(run.model, job.optim, run.lrs)
+    network = nn.WithLossCell(apply_amp(run.model, job.step.amp_level), Float32Loss(loss_fn))
+    step = job.step
+    run.train_cell = TrainStep(network, optimizer, loss_scale=step.loss_scale,
+                               dynamic_loss_scale=step.dynamic_loss_scale, clip_norm=step.clip_norm,
+                               accumulation_steps=step.accumulation, ema_decay=step.ema_decay)
+    run.train_cell.set_train(True)
+    if step.ema_decay > 0:
+        run.ema_model = models.create_model(job.model.name, num_classes=run.num_classes,
+                                            in_channels=job.model.in_channels)
+
+
+def _resume(run: Run) -> None:
+    """Every parameter of the training cell, the epoch, step and best metric from ``--resume``."""
+    path = find_checkpoint(run.job.run.resume)
+    meta = load_training_state(run.train_cell, path)
+    if meta.get("classes") != run.train_split.classes:
+        raise ConfigError(f"{path} was trained on other classes than {run.job.data.data_dir}")
+    run.start_epoch, run.start_step = meta["epoch"] + 1, meta["global_step"]
+    run.best = meta.get("best_metric", run.best)
+    logger.info("resumed from %s: epoch %d, step %d", path, run.start_epoch, run.start_step)
+
+
+def _run_dirs(output_dir: str, resume: str | None) -> tuple[str, str]:
+    """(run folder, checkpoint folder): the resumed run's, or a new timestamped one."""
+    if resume:
+        ckpt_dir = os.path.dirname(os.path.abspath(find_checkpoint(resume)))
         return os.path.dirname(ckpt_dir), ckpt_dir
-    run_dir = os.path.join(cfg.ckpt_save_dir, datetime.now().strftime("%Y-%m-%d_time_%H_%M_%S"))
+    run_dir = os.path.join(output_dir, datetime.now().strftime("%Y-%m-%d_time_%H_%M_%S"))
     suffix, candidate = 1, run_dir
     while os.path.exists(candidate):
         suffix, candidate = suffix + 1, f"{run_dir}_{suffix}"
     return candidate, os.path.join(candidate, "ckpt_0")
 
 
-def train(cfg) -> dict[str, Any]:
-    """Train as configured (data-parallel with ``cfg.distribute``); returns the final epoch's metrics
-    and the run folder."""
-    check_model(cfg)
-    set_context(cfg)
-    cluster = init_cluster(cfg)  # msrun's scheduler process stays in here: no side effects before
-    try:
-        return _fit(cfg, cluster)
-    except RuntimeError as exc:
-        if not cluster.distributed or isinstance(exc, DistributedError) or not is_collective_failure(exc):
-            raise
-        raise DistributedError(describe_failure(exc, cfg.dist_timeout, wait=10.0)) from None
+def _sink_steps(run: Run) -> SinkSteps | None:
+    """Dataset sink mode over all remaining epochs, when asked for and possible."""
+    job = run.job
+    if not use_sink_mode(job.run.sink_mode, job.context.device_target, run.loader.mixing.off_epoch):
+        return None
+    sink_size = sink_size_for(run.steps_per_epoch, job.run.log_interval)
+    dataset, run.sink_source = make_loader(run.train_split, run.loader, training=True, epoch=run.start_epoch,
+                                           num_classes=run.num_classes, shard=run.cluster.shard,
+                                           epochs=job.run.epochs - run.start_epoch)
+    logger.info("dataset sink mode: %d steps per call, epochs %d-%d in one device queue",
+                sink_size, run.start_epoch + 1, job.run.epochs)
+    return SinkSteps(run.train_cell, dataset, sink_size, job.context.jit_level)
 
 
-def _fit(cfg, cluster: Cluster) -> dict[str, Any]:
-    """Data, model, epochs: everything after joining the job."""
-    if cluster.distributed:
-        logger.info("rank %d of %d (pid %d, %s) joined", cluster.rank, cluster.size, os.getpid(), cluster.launcher)
-        seed_random_ops(cfg.seed, cluster)  # own dropout masks per rank; weights from rank 0 (below)
-    if not cluster.is_main:
-        setup_logging(quiet=True)
-    _log_devices(cfg.device_target, cluster)
-    set_data_workers(cfg, cluster)
-    with cluster.main_first():  # rank 0 downloads / writes the data set, then the others read it
-        train_split, val_split = load_splits(cfg)
-    num_classes = cfg.num_classes or len(train_split.classes)
-    if uses_soft_targets(cfg) and cfg.batch_size % 2:
-        raise ConfigError(f"mixup/cutmix pair up images: batch_size must be even, got {cfg.batch_size}")
-    if num_classes < len(train_split.classes):
-        raise ConfigError(f"num_classes={num_classes} but the data has {len(train_split.classes)} classes")
-    steps_per_epoch = len(train_split) // cluster.size // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(f"batch_size={cfg.batch_size} x {cluster.size} ranks is larger than the "
-                          f"{len(train_split)} training images")
+def _train_epoch(run: Run, epoch: int, clock: RunClock, sink: SinkSteps | None) -> dict[str, Any]:
+    """One epoch's steps; returns its record (loss, LR, time, unreadable images, skipped steps)."""
+    if sink is None:
+        dataset, source = make_loader(run.train_split, run.loader, training=True, epoch=epoch,
+                                      num_classes=run.num_classes, shard=run.cluster.shard)
+        steps = batch_steps(run.train_cell, dataset, source)
+    else:
+        steps, source = sink.epoch(run.steps_per_epoch), run.sink_source
+    bad_before = len(source.bad_files)
+    epoch_start = time.perf_counter()
+    train_loss, skipped = _run_epoch(steps, run, clock, epoch)
+    average_buffers(run.train_cell, run.cluster)
+    unreadable = int(run.cluster.all_reduce_sum([len(source.bad_files) - bad_before])[0])
+    return dict(epoch=epoch + 1, global_step=clock.step, train_loss=train_loss,
+                lr=_lr(run.lrs, clock.step, run.job.step.accumulation), epoch_seconds=time.perf_counter() - epoch_start,
+                unreadable_images=unreadable, skipped_steps=skipped)
 
-    run_dir, ckpt_dir = _run_dirs(cfg)
-    if cluster.is_main:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        setup_logging(os.path.join(run_dir, "train.log"))
-    model = build_model(cfg, num_classes)
-    broadcast_parameters(model, cluster)  # every rank starts from rank 0's weights
-    accumulation = max(1, cfg.gradient_accumulation_steps)
-    if cluster.distributed:
-        logger.info("data parallel: %d ranks (%s) | global batch %d = %d per rank x %d ranks x %d accumulation | "
-                    "lr %g as configured, not rescaled (linear rule: lr x global batch / recipe's batch)",
-                    cluster.size, cluster.launcher, cfg.batch_size * cluster.size * accumulation,
-                    cfg.batch_size, cluster.size, accumulation, cfg.lr)
-    lrs = lr_per_step(cfg, steps_per_epoch / accumulation)
-    # with mixup/cutmix the targets arrive smoothed already
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.0 if uses_soft_targets(cfg) else cfg.label_smoothing)
-    if cfg.freeze_backbone:
-        logger.info("frozen backbone: %d parameters fixed, training the classifier only", freeze_backbone(model))
-    optimizer = create_optimizer(model, cfg, lrs)
-    network = nn.WithLossCell(apply_amp(model, cfg.amp_level), Float32Loss(loss_fn))
-    train_cell = TrainStep(network, optimizer, loss_scale=cfg.loss_scale,
-                           dynamic_loss_scale=cfg.loss_scale_type == "dynamic",
-                           clip_norm=cfg.clip_value if cfg.clip_grad else 0.0, accumulation_steps=accumulation,
-                           ema_decay=cfg.ema_decay if cfg.ema else 0.0)
-    train_cell.set_train(True)
-    ema_model = models.create_model(cfg.model, num_classes=num_classes, in_channels=cfg.in_channels) \
-        if cfg.ema else None
 
-    start_epoch, global_step, best = 0, 0, float("-inf")
-    if cfg.resume:
-        path = find_checkpoint(cfg.resume)
-        meta = load_training_state(train_cell, path)
-        if meta.get("classes") != train_split.classes:
-            raise ConfigError(f"{path} was trained on other classes than {cfg.data_dir}")
-        start_epoch, global_step = meta["epoch"] + 1, meta["global_step"]
-        best = meta.get("best_metric", best)
-        logger.info("resumed from %s: epoch %d, step %d", path, start_epoch, global_step)
-    manager = None
-    if cluster.is_main:
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
-        manager = CheckpointManager(ckpt_dir, cfg.model, cfg.keep_checkpoint_max, cfg.ckpt_save_policy)
-    logger.info("model %s: %d classes, %s params | %d train / %s val images | %d steps/epoch, batch %d | run %s",
-                cfg.model, num_classes, f"{count_params(model):,}", len(train_split),
-                len(val_split) if val_split else "no", steps_per_epoch, cfg.batch_size, run_dir)
-    if cfg.device_target == "CPU":
-        logger.info("CPU speed: %s", apply_cpu_speed_guard())  # decided on import, logged here for the run
-    sink = None
-    if use_sink_mode(cfg.dataset_sink_mode, cfg.device_target, cfg.mixup_off_epoch):
-        sink_size = sink_size_for(steps_per_epoch, cfg.log_interval)
-        loader, source = make_loader(train_split, cfg, training=True, epoch=start_epoch, num_classes=num_classes,
-                                     shard=cluster.shard, epochs=cfg.epoch_size - start_epoch)
-        sink = SinkSteps(train_cell, loader, sink_size, cfg.jit_level)
-        logger.info("dataset sink mode: %d steps per call, epochs %d-%d in one device queue",
-                    sink_size, start_epoch + 1, cfg.epoch_size)
-
-    clock = RunClock(global_step, cfg.epoch_size * steps_per_epoch)
-    record: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.epoch_size):
-        if sink is None:
-            loader, source = make_loader(train_split, cfg, training=True, epoch=epoch, num_classes=num_classes,
-                                         shard=cluster.shard)
-            steps = batch_steps(train_cell, loader, source)
-        else:
-            steps = sink.epoch(steps_per_epoch)
-        bad_before = len(source.bad_files)
-        epoch_start = time.perf_counter()
-        train_loss, skipped = _run_epoch(steps, train_cell, clock, epoch, cfg, steps_per_epoch, cluster, lrs)
-        global_step = clock.step
-        average_buffers(train_cell, cluster)
-        unreadable = int(cluster.all_reduce_sum([len(source.bad_files) - bad_before])[0])
-        record = dict(epoch=epoch + 1, global_step=global_step, train_loss=train_loss,
-                      lr=_lr(lrs, global_step, accumulation), epoch_seconds=time.perf_counter() - epoch_start,
-                      unreadable_images=unreadable, skipped_steps=skipped)
-        last = epoch + 1 == cfg.epoch_size
-        if val_split is not None and cfg.val_while_train and ((epoch + 1) % cfg.val_interval == 0 or last):
-            metrics = evaluate(_with_ema_weights(ema_model, train_cell) if ema_model else model, val_split, cfg,
-                               cluster)
-            record.update(val_top1=metrics["top1"], val_top5=metrics["top5"], val_loss=metrics["loss"])
-            logger.info("epoch %d validation: top-1 %.2f%% top-5 %.2f%% loss %.4f (%d images)",
-                        epoch + 1, metrics["top1"], metrics["top5"], metrics["loss"], metrics["count"])
-        metric = record.get("val_top1", -record["train_loss"])
-        is_best = metric > best
-        best = max(best, metric)
-        if not cluster.is_main:
-            continue
-        if (epoch + 1) % cfg.ckpt_save_interval == 0 or last:
-            meta = dict(epoch=epoch, global_step=global_step, metric=metric, best_metric=best,
-                        model=cfg.model, num_classes=num_classes, classes=train_split.classes,
-                        eval_transform={k: getattr(cfg, k) for k in EVAL_TRANSFORM_KEYS})
-            logger.info("saved %s", manager.save(train_cell, meta, is_best))
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-    if cluster.distributed:
-        _check_in_sync(train_cell, cluster)
-    if cluster.is_main and os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
-        logger.info("curves: %s", plot_metrics(os.path.join(run_dir, "metrics.jsonl"),
-                                                os.path.join(run_dir, "curves.png")))
-    record.update(run_dir=run_dir, rank=cluster.rank)
-    return record
+def _end_epoch(run: Run, epoch: int, record: dict[str, Any]) -> None:
+    """Validation when due, the best metric, the checkpoint and the metrics line (rank 0 writes)."""
+    job, last = run.job, epoch + 1 == run.job.run.epochs
+    if run.val_split is not None and job.run.val_while_train and ((epoch + 1) % job.run.val_interval == 0 or last):
+        model = _with_ema_weights(run.ema_model, run.train_cell) if run.ema_model else run.model
+        metrics = evaluate(model, run.val_split, run.loader, run.cluster)
+        record.update(val_top1=metrics["top1"], val_top5=metrics["top5"], val_loss=metrics["loss"])
+        logger.info("epoch %d validation: top-1 %.2f%% top-5 %.2f%% loss %.4f (%d images)",
+                    epoch + 1, metrics["top1"], metrics["top5"], metrics["loss"], metrics["count"])
+    metric = record.get("val_top1", -record["train_loss"])
+    is_best = metric > run.best
+    run.best = max(run.best, metric)
+    if not run.cluster.is_main:
+        return
+    if (epoch + 1) % job.run.save_interval == 0 or last:
+        meta = dict(epoch=epoch, global_step=record["global_step"], metric=metric, best_metric=run.best,
+                    model=job.model.name, num_classes=run.num_classes, classes=run.train_split.classes,
+                    eval_transform=run.loader.eval_transform.as_dict())
+        logger.info("saved %s", run.manager.save(run.train_cell, meta, is_best))
+    with open(os.path.join(run.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 @dataclass
@@ -213,28 +273,28 @@ class RunClock:
         return _format_eta(per_step * (self.total_steps - self.step))
 
 
-def _run_epoch(steps: Iterator[tuple[int, ms.Tensor]], train_cell: TrainStep, clock: RunClock, epoch: int, cfg,
-               steps_per_epoch: int, cluster: Cluster, lrs) -> tuple[float, int]:
+def _run_epoch(steps: Iterator[tuple[int, ms.Tensor]], run: Run, clock: RunClock, epoch: int) -> tuple[float, int]:
     """Run one epoch's ``steps``, logging every ``--log_interval`` steps; returns (mean training loss,
     optimizer steps skipped on overflow). Losses are read back from the device only where logged."""
-    accumulation = max(1, cfg.gradient_accumulation_steps)
+    train_cell, cluster, steps_per_epoch = run.train_cell, run.cluster, run.steps_per_epoch
+    accumulation, epochs, log_interval = run.job.step.accumulation, run.job.run.epochs, run.job.run.log_interval
     skipped_at_start = skipped_logged = int(train_cell.skipped_steps.asnumpy())
     start, done, loss_sum, pending = time.perf_counter(), 0, 0.0, []
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epoch_size}", leave=False,
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                disable=not (sys.stdout.isatty() and cluster.is_main))
     for count, loss in steps:
         clock.step += count
         before, done = done, done + count
         pending.append((count, loss))
         bar.update(count)
-        if done // cfg.log_interval == before // cfg.log_interval and done < steps_per_epoch:
+        if done // log_interval == before // log_interval and done < steps_per_epoch:
             continue
         losses = [(n, float(value.asnumpy())) for n, value in pending]  # the only read-back
         loss_sum, pending = loss_sum + sum(n * value for n, value in losses), []
-        images_per_s = cluster.size * done * cfg.batch_size / (time.perf_counter() - start)
+        images_per_s = cluster.size * done * run.loader.batch_size / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{losses[-1][1]:.4f}", img_s=f"{images_per_s:.1f}")
-        logger.info("epoch %d/%d step %d/%d loss %.4f lr %.6f %.1f img/s eta %s", epoch + 1, cfg.epoch_size, done,
-                    steps_per_epoch, losses[-1][1], _lr(lrs, clock.step, accumulation), images_per_s, clock.eta())
+        logger.info("epoch %d/%d step %d/%d loss %.4f lr %.6f %.1f img/s eta %s", epoch + 1, epochs, done,
+                    steps_per_epoch, losses[-1][1], _lr(run.lrs, clock.step, accumulation), images_per_s, clock.eta())
         skipped = int(train_cell.skipped_steps.asnumpy())
         if skipped > skipped_logged:
             logger.warning("%d optimizer step(s) skipped since the last log: gradients overflowed (loss scale now "

@@ -1,57 +1,50 @@
 """Score a checkpoint or released weights on a data split: the engine of validate.py and eval.py."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 from typing import Any
 
-from config import ConfigError
-
-from .data import ensure_digits, imagenet_root, load_cifar10_split, load_imagenet_split, resolve_dataset
-from .context import set_context, set_data_workers
+from .accuracy import evaluate
+from .atomic import write_text
+from .context import set_context, with_data_workers
+from .data import load_eval_split
 from .distributed import current, init_cluster
-from .evaluate import evaluate
-from .inference import build_inference_model, resolve_weights
+from .errors import ConfigError
+from .model_loading import build_inference_model, eval_transform, model_name, read_weights
+from .specs import InferenceJob
 
 logger = logging.getLogger("resgarden")
 
 
-def _eval_split(cfg):
-    dataset = resolve_dataset(cfg)
-    if dataset == "cifar10":
-        return load_cifar10_split(cfg.data_dir or "./data/cifar10", False, cfg.dataset_download)
-    if dataset == "digits":
-        return load_imagenet_split(ensure_digits(cfg.data_dir or "./data/digits"), cfg.val_split)
-    return load_imagenet_split(imagenet_root(cfg), cfg.val_split, plain_folder_ok=bool(cfg.data_dir))
-
-
-def validate(cfg) -> dict[str, Any]:
+def validate(job: InferenceJob) -> dict[str, Any]:
     """Top-1/top-5/loss/count/img/s of ``--pretrained`` weights or ``--ckpt_path`` on the eval split."""
-    set_context(cfg)
+    set_context(job.context)
     # with --distribute each rank scores a shard and the counts are summed; joined before the
     # checkpoint is read, since MindSpore needs init() before any Parameter on Ascend
-    cluster = init_cluster(cfg)
-    set_data_workers(cfg, cluster)
-    state, meta, source = resolve_weights(cfg)
+    cluster = init_cluster(job.cluster)
+    loader = with_data_workers(job.loader, cluster)
+    checkpoint = read_weights(job)
+    meta = checkpoint.meta if checkpoint else {}
+    source = checkpoint.path if checkpoint else "pretrained"
     with cluster.main_first():  # rank 0 writes / downloads the data and weights first
-        split = _eval_split(cfg)
+        split = load_eval_split(job.data)
     if meta.get("classes") and meta["classes"] != split.classes:
-        raise ConfigError(f"{source} was trained on other classes than the {cfg.val_split} split here")
-    num_classes = cfg.num_classes or meta.get("num_classes") or (1000 if cfg.pretrained else len(split.classes))
+        raise ConfigError(f"{source} was trained on other classes than the {job.data.val_split} split here")
+    num_classes = job.model.num_classes or meta.get("num_classes") or (
+        1000 if job.weights.pretrained else len(split.classes))
     if int(split.labels.max()) >= num_classes:
         raise ConfigError(f"the data has labels up to {int(split.labels.max())} but the model has {num_classes} classes")
     with cluster.main_first():
-        model = build_inference_model(cfg, num_classes, state)
-    logger.info("validating %s (%s) on %d images, %d px, crop %.3f%s", cfg.model, source, len(split),
-                cfg.image_size, cfg.crop_pct, f", {cluster.size} ranks" if cluster.distributed else "")
-    result = dict(model=cfg.model, weights=source, **evaluate(model, split, cfg, cluster))
-    if not cluster.is_main:
-        return result
-    if cfg.json:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
-        with open(cfg.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=1)
+        model = build_inference_model(job, checkpoint, num_classes)
+    loader = dataclasses.replace(loader, eval_transform=eval_transform(job, model))
+    name, transform = model_name(job, checkpoint), loader.eval_transform
+    logger.info("validating %s (%s) on %d images, %d px, crop %.3f%s", name, source, len(split),
+                transform.image_size, transform.crop_pct, f", {cluster.size} ranks" if cluster.distributed else "")
+    result = dict(model=name, weights=source, **evaluate(model, split, loader, cluster))
+    if cluster.is_main and job.json_path:
+        write_text(job.json_path, json.dumps(result, indent=1))
     return result
 
 

@@ -25,6 +25,7 @@ from mindspore import nn  # noqa: E402
 
 from resgarden.data import epoch_order, shard_order  # noqa: E402
 from resgarden.distributed import broadcast_parameters, init_cluster  # noqa: E402
+from resgarden.specs import ClusterSpec  # noqa: E402
 from resgarden.train_step import TrainStep  # noqa: E402
 
 GLOBAL_BATCH, SAMPLES, STEPS = 8, 24, 3
@@ -51,8 +52,8 @@ def main() -> None:
     parser.add_argument("--pynative", action="store_true")
     args = parser.parse_args()
     ms.set_context(mode=ms.PYNATIVE_MODE if args.pynative else ms.GRAPH_MODE)
-    cfg = argparse.Namespace(distribute=args.distribute, dist_init="auto", dist_host=None, dist_port=args.port,
-                             dist_timeout=30, device_target="CPU")
+    cfg = ClusterSpec(distribute=args.distribute, dist_init="auto", dist_host=None, dist_port=args.port,
+                      dist_timeout=30, device_target="CPU")
     cluster = init_cluster(cfg)
     rs = np.random.RandomState(1)
     images = rs.normal(0, 1, (SAMPLES, 3, 8, 8)).astype(np.float32)

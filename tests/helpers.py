@@ -34,3 +34,17 @@ def write_cifar10_binary(folder: str, per_file: int = 20, seed: int = 0) -> tupl
         records = np.concatenate([labels[:, None], images.reshape(per_file, -1)], axis=1)
         records.tofile(os.path.join(root, name))
     return images.transpose(0, 2, 3, 1), labels.astype(np.int32)
+
+
+def train_job_of(args: list[str]):
+    """The training specs of a command line."""
+    from config import parse_config, train_job
+
+    return train_job(parse_config(args))
+
+
+def inference_job_of(args: list[str]):
+    """The validate / infer / export specs of a command line."""
+    from config import inference_job, parse_config
+
+    return inference_job(parse_config(args))

@@ -3,7 +3,6 @@ device target, Ascend SoC features, each launcher's environment, overflow status
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -18,13 +17,14 @@ from mindspore.nn.layer import pooling
 
 import models
 import train as train_entry
-from config import ConfigError, parse_config
+from config import ConfigError, inference_job, parse_config, train_job
 from resgarden import context, distributed, platform, steps, train_step, validation
 from resgarden.distributed import Cluster, ClusterPlan, init_cluster, local_device_id, plan_cluster
 from resgarden.errors import UserError
+from resgarden.specs import ClusterSpec
 from resgarden.trainer import train
 from resgarden.train_step import TrainStep
-from tests.helpers import write_imagenet_layout
+from tests.helpers import train_job_of, write_imagenet_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPENMPI = {"OMPI_COMM_WORLD_RANK": "11", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "3"}
@@ -154,7 +154,7 @@ def test_skipped_steps_are_counted_and_logged(tmp_path, caplog):
     cfg = parse_config(["--model=resnet18", "--image_size=32", "--batch_size=8", "--num_parallel_workers=1",
                         "--epoch_size=1", "--log_interval=1", f"--data_dir={root}", f"--output_path={tmp_path}",
                         "--loss_scale=3e38", "--val_while_train=False"])  # every scaled gradient overflows
-    result = train(cfg)
+    result = train(train_job(cfg))
     assert result["skipped_steps"] == 2
     record = json.loads(open(os.path.join(result["run_dir"], "metrics.jsonl")).read().splitlines()[0])
     assert record["skipped_steps"] == 2
@@ -232,9 +232,9 @@ class _FakeMindSporeCluster:
         monkeypatch.setattr(distributed, "_current", Cluster())
 
 
-def _dist_cfg(target: str, **extra) -> argparse.Namespace:
-    return argparse.Namespace(distribute=True, dist_init="auto", device_target=target, dist_host=None,
-                              dist_port=8118, dist_timeout=60, **extra)
+def _dist_cfg(target: str, **extra) -> ClusterSpec:
+    return ClusterSpec(distribute=True, dist_init="auto", device_target=target, dist_host=None,
+                       dist_port=8118, dist_timeout=60, **extra)
 
 
 @pytest.mark.parametrize("target", ["GPU", "Ascend"])
@@ -274,10 +274,11 @@ def test_validate_and_train_join_before_any_parameter_exists(monkeypatch, tmp_pa
     ms.save_checkpoint([{"name": "w", "data": ms.Tensor(np.zeros(2, np.float32))}], str(ckpt))
     monkeypatch.setenv("MS_ROLE", "MS_WORKER")  # an msrun worker
     monkeypatch.setenv("MS_WORKER_NUM", "1")
-    for job in (validation.validate, train):
+    args = parse_config(["--distribute", "--model=resnet18", f"--ckpt_path={ckpt}", "--device_target=CPU"])
+    for job in (lambda: validation.validate(inference_job(args)), lambda: train(train_job(args))):
         events.clear()
         with pytest.raises(Joined):
-            job(parse_config(["--distribute", "--model=resnet18", f"--ckpt_path={ckpt}", "--device_target=CPU"]))
+            job()
         assert events[-1] == "init" and "parameter" not in events, events
     ms.load_checkpoint(str(ckpt))
     assert events[-1] == "parameter"  # the probe sees what reading a checkpoint creates
@@ -311,9 +312,9 @@ def test_jit_level_is_mindspores_default_unless_given(monkeypatch):
     real = ms.set_context
     monkeypatch.setattr(ms, "set_context", lambda **kwargs: (calls.append(kwargs), real(**{
         k: v for k, v in kwargs.items() if k != "jit_config"})))
-    context.set_context(parse_config(["--device_target=CPU"]))
+    context.set_context(train_job(parse_config(["--device_target=CPU"])).context)
     assert not [c for c in calls if "jit_config" in c]
-    context.set_context(parse_config(["--device_target=CPU", "--jit_level=O1"]))
+    context.set_context(train_job(parse_config(["--device_target=CPU", "--jit_level=O1"])).context)
     assert {"jit_config": {"jit_level": "O1"}} in calls
 
 
@@ -346,11 +347,11 @@ def test_dataset_sink_mode_trains_like_the_step_loop(tmp_path, monkeypatch, capl
     root = tmp_path / "data"
     write_imagenet_layout(str(root), per_class=5, size=32)  # 20 images: 5 steps of 4, sink calls of 1
     base = SINK_BASE + [f"--data_dir={root}", f"--output_path={tmp_path}"]
-    plain = train(parse_config(base + ["--dataset_sink_mode"]))  # CPU: says so and trains without
+    plain = train(train_job_of(base + ["--dataset_sink_mode"]))  # CPU: says so and trains without
     assert "supports dataset sink mode on GPU and Ascend only, not on CPU; training without it" in caplog.text
     monkeypatch.setattr(steps, "SINK_TARGETS", ("CPU",))
     monkeypatch.setattr(ms, "data_sink", _fake_data_sink)
-    sunk = train(parse_config(base + ["--dataset_sink_mode", "--log_interval=10"]))
+    sunk = train(train_job_of(base + ["--dataset_sink_mode", "--log_interval=10"]))
     assert "dataset sink mode: 5 steps per call, epochs 1-2 in one device queue" in caplog.text
     assert sunk["global_step"] == plain["global_step"] == 10
     weights = [{k: v.asnumpy() for k, v in ms.load_checkpoint(os.path.join(r["run_dir"], "ckpt_0",
@@ -359,4 +360,4 @@ def test_dataset_sink_mode_trains_like_the_step_loop(tmp_path, monkeypatch, capl
     for name, value in weights[0].items():
         np.testing.assert_allclose(weights[1][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
     with pytest.raises(ConfigError, match="mixup cannot stop at --mixup_off_epoch"):
-        train(parse_config(base + ["--dataset_sink_mode", "--mixup=0.2", "--mixup_off_epoch=1"]))
+        train(train_job_of(base + ["--dataset_sink_mode", "--mixup=0.2", "--mixup_off_epoch=1"]))

@@ -6,7 +6,8 @@ import shlex
 import pytest
 import yaml
 
-from config import ConfigError, load_yaml, parse_config, save_config
+from config import ConfigError, config_yaml, load_yaml, parse_config
+from resgarden.atomic import write_text
 
 SEED_COMMANDS = {
     "finetune": "--model=res2net50 --pretrained --opt=momentum --lr=0.001 --dataset=cifar10 --num_classes=10 "
@@ -95,7 +96,7 @@ def test_bad_values_are_clear(tmp_path):
 
 def test_saved_config_round_trips(tmp_path):
     c = parse_config(["--model=resnest50", "--scale", "0.1", "1.0", "--pretrained"])
-    save_config(c, str(tmp_path / "run" / "config.yaml"))
+    write_text(str(tmp_path / "run" / "config.yaml"), config_yaml(c))
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["model"] == "resnest50" and saved["scale"] == [0.1, 1.0] and saved["pretrained"] is True
     assert parse_config(["-c", str(tmp_path / "run" / "config.yaml")]).model == "resnest50"

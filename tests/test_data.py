@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from config import parse_config
+from config import parse_config, train_job
 from resgarden import data
 from resgarden.data import (DataError, load_cifar10_split, load_imagenet_split, load_splits, make_loader,
                             read_list_file, scan_class_folders)
@@ -133,7 +133,7 @@ def test_loader_batches_and_corrupt_image_is_skipped(tmp_path, caplog):
     cfg = parse_config(["--data_dir", str(tmp_path), "--image_size=24", "--batch_size=4", "--num_parallel_workers=1"])
     split = load_imagenet_split(str(tmp_path), "train")
     with caplog.at_level(logging.WARNING, logger="resgarden"):
-        loader, source = make_loader(split, cfg, training=False)
+        loader, source = make_loader(split, train_job(cfg).loader, training=False)
         batches = list(loader.create_tuple_iterator(num_epochs=1, output_numpy=True))
     assert [b[0].shape for b in batches] == [(4, 3, 24, 24)] * 3
     assert batches[0][0].dtype == np.float32 and abs(float(batches[0][0].mean())) < 3
@@ -143,12 +143,12 @@ def test_loader_batches_and_corrupt_image_is_skipped(tmp_path, caplog):
 
 def test_auto_dataset_and_class_mismatch(tmp_path):
     write_imagenet_layout(str(tmp_path / "a"), per_class=1)
-    train, val = load_splits(parse_config(["--data_dir", str(tmp_path / "a")]))
+    train, val = load_splits(train_job(parse_config(["--data_dir", str(tmp_path / "a")])).data)
     assert train.classes == val.classes
     write_imagenet_layout(str(tmp_path / "b"), per_class=1, splits=("train",))
     write_imagenet_layout(str(tmp_path / "b"), per_class=1, splits=("val",), classes=("x", "y"))
     with pytest.raises(DataError, match="classes differ"):
-        load_splits(parse_config(["--data_dir", str(tmp_path / "b")]))
+        load_splits(train_job(parse_config(["--data_dir", str(tmp_path / "b")])).data)
 
 
 @pytest.mark.parametrize("policy", ["randaug-m9-mstd0.5-inc1", "autoaug", "trivialaugwide"])
@@ -156,7 +156,7 @@ def test_training_augmentations_run(tmp_path, policy):
     write_imagenet_layout(str(tmp_path), per_class=2, splits=("train",))
     cfg = parse_config(["--image_size=24", "--batch_size=4", "--num_parallel_workers=1", f"--auto_augment={policy}",
                         "--re_prob=0.5"])
-    loader, _ = make_loader(load_imagenet_split(str(tmp_path), "train"), cfg, training=True)
+    loader, _ = make_loader(load_imagenet_split(str(tmp_path), "train"), train_job(cfg).loader, training=True)
     images, labels = next(loader.create_tuple_iterator(num_epochs=1, output_numpy=True))
     assert images.shape == (4, 3, 24, 24) and images.dtype == np.float32 and labels.shape == (4,)
 
@@ -165,7 +165,7 @@ def test_unknown_auto_augment_policy(tmp_path):
     write_imagenet_layout(str(tmp_path), per_class=1, splits=("train",))
     cfg = parse_config(["--auto_augment=augmix-m3-w3"])  # mindcv's AugMix mixes PIL and numpy: refused
     with pytest.raises(DataError, match="unknown auto_augment policy 'augmix-m3-w3'"):
-        make_loader(load_imagenet_split(str(tmp_path), "train"), cfg, training=True)
+        make_loader(load_imagenet_split(str(tmp_path), "train"), train_job(cfg).loader, training=True)
 
 
 def test_mixup_gives_smoothed_soft_targets_until_the_off_epoch(tmp_path):
@@ -173,10 +173,10 @@ def test_mixup_gives_smoothed_soft_targets_until_the_off_epoch(tmp_path):
     split = load_imagenet_split(str(tmp_path), "train")
     cfg = parse_config(["--image_size=16", "--batch_size=4", "--num_parallel_workers=1", "--mixup=0.8",
                         "--cutmix=1.0", "--label_smoothing=0.1", "--mixup_off_epoch=1", "--color_jitter=0.4"])
-    loader, _ = make_loader(split, cfg, training=True, epoch=0)
+    loader, _ = make_loader(split, train_job(cfg).loader, training=True, epoch=0)
     _, targets = next(loader.create_tuple_iterator(num_epochs=1, output_numpy=True))
     assert targets.shape == (4, 4) and np.allclose(targets.sum(axis=1), 1.0)
     assert not np.allclose(np.sort(targets, axis=1)[:, -1], 0.925)  # some rows mix two classes
-    loader, _ = make_loader(split, cfg, training=True, epoch=1)  # mixing off: one-hot, smoothed
+    loader, _ = make_loader(split, train_job(cfg).loader, training=True, epoch=1)  # mixing off: one-hot, smoothed
     _, targets = next(loader.create_tuple_iterator(num_epochs=1, output_numpy=True))
     assert np.allclose(np.sort(targets, axis=1)[:, -1], 1 - 0.1 + 0.1 / 4)

@@ -6,7 +6,6 @@ as README and .ci/run do); msrun ships with MindSpore.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from resgarden.distributed import (
     lost_rank,
     plan_cluster,
 )
+from resgarden.specs import ClusterSpec
 from tests.helpers import write_imagenet_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,10 +93,10 @@ def test_no_launcher_is_a_clear_error(monkeypatch, capsys):
     for name in list(os.environ):
         if name.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_", "MS_ROLE")):
             monkeypatch.delenv(name)
-    cfg = argparse.Namespace(distribute=True, dist_init="auto", device_target="CPU")
+    cfg = ClusterSpec(distribute=True, dist_init="auto", device_target="CPU")
     with pytest.raises(ConfigError, match="needs a launcher: start with `mpirun"):
         init_cluster(cfg)
-    assert init_cluster(argparse.Namespace(distribute=False)) == Cluster()
+    assert init_cluster(ClusterSpec(distribute=False)) == Cluster()
     assert train_entry.main(["--run_distribute=1", "--epoch_size=1"]) == 2
     assert "mpirun -n N python train.py" in capsys.readouterr().err
 

@@ -12,7 +12,7 @@ import export as export_entry
 import infer as infer_entry
 import models
 from resgarden.predict import imagenet_lemmas
-from tests.helpers import write_imagenet_layout
+from tests.helpers import train_job_of, write_imagenet_layout
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +65,11 @@ def test_imagenet_names_are_shipped():
 
 
 def test_infer_prints_top5_names_from_a_run(tmp_path, capsys):
-    from config import parse_config
     from resgarden.trainer import train
 
     root = tmp_path / "data"
     classes = write_imagenet_layout(str(root), per_class=4, size=36)
-    run = train(parse_config(["--model=resnet18", f"--data_dir={root}", f"--ckpt_save_dir={tmp_path}",
+    run = train(train_job_of(["--model=resnet18", f"--data_dir={root}", f"--ckpt_save_dir={tmp_path}",
                               "--image_size=32", "--crop_pct=1.0", "--batch_size=8", "--epoch_size=1",
                               "--num_parallel_workers=1"]))
     image = os.path.join(root, "val", classes[0], f"{classes[0]}_0.JPEG")

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import train as train_entry
-from config import parse_config
+from config import parse_config, train_job
 from resgarden import batches, data
 from resgarden.augment import crop_box, dct_factor, erase, jitter
 from resgarden.bench_pipeline import write_photo_folder
@@ -31,7 +31,7 @@ def photos(tmp_path_factory):
 
 
 def _batches(split: Split, args: list[str], training: bool, epoch: int = 0) -> list[np.ndarray]:
-    loader, _ = make_loader(split, parse_config(["--batch_size=8"] + args), training=training, epoch=epoch)
+    loader, _ = make_loader(split, train_job(parse_config(["--batch_size=8"] + args)).loader, training=training, epoch=epoch)
     return [images for images, _ in loader.create_tuple_iterator(num_epochs=1, output_numpy=True)]
 
 
@@ -39,7 +39,7 @@ def test_evaluation_equals_mindspores_decode_resize_crop(photos):
     from mindspore.dataset import vision
 
     cfg = parse_config(["--image_size=224", "--crop_pct=0.875"])
-    ours = data.image_transform(cfg, training=False)
+    ours = data.image_transform(train_job(cfg).loader, training=False)
     theirs = [vision.Decode(), vision.Resize(256), vision.CenterCrop(224),
               vision.Normalize([m * 255 for m in cfg.mean], [s * 255 for s in cfg.std]), vision.HWC2CHW()]
     for path in photos.paths[:8]:
@@ -89,7 +89,7 @@ def test_threads_when_shared_memory_is_short(photos, monkeypatch, caplog):
 
 def test_a_dead_worker_process_is_one_clear_error(photos, monkeypatch):
     monkeypatch.setattr(batches.BatchSource, "fill", lambda self, batch, images: os._exit(3))
-    source = batches.BatchSource(photos, np.arange(len(photos)), data.image_transform(parse_config([]), True),
+    source = batches.BatchSource(photos, np.arange(len(photos)), data.image_transform(train_job(parse_config([])).loader, True),
                               seed_key=(0,), batch_size=8, drop_remainder=True, workers=2)
     with pytest.raises(DataError, match="a data loading worker process died .*--num_parallel_workers=1"):
         list(source)
@@ -117,8 +117,8 @@ def test_large_photos_decode_at_a_fraction_in_the_dct_domain(photos):
     Image.open(photos.paths[0]).resize((2000, 1500)).save(big, "JPEG", quality=90)
     assert decode_rgb(big.getvalue(), reduce=4).shape == (375, 500, 3)
     cfg = parse_config(["--image_size=224", "--scale", "1", "1", "--ratio", "1.333", "1.334", "--hflip=0"])
-    out = data.image_transform(cfg, training=True)(big.getvalue(), np.random.default_rng(0))
-    full = data.image_transform(cfg, training=True)(decode_rgb(big.getvalue()), np.random.default_rng(0))
+    out = data.image_transform(train_job(cfg).loader, training=True)(big.getvalue(), np.random.default_rng(0))
+    full = data.image_transform(train_job(cfg).loader, training=True)(decode_rgb(big.getvalue()), np.random.default_rng(0))
     # the same picture through another filter (the DCT reduction averages, bilinear alone aliases)
     assert out.shape == (3, 224, 224) and np.corrcoef(out.ravel(), full.ravel())[0, 1] > 0.99
 

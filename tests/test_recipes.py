@@ -7,7 +7,7 @@ import os
 import pytest
 
 import models
-from config import load_yaml, parse_config
+from config import load_yaml, parse_config, train_job
 from resgarden.trainer import train
 from tests.helpers import write_imagenet_layout
 
@@ -36,5 +36,5 @@ def test_recipe_trains_one_tiny_epoch(tmp_path, path):
     cfg = parse_config(["-c", path, "--dataset=imagenet", f"--data_dir={tmp_path / 'data'}", "--num_classes=4",
                         "--pretrained=False", "--image_size=32", "--batch_size=8", "--epoch_size=1",
                         "--amp_level=O0", f"--ckpt_save_dir={tmp_path / 'runs'}", "--num_parallel_workers=1"])
-    result = train(cfg)
+    result = train(train_job(cfg))
     assert result["epoch"] == 1 and result["train_loss"] > 0

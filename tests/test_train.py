@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 import train as train_entry
-from config import parse_config
 from resgarden import checkpoint
 from resgarden.checkpoint import find_checkpoint, read_meta
 from resgarden.trainer import train
-from tests.helpers import write_imagenet_layout
+from tests.helpers import train_job_of, write_imagenet_layout
 
 BASE = ["--model=resnet18", "--image_size=32", "--batch_size=8", "--num_parallel_workers=1", "--lr=0.01",
         "--warmup_epochs=0", "--weight_decay=0", "--log_interval=1", "--scale", "0.6", "1.0", "--crop_pct=1.0"]
@@ -32,7 +31,7 @@ def _weights(path: str) -> dict[str, np.ndarray]:
 
 def test_learns_and_writes_the_run_layout(tiny, tmp_path):
     out = tmp_path / "out"
-    result = train(parse_config(BASE + [f"--data_path={tiny}", f"--output_path={out}", "--epoch_size=5",
+    result = train(train_job_of(BASE + [f"--data_path={tiny}", f"--output_path={out}", "--epoch_size=5",
                                         "--keep_checkpoint_max=2"]))
     run_dir = result["run_dir"]
     assert os.path.dirname(run_dir) == str(out) and "_time_" in os.path.basename(run_dir)
@@ -60,7 +59,7 @@ EXTRAS = ["--ema", "--ema_decay=0.9", "--gradient_accumulation_steps=2", "--clip
 def test_resume_is_exact(tiny, tmp_path, extra):
     args = BASE + extra + [f"--data_dir={tiny}", f"--ckpt_save_dir={tmp_path}", "--epoch_size=3",
                            "--keep_checkpoint_max=3", "--val_while_train=False"]
-    full = train(parse_config(args))
+    full = train(train_job_of(args))
     ckpt_dir = os.path.join(full["run_dir"], "ckpt_0")
     uninterrupted = _weights(os.path.join(ckpt_dir, "resnet18-e003.ckpt"))
     # as if the run had stopped after epoch 2: forget epoch 3 and resume from the run folder
@@ -68,7 +67,7 @@ def test_resume_is_exact(tiny, tmp_path, extra):
     manifest = os.path.join(ckpt_dir, checkpoint.MANIFEST)
     entries = [e for e in json.load(open(manifest)) if e["epoch"] < 2]
     json.dump(entries, open(manifest, "w"))
-    resumed = train(parse_config(args + [f"--resume={full['run_dir']}"]))
+    resumed = train(train_job_of(args + [f"--resume={full['run_dir']}"]))
     assert resumed["run_dir"] == full["run_dir"] and resumed["global_step"] == full["global_step"]
     again = _weights(os.path.join(ckpt_dir, "resnet18-e003.ckpt"))
     assert set(again) == set(uninterrupted)
@@ -97,9 +96,9 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_finetune_from_a_run_replaces_the_head(tiny, tmp_path, caplog):
-    first = train(parse_config(BASE + [f"--data_dir={tiny}", f"--ckpt_save_dir={tmp_path}", "--epoch_size=1"]))
+    first = train(train_job_of(BASE + [f"--data_dir={tiny}", f"--ckpt_save_dir={tmp_path}", "--epoch_size=1"]))
     with caplog.at_level("INFO", logger="resgarden"):
-        second = train(parse_config(BASE + [f"--data_dir={tiny}", f"--ckpt_save_dir={tmp_path}", "--epoch_size=1",
+        second = train(train_job_of(BASE + [f"--data_dir={tiny}", f"--ckpt_save_dir={tmp_path}", "--epoch_size=1",
                                             "--num_classes=6", f"--ckpt_path={first['run_dir']}"]))
     assert "classifier replaced by a fresh one" in caplog.text
     head = ms.load_checkpoint(find_checkpoint(second["run_dir"]))["classifier.weight"]
@@ -130,14 +129,14 @@ def test_keep_policies(tmp_path, policy, kept):
 
 def test_freeze_backbone_and_backbone_lr_scale(tiny, tmp_path):
     args = BASE + [f"--data_dir={tiny}", "--epoch_size=1", "--val_while_train=False", "--keep_checkpoint_max=1"]
-    start = train(parse_config(args + [f"--ckpt_save_dir={tmp_path / 'a'}"]))
+    start = train(train_job_of(args + [f"--ckpt_save_dir={tmp_path / 'a'}"]))
     before = _weights(find_checkpoint(start["run_dir"]))
-    frozen = train(parse_config(args + [f"--ckpt_save_dir={tmp_path / 'b'}", f"--ckpt_path={start['run_dir']}",
+    frozen = train(train_job_of(args + [f"--ckpt_save_dir={tmp_path / 'b'}", f"--ckpt_path={start['run_dir']}",
                                         "--freeze_backbone"]))
     after = _weights(find_checkpoint(frozen["run_dir"]))
     np.testing.assert_array_equal(after["layer3.0.conv1.weight"], before["layer3.0.conv1.weight"])
     assert not np.array_equal(after["classifier.weight"], before["classifier.weight"])
-    slow = train(parse_config(args + [f"--ckpt_save_dir={tmp_path / 'c'}", f"--ckpt_path={start['run_dir']}",
+    slow = train(train_job_of(args + [f"--ckpt_save_dir={tmp_path / 'c'}", f"--ckpt_path={start['run_dir']}",
                                       "--backbone_lr_scale=0", "--opt=sgd"]))
     lr0 = _weights(find_checkpoint(slow["run_dir"]))
     np.testing.assert_array_equal(lr0["layer3.0.conv1.weight"], before["layer3.0.conv1.weight"])
@@ -146,7 +145,7 @@ def test_freeze_backbone_and_backbone_lr_scale(tiny, tmp_path):
 
 @pytest.mark.parametrize("level", ["O1", "O2", "O3"])
 def test_mixed_precision_levels_train(tiny, tmp_path, level):
-    result = train(parse_config(BASE + [f"--data_dir={tiny}", f"--ckpt_save_dir={tmp_path}", "--epoch_size=2",
+    result = train(train_job_of(BASE + [f"--data_dir={tiny}", f"--ckpt_save_dir={tmp_path}", "--epoch_size=2",
                                         f"--amp_level={level}", "--loss_scale_type=dynamic", "--loss_scale=1024",
                                         "--val_while_train=False"]))
     assert np.isfinite(result["train_loss"]) and result["global_step"] == 8

@@ -10,16 +10,16 @@ import pytest
 import eval as eval_entry  # noqa: F401  (the module must import cleanly)
 import models
 import validate as validate_entry
-from config import parse_config
+from config import parse_config, train_job
 from resgarden.data import load_cifar10_split, load_imagenet_split, make_loader
-from resgarden.evaluate import accumulate
+from resgarden.accuracy import accumulate
 from resgarden.trainer import train
-from tests.helpers import write_cifar10_binary, write_imagenet_layout
+from tests.helpers import train_job_of, write_cifar10_binary, write_imagenet_layout
 
 
 def _direct_top1(model, split, cfg) -> float:
     model.set_train(False)
-    loader, _ = make_loader(split, cfg, training=False)
+    loader, _ = make_loader(split, train_job(cfg).loader, training=False)
     hits = total = 0
     for images, labels in loader.create_tuple_iterator(num_epochs=1, output_numpy=True):
         predictions = model(ms.Tensor(images)).asnumpy().argmax(axis=1)
@@ -42,7 +42,7 @@ def test_accumulate_counts_top1_top5_and_loss():
 def test_imagenet_folder_run_dir_and_eval_dialect(tmp_path, capsys):
     root = tmp_path / "imagenet"
     write_imagenet_layout(str(root), per_class=5, size=36)
-    run = train(parse_config(["--model=resnet18", f"--data_dir={root}", f"--ckpt_save_dir={tmp_path / 'runs'}",
+    run = train(train_job_of(["--model=resnet18", f"--data_dir={root}", f"--ckpt_save_dir={tmp_path / 'runs'}",
                               "--image_size=32", "--crop_pct=1.0", "--batch_size=8", "--epoch_size=1",
                               "--num_parallel_workers=1"]))
     out = tmp_path / "v.json"

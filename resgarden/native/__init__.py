@@ -18,8 +18,9 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 from pathlib import Path
+
+from resgarden.atomic import atomic_path
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 SWITCH_VARIABLE = "RESGARDEN_NATIVE_CONV"  # "0" turns the native convolutions off
@@ -84,22 +85,17 @@ def build_conv_library() -> Path:
     target = cache_dir() / f"onednn_conv-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=target.parent)
-    os.close(fd)
-    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{include_dir}", str(SOURCE), "-o", partial,
-               f"-L{lib_dir}", "-l:libdnnl.so.3", f"-Wl,-rpath,{lib_dir}", "-pthread"]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
-        if result.returncode != 0:
-            first_error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
-            raise NativeUnavailable(f"compiling {SOURCE.name} failed: {first_error[:300]}")
-        os.replace(partial, target)
+        with atomic_path(str(target), suffix=".so") as partial:
+            command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{include_dir}", str(SOURCE), "-o",
+                       partial, f"-L{lib_dir}", "-l:libdnnl.so.3", f"-Wl,-rpath,{lib_dir}", "-pthread"]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
+            if result.returncode != 0:
+                first_error = next((line for line in result.stderr.splitlines() if "error" in line),
+                                   result.stderr.strip())
+                raise NativeUnavailable(f"compiling {SOURCE.name} failed: {first_error[:300]}")
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise NativeUnavailable(f"compiling {SOURCE.name} failed: {exc}") from None
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
     return target
 
 

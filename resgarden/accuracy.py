@@ -9,6 +9,7 @@ from mindspore import nn
 from .batches import batches
 from .data import Split, make_loader
 from .distributed import Cluster
+from .specs import LoaderSpec
 
 
 def accumulate(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int, float]:
@@ -21,18 +22,18 @@ def accumulate(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int, float]
     return hits1, hits5, float(-log_probs[np.arange(len(labels)), labels].sum())
 
 
-def evaluate(model: nn.Cell, split: Split, cfg, cluster: Cluster | None = None) -> dict[str, float]:
-    """Score ``model`` on ``split`` with the eval transform; restores the model's train flag.
+def evaluate(model: nn.Cell, split: Split, loader: LoaderSpec, cluster: Cluster | None = None) -> dict[str, float]:
+    """Score ``model`` on ``split`` with ``loader``'s eval transform; restores the model's train flag.
     In a data-parallel job each rank scores its shard and the counts are summed over ranks."""
     cluster = cluster or Cluster()
     was_training = model.training
     model.set_train(False)
-    loader, source = make_loader(split, cfg, training=False, shard=cluster.shard)
+    dataset, source = make_loader(split, loader, training=False, shard=cluster.shard)
     hits1 = hits5 = count = 0
     loss_sum = 0.0
     start = time.perf_counter()
     try:
-        for images, labels in batches(loader, source):
+        for images, labels in batches(dataset, source):
             logits = model(images).asnumpy().astype(np.float64)
             y = labels.asnumpy()
             h1, h5, loss = accumulate(logits, y)

@@ -1,0 +1,47 @@
+"""Every file the project writes appears whole or not at all: a temporary file beside the target,
+renamed over it only when complete, and removed on any failure."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
+    """A temporary path beside ``path`` for the caller to write; renamed to ``path`` when the block
+    ends normally, deleted when it raises. ``suffix`` keeps writers that insist on an extension
+    (``.ckpt``, ``.png``) happy. The parent folder is created if needed."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix or ".partial", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: str, text: str) -> str:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path``."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str) -> Iterator[str]:
+    """A staging folder beside ``path`` for the caller to fill; renamed to ``path`` when the block
+    ends normally, deleted with its contents when it raises."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=parent)
+    try:
+        yield staging
+        os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

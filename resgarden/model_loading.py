@@ -1,0 +1,56 @@
+"""What validate, eval, infer and export share: which weights, which model, which eval transform."""
+from __future__ import annotations
+
+import logging
+
+from mindspore import nn
+
+import models
+from models.fold import fold_batchnorm
+from models.weights import Checkpoint
+
+from .checkpoint import open_run_checkpoint
+from .context import check_model
+from .errors import ConfigError
+from .specs import EvalTransform, InferenceJob
+
+logger = logging.getLogger("resgarden")
+
+
+def read_weights(job: InferenceJob) -> Checkpoint | None:
+    """The checkpoint of ``--ckpt_path`` (a file, or a run folder's best, else latest), read once;
+    None for ``--pretrained``. Exactly one of them must be given. Call after
+    :func:`resgarden.context.set_context` (and, in a data-parallel job, ``init_cluster``): reading a
+    checkpoint creates Parameters."""
+    if job.weights.pretrained == bool(job.weights.ckpt_path):
+        raise ConfigError("give exactly one of --pretrained or --ckpt_path (a file or a run folder)")
+    return open_run_checkpoint(job.weights.ckpt_path) if job.weights.ckpt_path else None
+
+
+def model_name(job: InferenceJob, checkpoint: Checkpoint | None) -> str:
+    """``--model``, unless not given and the checkpoint names the model it was trained as."""
+    name = job.model.name
+    if checkpoint is not None and checkpoint.meta.get("model") and "model" not in job.given:
+        name = str(checkpoint.meta["model"])
+    check_model(name)
+    return name
+
+
+def build_inference_model(job: InferenceJob, checkpoint: Checkpoint | None, num_classes: int) -> nn.Cell:
+    """The model in eval mode with the released weights or ``checkpoint``, whose head must have
+    ``num_classes`` outputs (1001 -> 1000 allowed); BatchNorm folded unless ``--fold_bn=False``."""
+    model = models.create_model(model_name(job, checkpoint), pretrained=job.weights.pretrained,
+                                num_classes=num_classes, in_channels=job.model.in_channels,
+                                checkpoint_path=checkpoint, head="refuse")
+    model.set_train(False)
+    if job.weights.fold_bn:
+        logger.debug("folded %d BatchNorm layers into their convolutions (--fold_bn=False keeps them)",
+                     fold_batchnorm(model))
+    return model
+
+
+def eval_transform(job: InferenceJob, model: nn.Cell) -> EvalTransform:
+    """The eval transform the model's weights were published or trained with, except for the
+    settings the user gave."""
+    return model.pretrained_cfg.eval_transform.overridden_by(job.loader.eval_transform, job.given)
+
