@@ -77,6 +77,38 @@ def _pipeline(args) -> int:
     return 0
 
 
+def _models(args) -> int:
+    """Medians of alternating MindSpore / timm runs per (model, task, mode); one table row each."""
+    print(f"{'model':18s} {'task':5s} {'mode':8s} {'batch':>5s} {'MS img/s':>9s} {'compile s':>9s} "
+          f"{'peak MB':>8s}" + (f" {'timm img/s':>10s} {'MS/timm':>7s}" if args.compare_timm else ""))
+    notes = set()
+    for model in args.models:
+        for task in args.tasks:
+            batch = args.train_batch if task == "train" else args.infer_batch
+            timm_runs = []
+            for mode in args.modes:
+                ms_runs = []
+                for _ in range(args.repeats):
+                    ms_runs.append(_measure(sys.executable, "mindspore", model, task, mode, batch,
+                                            args.image_size, args.steps))
+                    if args.compare_timm and len(timm_runs) < args.repeats:
+                        timm_runs.append(_measure(args.torch_python, "timm", model, task, mode, batch,
+                                                  args.image_size, args.steps))
+                ms_rate = statistics.median(r["img_s"] for r in ms_runs)
+                line = (f"{model:18s} {task:5s} {mode:8s} {batch:5d} {ms_rate:9.2f} "
+                        f"{statistics.median(r['first_call_s'] for r in ms_runs):9.1f} "
+                        f"{max(r['peak_rss_mb'] for r in ms_runs):8.0f}")
+                notes.add(ms_runs[0]["note"])
+                if args.compare_timm:
+                    timm_rate = statistics.median(r["img_s"] for r in timm_runs)
+                    notes.add(timm_runs[0]["note"])
+                    line += f" {timm_rate:10.2f} {ms_rate / timm_rate:7.2f}"
+                print(line, flush=True)
+    for note in sorted(notes):
+        print(f"# {note}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet50", "res2net50"])
@@ -118,34 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in args.models if m not in TIMM_NAMES]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {sorted(TIMM_NAMES)}")
-    print(f"{'model':18s} {'task':5s} {'mode':8s} {'batch':>5s} {'MS img/s':>9s} {'compile s':>9s} "
-          f"{'peak MB':>8s}" + (f" {'timm img/s':>10s} {'MS/timm':>7s}" if args.compare_timm else ""))
-    notes = set()
-    for model in args.models:
-        for task in args.tasks:
-            batch = args.train_batch if task == "train" else args.infer_batch
-            timm_runs = []
-            for mode in args.modes:
-                ms_runs = []
-                for _ in range(args.repeats):
-                    ms_runs.append(_measure(sys.executable, "mindspore", model, task, mode, batch,
-                                            args.image_size, args.steps))
-                    if args.compare_timm and len(timm_runs) < args.repeats:
-                        timm_runs.append(_measure(args.torch_python, "timm", model, task, mode, batch,
-                                                  args.image_size, args.steps))
-                ms_rate = statistics.median(r["img_s"] for r in ms_runs)
-                line = (f"{model:18s} {task:5s} {mode:8s} {batch:5d} {ms_rate:9.2f} "
-                        f"{statistics.median(r['first_call_s'] for r in ms_runs):9.1f} "
-                        f"{max(r['peak_rss_mb'] for r in ms_runs):8.0f}")
-                notes.add(ms_runs[0]["note"])
-                if args.compare_timm:
-                    timm_rate = statistics.median(r["img_s"] for r in timm_runs)
-                    notes.add(timm_runs[0]["note"])
-                    line += f" {timm_rate:10.2f} {ms_rate / timm_rate:7.2f}"
-                print(line, flush=True)
-    for note in sorted(notes):
-        print(f"# {note}")
-    return 0
+    return _models(args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Small building blocks shared by every family: pooling, drop path, init helpers."""
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import mindspore.common.initializer as init
 from mindspore import Tensor, nn, ops
@@ -9,12 +11,33 @@ from mindspore import Tensor, nn, ops
 from .conv import Conv2d
 
 POOL_PAD_MODES = ("same", "pad")
+CONV_PAD_MODES = ("pad", "same")
+_conv_pad = ["pad"]  # the mode conv2d builds with; set per model by ResNet(conv_pad=...)
+
+
+@contextlib.contextmanager
+def conv_padding(mode: str) -> Iterator[None]:
+    """Build the convolutions created in this block with ``mode`` padding: ``"pad"``, PyTorch-style
+    symmetric (k // 2 * dilation; our default, mindcv's and timm's weights), or ``"same"``,
+    MindSpore/TF 'same' (the extra row / column of a strided conv at the bottom / right, as
+    mindspore/models' ResNet-50+ were trained with)."""
+    if mode not in CONV_PAD_MODES:
+        raise ValueError(f"conv_pad must be one of {CONV_PAD_MODES}, got {mode!r}")
+    previous, _conv_pad[0] = _conv_pad[0], mode
+    try:
+        yield
+    finally:
+        _conv_pad[0] = previous
 
 
 def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
            groups: int = 1, bias: bool = False, dilation: int = 1) -> Conv2d:
-    """A conv with PyTorch-style symmetric padding (k // 2 * dilation), no bias by default."""
+    """A conv with symmetric padding (k // 2 * dilation) or 'same' padding inside
+    :func:`conv_padding` ("same"); no bias by default."""
     padding = (kernel_size // 2) * dilation
+    if padding and stride > 1 and _conv_pad[0] == "same":  # at stride 1, 'same' is the symmetric padding
+        return Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="same",
+                      dilation=dilation, group=groups, has_bias=bias)
     return Conv2d(in_channels, out_channels, kernel_size, stride=stride,
                   pad_mode="pad" if padding else "valid", padding=padding,
                   dilation=dilation, group=groups, has_bias=bias)

@@ -11,8 +11,9 @@ from mindspore import nn
 
 from resgarden.specs import EvalTransform
 
+from .layouts import detect_layout
 from .pretrained import PRETRAINED, load_pretrained
-from .weights import Checkpoint, WeightsInfo, load_weights, open_checkpoint
+from .weights import Checkpoint, WeightsInfo, is_training_state, load_weights, open_checkpoint
 
 logger = logging.getLogger("resgarden")
 
@@ -62,8 +63,10 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, i
         in_channels: input image channels.
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth rate of the last block.
-        checkpoint_path: a MindSpore checkpoint to load (our layout, mindcv's), or one already read
-            with :func:`models.weights.open_checkpoint`.
+        checkpoint_path: a MindSpore checkpoint to load (ours, mindcv's or mindspore/models'
+            layout; the model is built the way the source network computes, e.g. with 'same'
+            padding for mindspore/models' ResNet-50), or one already read with
+            :func:`models.weights.open_checkpoint`.
         head: a checkpoint head of other classes than ``num_classes``: ``"replace"`` it by a fresh
             one (logged), or ``"refuse"`` (WeightsError). 1001-class heads are cut to 1000 either way.
         **kwargs: further trunk arguments, e.g. ``features_only=True`` or ``pool_pad="pad"``.
@@ -71,6 +74,10 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, i
     fn = _MODELS[check_model_name(name)]
     if pretrained and checkpoint_path:
         raise ValueError("give either pretrained=True or checkpoint_path, not both")
+    checkpoint = None
+    if checkpoint_path:
+        checkpoint = open_checkpoint(checkpoint_path) if isinstance(checkpoint_path, str) else checkpoint_path
+        kwargs = _built_like_source(name, checkpoint, kwargs)
     model = fn(num_classes=num_classes, in_channels=in_channels, drop_rate=drop_rate,
                drop_path_rate=drop_path_rate, **kwargs)
     entry = PRETRAINED.get(name)
@@ -78,8 +85,7 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, i
     if pretrained:
         load_pretrained(model, name, head=head)
         info = dataclasses.replace(info, source=entry.url, top1=entry.top1)
-    elif checkpoint_path:
-        checkpoint = open_checkpoint(checkpoint_path) if isinstance(checkpoint_path, str) else checkpoint_path
+    elif checkpoint is not None:
         report = load_weights(model, checkpoint, head=head)
         # said at INFO where something was done to the weights (names mapped, head fitted, EMA taken)
         level = logging.INFO if report.renamed or report.notes else logging.DEBUG
@@ -87,3 +93,19 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, i
         info = WeightsInfo.of_checkpoint(checkpoint, info.eval_transform)
     model.pretrained_cfg = info
     return model
+
+
+def _built_like_source(name: str, checkpoint: Checkpoint, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` plus the build settings (padding) of the network the checkpoint's layout comes
+    from, so that logits match it; a setting the caller gave wins, and the log says so."""
+    layout = detect_layout({k: v for k, v in checkpoint.weights().items() if not is_training_state(k)})
+    kwargs = dict(kwargs)
+    for key, value in layout.build.items():
+        if key in kwargs and kwargs[key] != value:
+            logger.warning("%s: %s=%r as given, although the %s network computes with %s=%r: outputs will differ "
+                           "from the source network's", name, key, kwargs[key], layout.name, key, value)
+        kwargs.setdefault(key, value)
+    if layout.build:
+        logger.info("%s: built with %s to match the %s network of %s", name,
+                    ", ".join(f"{k}={kwargs[k]!r}" for k in layout.build), layout.name, checkpoint.path)
+    return kwargs

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from mindspore import Tensor, nn
 
-from .layers import GlobalAvgPool, ResidualBlock, conv2d, init_weights, pool3x3
+from .layers import GlobalAvgPool, ResidualBlock, conv2d, conv_padding, init_weights, pool3x3
 from .registry import register_model
 
 STAGE_PLANES = (64, 128, 256, 512)
@@ -102,6 +102,8 @@ class ResNet(nn.Cell):
         stem_width: width of the deep stem.
         avg_down: avg-pool + 1x1 conv shortcut instead of a strided 1x1 conv.
         pool_pad: ``"same"`` (MindSpore/mindcv) or ``"pad"`` (PyTorch/timm) padding for the 3x3 pools.
+        conv_pad: ``"pad"`` (symmetric, the default) or ``"same"`` (MindSpore 'same', as
+            mindspore/models' ResNet-50+ use) padding for the convolutions.
         block_args: extra block arguments (groups, base_width, scale, radix, avd, ...).
         features_only: ``construct`` returns the four stage maps (strides 4, 8, 16, 32).
         zero_init_last: start every block's last BN at gamma=0.
@@ -111,8 +113,18 @@ class ResNet(nn.Cell):
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, deep_stem: bool = False,
                  stem_width: int = 64, avg_down: bool = False, pool_pad: str = "same",
                  block_args: dict[str, Any] | None = None, features_only: bool = False,
-                 zero_init_last: bool = False) -> None:
+                 zero_init_last: bool = False, conv_pad: str = "pad") -> None:
         super().__init__()
+        with conv_padding(conv_pad):
+            self._build(block, layers, num_classes, in_channels, drop_path_rate, deep_stem, stem_width, avg_down,
+                        pool_pad, block_args, features_only)
+        self.dropout = nn.Dropout(p=drop_rate) if drop_rate > 0 else None
+        init_weights(self, zero_init_last)
+
+    def _build(self, block: type, layers: Sequence[int], num_classes: int, in_channels: int, drop_path_rate: float,
+               deep_stem: bool, stem_width: int, avg_down: bool, pool_pad: str,
+               block_args: dict[str, Any] | None, features_only: bool) -> None:
+        """Stem, stages and head (see the class docstring for the arguments)."""
         if len(layers) != 4:
             raise ValueError(f"ResNet needs 4 stages, got layers={list(layers)}")
         if num_classes < 0:
@@ -143,9 +155,7 @@ class ResNet(nn.Cell):
         self.num_features = width
         self.features_only = features_only
         self.pool = GlobalAvgPool()
-        self.dropout = nn.Dropout(p=drop_rate) if drop_rate > 0 else None
         self.classifier = nn.Dense(width, num_classes) if num_classes > 0 and not features_only else None
-        init_weights(self, zero_init_last)
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a freshly initialised one of ``num_classes`` outputs (0: none)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -15,16 +14,7 @@ from mindspore import nn
 from resgarden.errors import UserError
 from resgarden.specs import EvalTransform
 
-# mindcv layouts -> ours. Applied only to names the model does not have, first match wins.
-# ResNeSt names its shortcut `downsample` and its head `fc`; Res2Net-v1b's stride-1 avg-down
-# shortcut has no pool entry, so its conv/BN sit one index lower than in our (pool, conv, BN).
-MINDCV_NAME_MAP: tuple[tuple[str, str], ...] = (
-    (r"^(layer\d+\.\d+\.)downsample\.", r"\1down_sample."),
-    (r"^fc\.", "classifier."),
-    (r"^(layer1\.0\.down_sample\.)0\.", r"\g<1>1."),
-    (r"^(layer1\.0\.down_sample\.)1\.", r"\g<1>2."),
-)
-
+from .layouts import detect_layout, source_model, to_our_names
 
 # Entries of a training checkpoint that are not model weights: optimizer moments and counters,
 # loss-scale state, and the run metadata saved beside the weights (see resgarden/checkpoint.py).
@@ -51,10 +41,11 @@ class LoadReport:
 
     loaded: list[str] = field(default_factory=list)
     renamed: dict[str, str] = field(default_factory=dict)
+    layout: str = "mindcv"  # the checkpoint's layout (models/layouts.py); ours is mindcv's
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # what was done to fit the head
+    notes: list[str] = field(default_factory=list)  # reshaping done, head fitted, EMA taken
 
     @property
     def ok(self) -> bool:
@@ -62,7 +53,7 @@ class LoadReport:
 
     def table(self) -> str:
         """A readable summary: counts, then one line per problem parameter."""
-        lines = [f"loaded {len(self.loaded)} parameters ({len(self.renamed)} renamed from mindcv layout)"]
+        lines = [f"loaded {len(self.loaded)} parameters ({len(self.renamed)} renamed from {self.layout} layout)"]
         lines += [f"  note        {note}" for note in self.notes]
         for name in self.missing:
             lines.append(f"  missing     {name}")
@@ -85,23 +76,6 @@ def read_checkpoint(path: str) -> dict[str, ms.Parameter]:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(f"cannot read checkpoint {path} (truncated or not a MindSpore checkpoint): "
                            f"{first_line}") from None
-
-
-def remap_names(state: Mapping[str, object], model_names: set[str]) -> tuple[dict[str, object], dict[str, str]]:
-    """Rename mindcv-layout parameters to ours; return the new dict and the renames made."""
-    out: dict[str, object] = {}
-    renamed: dict[str, str] = {}
-    for name, value in state.items():
-        new = name
-        if name not in model_names:
-            for pattern, repl in MINDCV_NAME_MAP:
-                if re.search(pattern, name):
-                    new = re.sub(pattern, repl, name)
-                    break
-        if new != name:
-            renamed[name] = new
-        out[new] = value
-    return out, renamed
 
 
 def _shape(value: object) -> tuple[int, ...]:
@@ -145,6 +119,24 @@ class Checkpoint:
             return {k[len(EMA_PREFIX):]: v for k, v in self.state.items() if k.startswith(EMA_PREFIX)}
         return self.state
 
+    def model_name(self) -> str | None:
+        """The model these weights are for: our run metadata's, or a mindspore/models layout's
+        architecture as its names and shapes tell; None when unknown."""
+        if self.meta.get("model"):
+            return str(self.meta["model"])
+        state = {k: v for k, v in self.weights().items() if not is_training_state(k)}
+        return source_model(detect_layout(state), state)
+
+    def head_classes(self) -> int | None:
+        """Outputs of the checkpoint's classifier (1001 counts as the 1000 classes it holds)."""
+        state = {k: v for k, v in self.weights().items() if not is_training_state(k)}
+        layout = detect_layout(state)
+        head = next((v for k, v in state.items() if layout.rename(k) == HEAD_PREFIX + "weight"), None)
+        if head is None:
+            return None
+        rows = int(_shape(head)[0])
+        return 1000 if rows == 1001 else rows
+
 
 def open_checkpoint(path: str) -> Checkpoint:
     """Read ``path`` once (one clear WeightsError if it cannot be read)."""
@@ -176,8 +168,8 @@ def load_weights(model: nn.Cell, source: str | Checkpoint | Mapping[str, object]
     validate, infer, export).
 
     Optimizer state and run metadata of training checkpoints are skipped, and a run that kept an
-    EMA of its weights gives those; names in another
-    layout (mindcv's) are mapped to ours. The classifier: a 1001-class head (1000 classes and the
+    EMA of its weights gives those; other layouts (mindcv's, mindspore/models') are recognised and
+    mapped to ours (:mod:`models.layouts`). The classifier: a 1001-class head (1000 classes and the
     unused extra output of some MindSpore releases) is cut to 1000; a head of other classes is kept
     and fails the shape check with ``head="refuse"``, or is dropped with ``head="replace"`` so the
     model keeps its freshly initialised one (fine-tuning). With ``strict`` any missing, unexpected
@@ -193,8 +185,12 @@ def load_weights(model: nn.Cell, source: str | Checkpoint | Mapping[str, object]
         origin, state = "state dict", dict(checkpoint)
     state = {k: v for k, v in state.items() if not is_training_state(k)}
     params = model.parameters_dict()
-    state, renamed = remap_names(state, set(params))
-    report = LoadReport(renamed=renamed)
+    layout = detect_layout(state)
+    unsupported = layout.unsupported_part(set(state))
+    if unsupported:
+        raise WeightsError(f"{origin} is a {layout.name} checkpoint of {unsupported}")
+    state, renamed, notes = to_our_names(layout, state, set(params))
+    report = LoadReport(renamed=renamed, layout=layout.name, notes=notes)
     if isinstance(checkpoint, Checkpoint) and checkpoint.has_ema:
         report.notes.append("the run kept an EMA of its weights: using it")
     replaced = _fit_head(state, params, head, report.notes)

@@ -85,7 +85,7 @@ def find_checkpoint(path: str, prefer_best: bool = False) -> str:
     folder = path if os.path.isfile(os.path.join(path, MANIFEST)) else os.path.join(path, "ckpt_0")
     manifest = os.path.join(folder, MANIFEST)
     if not os.path.isfile(manifest):
-        raise WeightsError(f"{path} holds no {MANIFEST}: not a run or checkpoint folder of train.py")
+        return _newest_checkpoint_file(path)
     if prefer_best:
         best = [f for f in os.listdir(folder) if f.endswith("-best.ckpt")]
         if best:
@@ -96,6 +96,19 @@ def find_checkpoint(path: str, prefer_best: bool = False) -> str:
         raise WeightsError(f"{manifest} lists no checkpoints")
     latest = max(entries, key=lambda e: (e["epoch"], e["global_step"]))
     return os.path.join(folder, latest["file"])
+
+
+def _newest_checkpoint_file(folder: str) -> str:
+    """A folder of checkpoints another trainer wrote (mindspore/models' ``ckpt_0/``): its one
+    ``.ckpt`` file, or the most recently written one (logged), never guessed from file names."""
+    files = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".ckpt")]
+    if not files:
+        raise WeightsError(f"{folder} holds neither {MANIFEST} (a run folder of train.py) nor .ckpt files")
+    newest = max(files, key=os.path.getmtime)
+    if len(files) > 1:
+        logger.info("%s: no %s; taking the most recently written of its %d checkpoints, %s (name a file to "
+                    "choose another)", folder, MANIFEST, len(files), os.path.basename(newest))
+    return newest
 
 
 def open_run_checkpoint(path: str) -> Checkpoint:

@@ -11,7 +11,7 @@ from models.conv import native_conv_disabled
 
 from .context import set_context
 from .errors import ConfigError
-from .model_loading import build_inference_model, eval_transform, model_name, read_weights
+from .model_loading import build_inference_model, checkpoint_classes, eval_transform, model_name, read_weights
 from .specs import InferenceJob
 
 logger = logging.getLogger("resgarden")
@@ -24,9 +24,7 @@ def export_model(job: InferenceJob) -> str:
         raise ConfigError("--dynamic_batch is supported for MINDIR only")
     set_context(job.context)
     checkpoint = read_weights(job)
-    meta = checkpoint.meta if checkpoint else {}
-    head = checkpoint.weights().get("classifier.weight") if checkpoint else None
-    num_classes = job.model.num_classes or meta.get("num_classes") or (head.shape[0] if head is not None else 1000)
+    num_classes = checkpoint_classes(job, checkpoint) or 1000
     with native_conv_disabled():  # an exported graph must not name a library on this machine
         net = build_inference_model(job, checkpoint, num_classes)
     size = eval_transform(job, net).image_size

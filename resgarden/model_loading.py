@@ -28,12 +28,26 @@ def read_weights(job: InferenceJob) -> Checkpoint | None:
 
 
 def model_name(job: InferenceJob, checkpoint: Checkpoint | None) -> str:
-    """``--model``, unless not given and the checkpoint names the model it was trained as."""
+    """``--model``, unless not given and the checkpoint tells its model (our run metadata, or the
+    architecture of a mindspore/models checkpoint)."""
     name = job.model.name
-    if checkpoint is not None and checkpoint.meta.get("model") and "model" not in job.given:
-        name = str(checkpoint.meta["model"])
+    found = checkpoint.model_name() if checkpoint is not None else None
+    if found and "model" not in job.given:
+        name = found
+    elif found and found != name:
+        logger.warning("%s holds %s weights; using --model=%s as given", checkpoint.path, found, name)
     check_model(name)
     return name
+
+
+def checkpoint_classes(job: InferenceJob, checkpoint: Checkpoint | None) -> int | None:
+    """``--num_classes``, else the classes the checkpoint was trained on (run metadata, or its
+    classifier's outputs); None when neither says."""
+    if job.model.num_classes:
+        return job.model.num_classes
+    if checkpoint is None:
+        return None
+    return checkpoint.meta.get("num_classes") or checkpoint.head_classes()
 
 
 def build_inference_model(job: InferenceJob, checkpoint: Checkpoint | None, num_classes: int) -> nn.Cell:

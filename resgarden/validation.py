@@ -12,7 +12,7 @@ from .context import set_context, with_data_workers
 from .data import load_eval_split
 from .distributed import current, init_cluster
 from .errors import ConfigError
-from .model_loading import build_inference_model, eval_transform, model_name, read_weights
+from .model_loading import build_inference_model, checkpoint_classes, eval_transform, model_name, read_weights
 from .specs import InferenceJob
 
 logger = logging.getLogger("resgarden")
@@ -32,8 +32,7 @@ def validate(job: InferenceJob) -> dict[str, Any]:
         split = load_eval_split(job.data)
     if meta.get("classes") and meta["classes"] != split.classes:
         raise ConfigError(f"{source} was trained on other classes than the {job.data.val_split} split here")
-    num_classes = job.model.num_classes or meta.get("num_classes") or (
-        1000 if job.weights.pretrained else len(split.classes))
+    num_classes = checkpoint_classes(job, checkpoint) or (1000 if job.weights.pretrained else len(split.classes))
     if int(split.labels.max()) >= num_classes:
         raise ConfigError(f"the data has labels up to {int(split.labels.max())} but the model has {num_classes} classes")
     with cluster.main_first():
