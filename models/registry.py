@@ -11,11 +11,11 @@ from mindspore import nn
 
 from resgarden.specs import EvalTransform
 
-from .layouts import detect_layout
 from .pretrained import PRETRAINED, load_pretrained
-from .weights import Checkpoint, WeightsInfo, is_training_state, load_weights, open_checkpoint
+from .weights import Checkpoint, WeightsInfo, build_settings, load_weights, open_checkpoint
 
 logger = logging.getLogger("resgarden")
+BUILD_SETTINGS = ("conv_pad", "pool_pad")  # how a model computes, recorded with the weights trained in it
 
 _MODELS: dict[str, Callable[..., nn.Cell]] = {}
 _FAMILIES: dict[str, str] = {}
@@ -78,6 +78,7 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, i
     if checkpoint_path:
         checkpoint = open_checkpoint(checkpoint_path) if isinstance(checkpoint_path, str) else checkpoint_path
         kwargs = _built_like_source(name, checkpoint, kwargs)
+    build = {k: kwargs[k] for k in BUILD_SETTINGS if k in kwargs}
     model = fn(num_classes=num_classes, in_channels=in_channels, drop_rate=drop_rate,
                drop_path_rate=drop_path_rate, **kwargs)
     entry = PRETRAINED.get(name)
@@ -91,21 +92,21 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, i
         level = logging.INFO if report.renamed or report.notes else logging.DEBUG
         logger.log(level, "%s: weights from %s: %s", name, checkpoint.path, report.table())
         info = WeightsInfo.of_checkpoint(checkpoint, info.eval_transform)
-    model.pretrained_cfg = info
+    model.pretrained_cfg = dataclasses.replace(info, build=tuple(sorted(build.items())))
     return model
 
 
 def _built_like_source(name: str, checkpoint: Checkpoint, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` plus the build settings (padding) of the network the checkpoint's layout comes
-    from, so that logits match it; a setting the caller gave wins, and the log says so."""
-    layout = detect_layout({k: v for k, v in checkpoint.weights().items() if not is_training_state(k)})
+    """``kwargs`` plus the build settings (padding) the checkpoint's weights were computed with, so
+    that logits match; a setting the caller gave wins, and the log says so."""
+    origin, build = build_settings(checkpoint)
     kwargs = dict(kwargs)
-    for key, value in layout.build.items():
+    for key, value in build.items():
         if key in kwargs and kwargs[key] != value:
-            logger.warning("%s: %s=%r as given, although the %s network computes with %s=%r: outputs will differ "
-                           "from the source network's", name, key, kwargs[key], layout.name, key, value)
+            logger.warning("%s: %s=%r as given, although %s computes with %s=%r: outputs will differ from its",
+                           name, key, kwargs[key], origin, key, value)
         kwargs.setdefault(key, value)
-    if layout.build:
-        logger.info("%s: built with %s to match the %s network of %s", name,
-                    ", ".join(f"{k}={kwargs[k]!r}" for k in layout.build), layout.name, checkpoint.path)
+    if build:
+        logger.info("%s: built with %s to match %s (%s)", name, ", ".join(f"{k}={kwargs[k]!r}" for k in build),
+                    origin, checkpoint.path)
     return kwargs

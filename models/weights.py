@@ -152,6 +152,7 @@ class WeightsInfo:
     eval_transform: EvalTransform = EvalTransform()
     classes: tuple[str, ...] | None = None
     top1: float | None = None
+    build: tuple[tuple[str, str], ...] = ()  # create_model settings the weights need (e.g. conv_pad="same")
 
     @classmethod
     def of_checkpoint(cls, checkpoint: Checkpoint, default: EvalTransform) -> WeightsInfo:
@@ -159,6 +160,18 @@ class WeightsInfo:
         transform = EvalTransform.from_dict(meta["eval_transform"]) if "eval_transform" in meta else default
         classes = tuple(meta["classes"]) if meta.get("classes") else None
         return cls(source=checkpoint.path, eval_transform=transform, classes=classes)
+
+
+def build_settings(checkpoint: Checkpoint) -> tuple[str, dict[str, str]]:
+    """(where from, create_model settings) that make a model compute as the checkpoint's source
+    network did: a foreign layout's (``models.layouts``), or those our run recorded in its metadata
+    (a model fine-tuned from such weights keeps them)."""
+    state = {k: v for k, v in checkpoint.weights().items() if not is_training_state(k)}
+    layout = detect_layout(state)
+    if layout.build:
+        return f"the {layout.name} network", dict(layout.build)
+    recorded = checkpoint.meta.get("build") or {}
+    return "the run that saved it", {str(k): str(v) for k, v in dict(recorded).items()}
 
 
 def load_weights(model: nn.Cell, source: str | Checkpoint | Mapping[str, object], strict: bool = True,

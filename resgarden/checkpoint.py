@@ -15,7 +15,7 @@ from typing import Any
 import mindspore as ms
 from mindspore import nn
 
-from models.weights import META_PREFIX, Checkpoint, WeightsError, open_checkpoint, read_checkpoint, read_meta
+from models.weights import META_PREFIX, Checkpoint, WeightsError, open_checkpoint, read_meta
 
 from .atomic import atomic_path, write_text
 from .train_step import SKIPPED_STEPS
@@ -116,9 +116,9 @@ def open_run_checkpoint(path: str) -> Checkpoint:
     return open_checkpoint(find_checkpoint(path, prefer_best=True))
 
 
-def load_training_state(train_cell: nn.Cell, path: str) -> dict[str, Any]:
-    """Load every parameter of ``train_cell`` from ``path`` (strict) and return its metadata."""
-    state = read_checkpoint(path)
+def load_training_state(train_cell: nn.Cell, checkpoint: Checkpoint) -> dict[str, Any]:
+    """Load every parameter of ``train_cell`` from ``checkpoint`` (strict) and return its metadata."""
+    state, path = checkpoint.state, checkpoint.path
     params = train_cell.parameters_dict()
     missing = [n for n in params if n not in state and n != SKIPPED_STEPS]  # a counter older runs lack
     if missing:

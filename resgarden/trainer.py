@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 import models
 from models.profile import count_params
-from models.weights import EMA_PREFIX
+from models.weights import EMA_PREFIX, Checkpoint, open_checkpoint
 
 from .accuracy import evaluate
 from .amp import Float32Loss, apply_amp
@@ -108,7 +108,8 @@ def _setup(job: TrainJob, cluster: Cluster) -> Run:
     if cluster.is_main:
         os.makedirs(run.ckpt_dir, exist_ok=True)
         setup_logging(os.path.join(run.run_dir, "train.log"))
-    run.model = build_model(job, run.num_classes)
+    resumed = open_checkpoint(find_checkpoint(job.run.resume)) if job.run.resume else None
+    run.model = build_model(job, run.num_classes, resumed)
     broadcast_parameters(run.model, cluster)  # every rank starts from rank 0's weights
     if cluster.distributed:
         logger.info("data parallel: %d ranks (%s) | global batch %d = %d per rank x %d ranks x %d accumulation | "
@@ -116,8 +117,8 @@ def _setup(job: TrainJob, cluster: Cluster) -> Run:
                     cluster.size, cluster.launcher, run.loader.batch_size * cluster.size * job.step.accumulation,
                     run.loader.batch_size, cluster.size, job.step.accumulation, job.schedule.lr)
     _build_train_cell(run)
-    if job.run.resume:
-        _resume(run)
+    if resumed is not None:
+        _resume(run, resumed)
     if cluster.is_main:
         write_text(os.path.join(run.run_dir, "config.yaml"), job.run.config_yaml)
         run.manager = CheckpointManager(run.ckpt_dir, job.model.name, job.run.keep_checkpoints, job.run.save_policy)
@@ -147,16 +148,20 @@ def _load_data(job: TrainJob, cluster: Cluster) -> Run:
     return Run(job, cluster, loader, train_split, val_split, num_classes, steps_per_epoch)
 
 
-def build_model(job: TrainJob, num_classes: int) -> nn.Cell:
+def build_model(job: TrainJob, num_classes: int, resumed: Checkpoint | None = None) -> nn.Cell:
     """The model to train: released weights (``--pretrained``) or a checkpoint's (``--ckpt_path``)
-    with the head replaced when its classes differ; neither when resuming (the run's own state wins)."""
-    weights, fresh = job.weights, bool(job.run.resume)
+    with the head replaced when its classes differ. Resuming, neither: the model is built as the
+    run recorded (its padding) and its own state is loaded later."""
+    weights = job.weights
     if weights.pretrained and weights.ckpt_path:
         raise ConfigError("give --pretrained or --ckpt_path to start from, not both")
-    checkpoint = open_run_checkpoint(weights.ckpt_path) if weights.ckpt_path and not fresh else None
-    return models.create_model(job.model.name, pretrained=weights.pretrained and not fresh, num_classes=num_classes,
-                               in_channels=job.model.in_channels, drop_rate=job.model.drop_rate,
-                               drop_path_rate=job.model.drop_path_rate, checkpoint_path=checkpoint, head="replace")
+    common = dict(num_classes=num_classes, in_channels=job.model.in_channels, drop_rate=job.model.drop_rate,
+                  drop_path_rate=job.model.drop_path_rate)
+    if resumed is not None:
+        return models.create_model(job.model.name, **common, **dict(resumed.meta.get("build") or {}))
+    checkpoint = open_run_checkpoint(weights.ckpt_path) if weights.ckpt_path else None
+    return models.create_model(job.model.name, pretrained=weights.pretrained, checkpoint_path=checkpoint,
+                               head="replace", **common)
 
 
 def _build_train_cell(run: Run) -> None:
@@ -174,15 +179,15 @@ def _build_train_cell(run: Run) -> None:
                                dynamic_loss_scale=step.dynamic_loss_scale, clip_norm=step.clip_norm,
                                accumulation_steps=step.accumulation, ema_decay=step.ema_decay)
     run.train_cell.set_train(True)
-    if step.ema_decay > 0:
+    if step.ema_decay > 0:  # computes as the trained model does (its padding)
         run.ema_model = models.create_model(job.model.name, num_classes=run.num_classes,
-                                            in_channels=job.model.in_channels)
+                                            in_channels=job.model.in_channels, **dict(run.model.pretrained_cfg.build))
 
 
-def _resume(run: Run) -> None:
+def _resume(run: Run, checkpoint: Checkpoint) -> None:
     """Every parameter of the training cell, the epoch, step and best metric from ``--resume``."""
-    path = find_checkpoint(run.job.run.resume)
-    meta = load_training_state(run.train_cell, path)
+    path = checkpoint.path
+    meta = load_training_state(run.train_cell, checkpoint)
     if meta.get("classes") != run.train_split.classes:
         raise ConfigError(f"{path} was trained on other classes than {run.job.data.data_dir}")
     run.start_epoch, run.start_step = meta["epoch"] + 1, meta["global_step"]
@@ -251,7 +256,7 @@ def _end_epoch(run: Run, epoch: int, record: dict[str, Any]) -> None:
     if (epoch + 1) % job.run.save_interval == 0 or last:
         meta = dict(epoch=epoch, global_step=record["global_step"], metric=metric, best_metric=run.best,
                     model=job.model.name, num_classes=run.num_classes, classes=run.train_split.classes,
-                    eval_transform=run.loader.eval_transform.as_dict())
+                    eval_transform=run.loader.eval_transform.as_dict(), build=dict(run.model.pretrained_cfg.build))
         logger.info("saved %s", run.manager.save(run.train_cell, meta, is_best))
     with open(os.path.join(run.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")

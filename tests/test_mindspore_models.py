@@ -127,3 +127,29 @@ def test_eval_py_scores_a_mindspore_models_ckpt_folder(tmp_path, capsys):
                                 "--num_parallel_workers=1"], prog="eval.py") == 0
     printed = capsys.readouterr().out
     assert "resnet50: top-1 " in printed and "images 8" in printed
+
+
+def test_a_run_fine_tuned_from_mindspore_models_weights_keeps_their_padding(tmp_path, caplog):
+    """The padding the source network computed with travels in the run's checkpoints: validate and
+    --resume build the model the same way."""
+    from resgarden.checkpoint import find_checkpoint
+    from resgarden.trainer import train
+    from tests.helpers import train_job_of
+
+    reference = OfficialResNet(True, (2, 2, 2, 2), num_classes=1001)
+    path = _save_like_mindspore_models(reference, str(tmp_path / "resnet18-90_625.ckpt"))
+    write_imagenet_layout(str(tmp_path / "data"), per_class=4, size=36)
+    args = ["--model=resnet18", f"--data_dir={tmp_path / 'data'}", f"--ckpt_save_dir={tmp_path / 'runs'}",
+            "--image_size=32", "--batch_size=8", "--num_parallel_workers=1", "--val_while_train=False"]
+    args.append("--epoch_size=2")
+    run = train(train_job_of(args + [f"--ckpt_path={path}"]))
+    saved = open_checkpoint(find_checkpoint(run["run_dir"]))
+    assert saved.meta["build"] == {"pool_pad": "pad"}
+    with caplog.at_level(logging.INFO, logger="resgarden"):
+        again = models.create_model("resnet18", num_classes=4, checkpoint_path=saved)
+    assert "built with pool_pad='pad' to match the run that saved it" in caplog.text
+    assert isinstance(again.max_pool, ms.nn.SequentialCell)  # zero pad + pool, as the source's explicit pad
+    first_epoch = os.path.join(run["run_dir"], "ckpt_0", "resnet18-e001.ckpt")
+    resumed = train(train_job_of(args + [f"--resume={first_epoch}"]))
+    assert resumed["epoch"] == 2
+    assert open_checkpoint(find_checkpoint(run["run_dir"])).meta["build"] == {"pool_pad": "pad"}
