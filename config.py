@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -164,6 +165,82 @@ SETTINGS: tuple[Setting, ...] = (
     S("dynamic_batch", False, "export: batch dimension left dynamic (MINDIR)", parse_bool),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
+
+# ---------------------------------------------------------------- ranges (checked after merging)
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda v: None if _finite(v) and v >= low else f"must be a number >= {low:g}"
+
+
+def _above(low: float) -> Callable[[Any], str | None]:
+    return lambda v: None if _finite(v) and v > low else f"must be a number > {low:g}"
+
+
+def _between(low: float, high: float, high_open: bool = False) -> Callable[[Any], str | None]:
+    bracket = ")" if high_open else "]"
+    return lambda v: None if _finite(v) and low <= v and (v < high if high_open else v <= high) \
+        else f"must be in [{low:g}, {high:g}{bracket}"
+
+
+def _pair(low_open: float, high: float | None) -> Callable[[Any], str | None]:
+    """Two numbers ``low_open < a <= b (<= high)``."""
+    limit = f" <= {high:g}" if high is not None else ""
+
+    def check(v: Any) -> str | None:
+        ok = len(v) == 2 and all(_finite(x) for x in v) and low_open < v[0] <= v[1] and (high is None or v[1] <= high)
+        return None if ok else f"must be two numbers min max with {low_open:g} < min <= max{limit}"
+    return check
+
+
+def _three_positive(v: Any) -> str | None:
+    return None if len(v) == 3 and all(_finite(x) and x > 0 for x in v) else "must be three positive numbers (R G B)"
+
+
+def _three_unit(v: Any) -> str | None:
+    return None if len(v) == 3 and all(_finite(x) and 0 <= x <= 1 for x in v) else \
+        "must be three numbers in [0, 1] (R G B, 0-1 scale)"
+
+
+def _increasing_epochs(v: Any) -> str | None:
+    return None if v and all(x >= 1 for x in v) and list(v) == sorted(set(v)) else \
+        "must be increasing epoch numbers >= 1"
+
+
+PROBABILITY = _between(0.0, 1.0)
+CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "device_id": _at_least(0), "seed": _at_least(0), "dist_port": _between(1, 65535), "dist_timeout": _at_least(1),
+    "num_parallel_workers": _at_least(1), "batch_size": _at_least(1), "image_size": _at_least(8),
+    "scale": _pair(0.0, 1.0), "ratio": _pair(0.0, None), "hflip": PROBABILITY, "color_jitter": _at_least(0),
+    "re_prob": PROBABILITY, "mixup": _at_least(0), "cutmix": _at_least(0), "mixup_prob": PROBABILITY,
+    "mixup_switch_prob": PROBABILITY, "mixup_off_epoch": _at_least(0), "crop_pct": _between(0.01, 1.0),
+    "mean": _three_unit, "std": _three_positive, "label_smoothing": _between(0.0, 1.0, high_open=True),
+    "num_classes": _at_least(1), "in_channels": _at_least(1), "drop_rate": _between(0.0, 1.0, high_open=True),
+    "drop_path_rate": _between(0.0, 1.0, high_open=True), "lr": _above(0.0), "momentum": _between(0.0, 1.0, True),
+    "weight_decay": _at_least(0), "backbone_lr_scale": _at_least(0), "warmup_epochs": _at_least(0),
+    "min_lr": _at_least(0), "decay_epochs": _at_least(1), "decay_rate": _between(0.0, 1.0),
+    "milestones": _increasing_epochs, "epoch_size": _at_least(1), "loss_scale": _above(0.0),
+    "clip_value": _above(0.0), "gradient_accumulation_steps": _at_least(1), "ema_decay": _between(0.0, 1.0, True),
+    "ckpt_save_interval": _at_least(1), "keep_checkpoint_max": _at_least(1), "val_interval": _at_least(1),
+    "log_interval": _at_least(1),
+}
+
+
+def check_values(values: dict[str, Any]) -> None:
+    """Every set value within its range (CHECKS); else a ConfigError naming the setting."""
+    for name, check in CHECKS.items():
+        value = values.get(name)
+        problem = None if value is None else check(value)
+        if problem:
+            shown = " ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in value) \
+                if isinstance(value, (list, tuple)) else value
+            raise ConfigError(f"--{name}={shown}: {problem}")
+    if values.get("min_lr") and values.get("lr") and values["min_lr"] > values["lr"]:
+        raise ConfigError(f"--min_lr={values['min_lr']:g} is above --lr={values['lr']:g}")
+
 ALIASES = {alias: s.name for s in SETTINGS for alias in (s.name, *s.aliases)}
 
 
@@ -270,6 +347,7 @@ def parse_config(argv: Sequence[str] | None = None, prog: str | None = None,
     if config_path:
         merged.update(load_yaml(config_path))
     merged.update(vars(cli))
+    check_values(merged)
     config = argparse.Namespace(**merged)
     config.explicit = sorted(set(vars(cli)) | (set(load_yaml(config_path)) if config_path else set()))
     return config

@@ -8,19 +8,27 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
+from .errors import WriteError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     """A temporary path beside ``path`` for the caller to write; renamed to ``path`` when the block
-    ends normally, deleted when it raises. ``suffix`` keeps writers that insist on an extension
-    (``.ckpt``, ``.png``) happy. The parent folder is created if needed."""
+    ends normally, deleted when it raises (an OSError becomes a one-line :class:`WriteError`).
+    Temporary names start with ``.<name>.`` (see :func:`remove_stale`). ``suffix`` keeps writers
+    that insist on an extension (``.ckpt``, ``.png``) happy. The parent folder is created if needed."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix or ".partial", dir=directory)
-    os.close(fd)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix or ".partial", dir=directory)
+        os.close(fd)
+    except OSError as exc:
+        raise WriteError(path, exc) from None
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, quota, permissions: the earlier file at ``path`` is untouched
+        raise WriteError(path, exc) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -45,3 +53,15 @@ def atomic_directory(path: str) -> Iterator[str]:
         os.replace(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale(directory: str) -> list[str]:
+    """Remove temporary files a killed process left in ``directory`` (``.<name>.*`` beside a
+    writer's target, and the ``.tmp-*`` ones of earlier versions); returns their names."""
+    if not os.path.isdir(directory):
+        return []
+    stale = [f for f in os.listdir(directory) if f.startswith(".") and (f.startswith(".tmp-") or f.endswith(
+        (".partial", ".part", ".ckpt", ".png", ".so"))) and os.path.isfile(os.path.join(directory, f))]
+    for name in stale:
+        os.remove(os.path.join(directory, name))
+    return stale

@@ -38,15 +38,20 @@ CIFAR10_DIR = "cifar-10-batches-bin"
 def scan_class_folders(split_dir: str) -> Split:
     """``split_dir/<class>/<image>``; classes in sorted order, files in sorted order."""
     classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
-    paths, labels = [], []
+    paths, labels, empty = [], [], []
     for index, name in enumerate(classes):
         folder = os.path.join(split_dir, name)
-        for file in sorted(os.listdir(folder)):
-            if file.lower().endswith(IMAGE_EXTENSIONS):
-                paths.append(os.path.join(folder, file))
-                labels.append(index)
+        found = [f for f in sorted(os.listdir(folder)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not found:
+            empty.append(name)
+        paths += [os.path.join(folder, f) for f in found]
+        labels += [index] * len(found)
     if not paths:
         raise DataError(f"no images found in class folders under {split_dir}")
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise DataError(f"{split_dir}: class folder(s) without images ({', '.join(IMAGE_EXTENSIONS)}): {shown}; "
+                        "add images or remove the folder(s)")
     return Split(classes, np.asarray(labels, np.int32), paths=paths)
 
 

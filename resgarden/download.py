@@ -52,24 +52,22 @@ def download_verified(url: str, digest_prefix: str, directory: str, algorithm: s
         logger.warning("%s has the wrong %s; downloading it again", dest, algorithm)
         os.remove(dest)
     digest = hashlib.new(algorithm)
-    try:
-        with atomic_path(dest, suffix=".part") as part:
-            with open(part, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+    with atomic_path(dest, suffix=".part") as part, open(part, "wb") as out:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
                 expected_size = response.headers.get("Content-Length")
                 size = 0
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     out.write(chunk)
                     digest.update(chunk)
                     size += len(chunk)
-            if expected_size is not None and size != int(expected_size):
-                raise DownloadError(f"download of {url} was truncated ({size} of {expected_size} bytes)")
-            if not digest.hexdigest().startswith(digest_prefix):
-                raise DownloadError(f"{algorithm} of {url} is {digest.hexdigest()[:16]}..., expected "
-                                    f"{digest_prefix}...: the file is corrupt or was replaced; it was deleted")
-        return dest
-    except DownloadError:
-        raise
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise DownloadError(f"cannot download {url} ({reason}). Without network, download it by hand "
-                            f"and place it at {dest}") from None
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise DownloadError(f"cannot download {url} ({reason}). Without network, download it by hand "
+                                f"and place it at {dest}") from None
+        if expected_size is not None and size != int(expected_size):
+            raise DownloadError(f"download of {url} was truncated ({size} of {expected_size} bytes)")
+        if not digest.hexdigest().startswith(digest_prefix):
+            raise DownloadError(f"{algorithm} of {url} is {digest.hexdigest()[:16]}..., expected "
+                                f"{digest_prefix}...: the file is corrupt or was replaced; it was deleted")
+    return dest

@@ -18,3 +18,11 @@ class DistributedError(RuntimeError):
 
 class ConfigError(UserError):
     """A bad flag, YAML key or value, or settings that do not go together."""
+
+
+class WriteError(UserError):
+    """A file or folder cannot be written (disk full, read-only, permissions); names the path."""
+
+    def __init__(self, path: str, error: OSError) -> None:
+        reason = error.strerror or str(error)
+        super().__init__(f"cannot write {path}: {reason}")

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import mindspore as ms
 import numpy as np
 
 from models.conv import native_conv_disabled
 
+from .atomic import atomic_path
 from .context import set_context
 from .errors import ConfigError
 from .model_loading import build_inference_model, checkpoint_classes, eval_transform, model_name, read_weights
@@ -33,13 +33,13 @@ def export_model(job: InferenceJob) -> str:
     sample = ms.Tensor(shape=shape, dtype=ms.float32) if batch is None else ms.Tensor(np.zeros(shape, np.float32))
     name, extension = model_name(job, checkpoint), EXTENSIONS[job.file_format]
     path = job.file_name or f"{name}{extension}"
-    stem = path[: -len(extension)] if path.endswith(extension) else path
-    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    try:
-        ms.export(net, sample, file_name=stem, file_format=job.file_format)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{job.file_format} export of {name} failed: {str(exc).strip().splitlines()[0]}") from None
-    written = stem + extension
+    written = path if path.endswith(extension) else path + extension
+    with atomic_path(written, suffix=extension) as tmp:  # MindSpore appends the extension itself
+        try:
+            ms.export(net, sample, file_name=tmp[: -len(extension)], file_format=job.file_format)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"{job.file_format} export of {name} failed: {first}") from None
     logger.info("exported %s (%d classes, input %s) to %s", name, num_classes,
                 ["N" if d is None else d for d in shape], written)
     return written

@@ -134,6 +134,21 @@ def fix_checkpoint_memory_check() -> None:
         serialization._get_available_memory = available_memory
 
 
+def quiet_cell_teardown() -> None:
+    """MindSpore 2.10's ``Cell.__del__`` reads module globals that interpreter shutdown has already
+    cleared, so every Cell still alive at exit prints an ``Exception ignored ... AttributeError``
+    block. At exit (before that teardown) the destructor becomes a no-op: the process is ending and
+    its graph caches go with it."""
+    import atexit
+
+    from mindspore import nn
+
+    def silence() -> None:
+        nn.Cell.__del__ = lambda self: None
+
+    atexit.register(silence)
+
+
 def default_data_workers(local_ranks: int = 1) -> tuple[int, str]:
     """(data loading workers for one rank, how that was decided): the CPUs this process may run on,
     shared by the ranks on its node, at least 1 and at most MAX_DEFAULT_WORKERS."""

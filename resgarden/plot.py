@@ -5,6 +5,14 @@ import json
 
 from .atomic import atomic_path
 
+LOG_SCALE_SPREAD = 30.0  # losses spanning more than this factor are drawn on a log axis
+
+
+def needs_log_scale(losses: list[float]) -> bool:
+    """Whether the loss panel needs a log axis: positive losses spanning more than LOG_SCALE_SPREAD."""
+    positive = [v for v in losses if v > 0]
+    return bool(positive) and max(positive) > LOG_SCALE_SPREAD * min(positive)
+
 
 def plot_metrics(metrics_path: str, png_path: str) -> str:
     """Draw train/val loss and val top-1/top-5 per epoch; returns ``png_path``."""
@@ -23,7 +31,11 @@ def plot_metrics(metrics_path: str, png_path: str) -> str:
         loss_axis.plot([r["epoch"] for r in val], [r["val_loss"] for r in val], marker="o", label="val")
         acc_axis.plot([r["epoch"] for r in val], [r["val_top1"] for r in val], marker="o", label="top-1")
         acc_axis.plot([r["epoch"] for r in val], [r["val_top5"] for r in val], marker="o", label="top-5")
-    loss_axis.set(xlabel="epoch", ylabel="loss", title="loss")
+    log_scale = needs_log_scale([r["train_loss"] for r in records] + [r["val_loss"] for r in val])
+    if log_scale:  # one early outlier (a first epoch's validation loss) would flatten the rest
+        loss_axis.set_yscale("log")
+    loss_axis.set(xlabel="epoch", ylabel="loss (log scale)" if log_scale else "loss",
+                  title="loss (log scale)" if log_scale else "loss")
     acc_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
     for axis in (loss_axis, acc_axis):
         axis.grid(alpha=0.3)

@@ -21,13 +21,13 @@ from models.weights import EMA_PREFIX, Checkpoint, open_checkpoint
 
 from .accuracy import evaluate
 from .amp import Float32Loss, apply_amp
-from .atomic import write_text
+from .atomic import remove_stale, write_text
 from .checkpoint import CheckpointManager, find_checkpoint, load_training_state, open_run_checkpoint
 from .context import check_model, set_context, with_data_workers
 from .data import Split, load_splits, make_loader
 from .distributed import (Cluster, average_buffers, broadcast_parameters, describe_failure,
                           init_cluster, is_collective_failure, ranks_out_of_sync, seed_random_ops)
-from .errors import ConfigError, DistributedError
+from .errors import ConfigError, DistributedError, WriteError
 from .logs import setup_logging
 from .optim import create_optimizer, freeze_backbone, lr_per_step
 from .platform import apply_cpu_speed_guard
@@ -104,10 +104,17 @@ def _setup(job: TrainJob, cluster: Cluster) -> Run:
         setup_logging(quiet=True)
     _log_devices(job.context.device_target, cluster)
     run = _load_data(job, cluster)
-    run.run_dir, run.ckpt_dir = _run_dirs(job.run.output_dir, job.run.resume)
+    run.run_dir, run.ckpt_dir = _run_dirs(job.run.output_dir, job.run.resume, claim=cluster.is_main)
     if cluster.is_main:
-        os.makedirs(run.ckpt_dir, exist_ok=True)
-        setup_logging(os.path.join(run.run_dir, "train.log"))
+        try:
+            os.makedirs(run.ckpt_dir, exist_ok=True)
+            setup_logging(os.path.join(run.run_dir, "train.log"))
+        except OSError as exc:
+            raise WriteError(run.ckpt_dir, exc) from None
+        stale = remove_stale(run.ckpt_dir)
+        if stale:
+            logger.info("removed %d temporary file(s) an interrupted save left in %s: %s", len(stale), run.ckpt_dir,
+                        ", ".join(stale))
     resumed = open_checkpoint(find_checkpoint(job.run.resume)) if job.run.resume else None
     run.model = build_model(job, run.num_classes, resumed)
     broadcast_parameters(run.model, cluster)  # every rank starts from rank 0's weights
@@ -195,15 +202,25 @@ def _resume(run: Run, checkpoint: Checkpoint) -> None:
     logger.info("resumed from %s: epoch %d, step %d", path, run.start_epoch, run.start_step)
 
 
-def _run_dirs(output_dir: str, resume: str | None) -> tuple[str, str]:
-    """(run folder, checkpoint folder): the resumed run's, or a new timestamped one."""
+def _run_dirs(output_dir: str, resume: str | None, claim: bool) -> tuple[str, str]:
+    """(run folder, checkpoint folder): the resumed run's, or a new timestamped one. ``claim`` (the
+    rank that writes) creates the new folder with an exclusive ``mkdir``, so two runs started in
+    the same second (a job array, a retry loop) never share one: the later takes ``<time>_2``."""
     if resume:
         ckpt_dir = os.path.dirname(os.path.abspath(find_checkpoint(resume)))
         return os.path.dirname(ckpt_dir), ckpt_dir
     run_dir = os.path.join(output_dir, datetime.now().strftime("%Y-%m-%d_time_%H_%M_%S"))
-    suffix, candidate = 1, run_dir
-    while os.path.exists(candidate):
-        suffix, candidate = suffix + 1, f"{run_dir}_{suffix}"
+    candidate, suffix = run_dir, 1
+    while claim:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            os.mkdir(candidate)
+            break
+        except FileExistsError:
+            suffix += 1
+            candidate = f"{run_dir}_{suffix}"
+        except OSError as exc:
+            raise WriteError(candidate, exc) from None
     return candidate, os.path.join(candidate, "ckpt_0")
 
 
@@ -258,8 +275,12 @@ def _end_epoch(run: Run, epoch: int, record: dict[str, Any]) -> None:
                     model=job.model.name, num_classes=run.num_classes, classes=run.train_split.classes,
                     eval_transform=run.loader.eval_transform.as_dict(), build=dict(run.model.pretrained_cfg.build))
         logger.info("saved %s", run.manager.save(run.train_cell, meta, is_best))
-    with open(os.path.join(run.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    metrics = os.path.join(run.run_dir, "metrics.jsonl")
+    try:
+        with open(metrics, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise WriteError(metrics, exc) from None
 
 
 @dataclass

@@ -27,7 +27,7 @@ def _resnet18_state(classes: int) -> dict[str, np.ndarray]:
 
 def test_specs_are_frozen_and_carry_only_what_the_engine_reads():
     job = train_job(parse_config(["--model=res2net50", "--image_size=160", "--crop_pct=0.95", "--lr=0.3",
-                                  "--gradient_accumulation_steps=0", "--clip_grad", "--epoch_size=7"]))
+                                  "--gradient_accumulation_steps=1", "--clip_grad", "--epoch_size=7"]))
     assert job.loader.eval_transform == EvalTransform(image_size=160, crop_pct=0.95)
     assert job.loader.eval_transform.resize == 168
     assert (job.schedule.lr, job.schedule.epochs, job.run.epochs) == (0.3, 7, 7)
