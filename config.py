@@ -327,7 +327,8 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 def parse_config(argv: Sequence[str] | None = None, prog: str | None = None,
                  description: str | None = None) -> argparse.Namespace:
-    """Merge defaults, the YAML named by --config and the command line (highest precedence).
+    """Merge defaults, a resumed run's saved settings (``--resume``), the YAML named by --config
+    and the command line (highest precedence).
 
     ``explicit`` on the result lists the settings the user gave (YAML or command line), so that
     defaults taken from elsewhere (e.g. a weights' eval transform) never override them.
@@ -343,6 +344,9 @@ def parse_config(argv: Sequence[str] | None = None, prog: str | None = None,
             _canonical(token.split("=", 1)[0])  # raises with a suggestion
         raise ConfigError(f"unexpected argument {token!r}")
     merged = {s.name: s.default for s in SETTINGS}
+    resumed = run_config_path(cli.resume) if getattr(cli, "resume", None) else None
+    if resumed:  # the run's own settings, then what is given now
+        merged.update({k: v for k, v in load_yaml(resumed).items() if k not in NOT_RESUMED})
     config_path = getattr(cli, "config", None)
     if config_path:
         merged.update(load_yaml(config_path))
@@ -351,6 +355,21 @@ def parse_config(argv: Sequence[str] | None = None, prog: str | None = None,
     config = argparse.Namespace(**merged)
     config.explicit = sorted(set(vars(cli)) | (set(load_yaml(config_path)) if config_path else set()))
     return config
+
+
+RUN_CONFIG = "config.yaml"
+# settings of a resumed run that describe the machine it ran on or how it was started, not the run
+NOT_RESUMED = frozenset({"config", "resume", "device_target", "device_id", "num_parallel_workers"})
+
+
+def run_config_path(resume: str) -> str | None:
+    """The settings a run saved (``<run>/config.yaml``), from what ``--resume`` names: the run
+    folder, its ``ckpt_0/`` folder or a checkpoint file in it; None if there are none."""
+    folder = os.path.dirname(os.path.abspath(resume)) if os.path.isfile(resume) else os.path.abspath(resume)
+    for candidate in (folder, os.path.dirname(folder)):
+        if os.path.isfile(os.path.join(candidate, RUN_CONFIG)):
+            return os.path.join(candidate, RUN_CONFIG)
+    return None
 
 
 def config_yaml(config: argparse.Namespace) -> str:

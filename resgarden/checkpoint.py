@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import mindspore as ms
+import numpy as np
 from mindspore import nn
 
 from models.weights import META_PREFIX, Checkpoint, WeightsError, open_checkpoint, read_meta
@@ -116,10 +117,26 @@ def open_run_checkpoint(path: str) -> Checkpoint:
     return open_checkpoint(find_checkpoint(path, prefer_best=True))
 
 
+def is_lr_schedule(name: str) -> bool:
+    """The optimizer's per-step learning rates: computed from the settings, never resumed."""
+    return name.startswith("learning_rate")
+
+
 def load_training_state(train_cell: nn.Cell, checkpoint: Checkpoint) -> dict[str, Any]:
-    """Load every parameter of ``train_cell`` from ``checkpoint`` (strict) and return its metadata."""
+    """Load every parameter of ``train_cell`` from ``checkpoint`` (strict) and return its metadata.
+    The learning-rate schedule is the one computed for this run (the same for an unchanged
+    schedule; a longer ``--epoch_size`` extends it), logged when it differs from the checkpoint's."""
     state, path = checkpoint.state, checkpoint.path
-    params = train_cell.parameters_dict()
+    params = {n: p for n, p in train_cell.parameters_dict().items() if not is_lr_schedule(n)}
+    schedules = [n for n in train_cell.parameters_dict() if is_lr_schedule(n) and n in state]
+    changed = [n for n in schedules if tuple(state[n].shape) != tuple(train_cell.parameters_dict()[n].shape)
+               or not np.array_equal(state[n].asnumpy(), train_cell.parameters_dict()[n].asnumpy())]
+    if changed:
+        before = tuple(state[changed[0]].shape)[0] if state[changed[0]].shape else 1
+        now = tuple(train_cell.parameters_dict()[changed[0]].shape)
+        logger.info("the learning-rate schedule differs from the checkpoint's (%s -> %s optimizer steps): using the "
+                    "one computed from the current settings, continuing at the checkpoint's step", before,
+                    now[0] if now else 1)
     missing = [n for n in params if n not in state and n != SKIPPED_STEPS]  # a counter older runs lack
     if missing:
         raise WeightsError(f"{path} cannot resume this run: {len(missing)} training parameters missing, "
@@ -127,5 +144,8 @@ def load_training_state(train_cell: nn.Cell, checkpoint: Checkpoint) -> dict[str
     mismatched = [n for n in params if tuple(state[n].shape) != tuple(params[n].shape)]
     if mismatched:
         raise WeightsError(f"{path} cannot resume this run: shapes differ for {mismatched[:3]}")
-    ms.load_param_into_net(train_cell, {n: state[n] for n in params if n in state}, strict_load=True)
+    own_schedule = {n: ms.Parameter(p.value(), name=n) for n, p in train_cell.parameters_dict().items()
+                    if is_lr_schedule(n)}
+    ms.load_param_into_net(train_cell, {**{n: state[n] for n in params if n in state}, **own_schedule},
+                           strict_load=True)
     return read_meta(state)

@@ -116,6 +116,8 @@ def _setup(job: TrainJob, cluster: Cluster) -> Run:
             logger.info("removed %d temporary file(s) an interrupted save left in %s: %s", len(stale), run.ckpt_dir,
                         ", ".join(stale))
     resumed = open_checkpoint(find_checkpoint(job.run.resume)) if job.run.resume else None
+    if resumed is not None:
+        check_resumable(job, resumed, run.train_split.classes)
     run.model = build_model(job, run.num_classes, resumed)
     broadcast_parameters(run.model, cluster)  # every rank starts from rank 0's weights
     if cluster.distributed:
@@ -191,12 +193,27 @@ def _build_train_cell(run: Run) -> None:
                                             in_channels=job.model.in_channels, **dict(run.model.pretrained_cfg.build))
 
 
+def check_resumable(job: TrainJob, checkpoint: Checkpoint, classes: list[str]) -> None:
+    """The resumed run's model, classes and epochs fit this one; else one line naming both sides."""
+    meta = checkpoint.meta
+    if meta.get("model") and meta["model"] != job.model.name:
+        raise ConfigError(f"{checkpoint.path} was trained as {meta['model']}, not --model={job.model.name}: resume "
+                          "with its model (leave out --model), or start a new run")
+    trained = meta.get("classes")
+    if trained is not None and list(trained) != list(classes):
+        differ = sorted(set(trained) ^ set(classes))
+        raise ConfigError(f"{checkpoint.path} was trained on {len(trained)} classes, {job.data.data_dir or 'the data'} "
+                          f"has {len(classes)}" + (f" (e.g. {', '.join(differ[:3])} in one only)" if differ else
+                                                   " in another order"))
+    if meta.get("epoch", -1) + 1 >= job.run.epochs:
+        raise ConfigError(f"{checkpoint.path} already finished epoch {meta['epoch'] + 1} of --epoch_size="
+                          f"{job.run.epochs}: give a larger --epoch_size to train on")
+
+
 def _resume(run: Run, checkpoint: Checkpoint) -> None:
     """Every parameter of the training cell, the epoch, step and best metric from ``--resume``."""
     path = checkpoint.path
     meta = load_training_state(run.train_cell, checkpoint)
-    if meta.get("classes") != run.train_split.classes:
-        raise ConfigError(f"{path} was trained on other classes than {run.job.data.data_dir}")
     run.start_epoch, run.start_step = meta["epoch"] + 1, meta["global_step"]
     run.best = meta.get("best_metric", run.best)
     logger.info("resumed from %s: epoch %d, step %d", path, run.start_epoch, run.start_step)

@@ -1,0 +1,130 @@
+"""Bad input and failing disks end in one line, leave nothing half-written and keep runs apart."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import pytest
+
+import export as export_entry
+import infer as infer_entry
+import train as train_entry
+import validate as validate_entry
+from resgarden import checkpoint, trainer
+from resgarden.data import DataError, scan_class_folders
+from resgarden.plot import needs_log_scale
+from tests.helpers import write_imagenet_layout
+
+ENTRY_POINTS = {"train.py": train_entry.main, "validate.py": validate_entry.main, "export.py": export_entry.main,
+                "infer.py": infer_entry.main,
+                "eval.py": lambda argv: validate_entry.main(argv, prog="eval.py")}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch_size=0"], "--batch_size=0: must be a number >= 1"),
+    (["--scale", "1.0", "0.08"], "--scale=1 0.08: must be two numbers min max with 0 < min <= max <= 1"),
+    (["--mean", "0.5", "0.5"], "--mean=0.5 0.5: must be three numbers in [0, 1] (R G B, 0-1 scale)"),
+    (["--hflip=1.5"], "--hflip=1.5: must be in [0, 1]"),
+    (["--lr=inf"], "--lr=inf: must be a number > 0"),
+    (["--milestones", "60", "30"], "--milestones=60 30: must be increasing epoch numbers >= 1"),
+    (["--min_lr=0.5", "--lr=0.1"], "--min_lr=0.5 is above --lr=0.1"),
+])
+def test_out_of_range_settings_are_one_line_in_every_entry_point(capsys, argv, message):
+    for prog, main in ENTRY_POINTS.items():
+        assert main(argv) == 2, prog
+        err = capsys.readouterr().err.strip()
+        assert err == f"{prog}: error: {message}", err
+
+
+def test_an_empty_class_folder_is_named(tmp_path):
+    write_imagenet_layout(str(tmp_path), per_class=1, splits=("train",))
+    os.makedirs(tmp_path / "train" / "n09999999")
+    (tmp_path / "train" / "n09999999" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"class folder\(s\) without images .*: n09999999; add images"):
+        scan_class_folders(str(tmp_path / "train"))
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    start, claimed = threading.Barrier(6), []
+
+    def claim() -> None:
+        start.wait()
+        claimed.append(trainer._run_dirs(str(tmp_path), None, claim=True)[0])
+
+    threads = [threading.Thread(target=claim) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(claimed)) == 6 and all(os.path.isdir(d) for d in claimed)
+
+
+def _tiny_run(tmp_path, *extra: str) -> list[str]:
+    write_imagenet_layout(str(tmp_path / "data"), per_class=4, size=36)
+    return ["--model=resnet18", "--image_size=32", "--batch_size=8", "--num_parallel_workers=1",
+            f"--data_dir={tmp_path / 'data'}", f"--output_path={tmp_path / 'runs'}", "--val_while_train=False", *extra]
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    real_save, saves = checkpoint.ms.save_checkpoint, []
+
+    def save_until_the_disk_fills(cell, path, **kwargs):
+        saves.append(path)
+        if len(saves) > 2:  # epoch 1 and its best copy fit; epoch 2 does not
+            with open(path, "wb") as handle:
+                handle.write(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        real_save(cell, path, **kwargs)
+
+    monkeypatch.setattr(checkpoint.ms, "save_checkpoint", save_until_the_disk_fills)
+    assert train_entry.main(_tiny_run(tmp_path, "--epoch_size=2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.py: error: cannot write ") and err.endswith("resnet18-e002.ckpt: No space left on device")
+    (run_dir,) = os.listdir(tmp_path / "runs")
+    ckpt_dir = tmp_path / "runs" / run_dir / "ckpt_0"
+    assert sorted(os.listdir(ckpt_dir)) == ["checkpoints.json", "resnet18-best.ckpt", "resnet18-e001.ckpt"]
+    assert checkpoint.load_training_state  # the epoch-1 checkpoint still reads:
+    checkpoint.open_checkpoint(str(ckpt_dir / "resnet18-e001.ckpt"))
+
+
+def test_resume_remembers_the_run_and_extends_it(tmp_path, caplog, capsys):
+    """``--resume=<run>`` alone restores the run's settings; a larger --epoch_size extends the run;
+    a finished run, another model or other classes are one line; stale temp files go."""
+    assert train_entry.main(_tiny_run(tmp_path, "--epoch_size=1", "--lr=0.05")) == 0
+    (run_dir,) = os.listdir(tmp_path / "runs")
+    run_dir = tmp_path / "runs" / run_dir
+    ckpt_dir = run_dir / "ckpt_0"
+    capsys.readouterr()
+    assert train_entry.main([f"--resume={run_dir}"]) == 2
+    assert capsys.readouterr().err.strip().endswith("already finished epoch 1 of --epoch_size=1: give a larger "
+                                                    "--epoch_size to train on")
+    assert train_entry.main([f"--resume={run_dir}", "--model=resnet34", "--epoch_size=2"]) == 2
+    assert "was trained as resnet18, not --model=resnet34" in capsys.readouterr().err
+    for stale in (".resnet18-e002.ckpt.k3j2.ckpt", ".tmp-ab12.ckpt", ".checkpoints.json.x1.partial"):
+        (ckpt_dir / stale).write_bytes(b"")
+    with caplog.at_level(logging.INFO, logger="resgarden"):
+        assert train_entry.main([f"--resume={run_dir}", "--epoch_size=2"]) == 0
+    assert "removed 3 temporary file(s) an interrupted save left" in caplog.text
+    assert "the learning-rate schedule differs from the checkpoint's (2 -> 4 optimizer steps)" in caplog.text
+    assert "model resnet18: 4 classes" in caplog.text and "lr 0.05" not in caplog.text
+    assert not [f for f in os.listdir(ckpt_dir) if f.startswith(".")]
+    assert "resnet18-e002.ckpt" in os.listdir(ckpt_dir)
+    saved = (run_dir / "config.yaml").read_text()
+    assert "epoch_size: 2" in saved and "image_size: 32" in saved and "lr: 0.05" in saved
+
+
+def test_resuming_on_other_classes_names_both_sides(tmp_path, capsys):
+    assert train_entry.main(_tiny_run(tmp_path, "--epoch_size=1")) == 0
+    (run_dir,) = os.listdir(tmp_path / "runs")
+    other = tmp_path / "other"
+    write_imagenet_layout(str(other), per_class=4, size=36, classes=("n01440764", "n01443537", "n01484850", "cat"))
+    capsys.readouterr()
+    assert train_entry.main([f"--resume={tmp_path / 'runs' / run_dir}", f"--data_dir={other}", "--epoch_size=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was trained on 4 classes, " in err and "has 4 (e.g. cat, n01491361 in one only)" in err
+
+
+def test_the_loss_panel_turns_logarithmic_for_an_outlier():
+    assert needs_log_scale([2.1, 304.0, 1.2, 1.0, 0.9])  # the quick start's first validation loss
+    assert not needs_log_scale([2.3, 1.4, 0.9, 0.7])
