@@ -44,7 +44,7 @@ class BatchSource:
 
     def __init__(self, split: Split, order: np.ndarray, transform: ImageTransform, seed_key: tuple[int, ...],
                  batch_size: int, drop_remainder: bool, workers: int = 1, first_epoch: int = 0,
-                 epoch_length: int | None = None) -> None:
+                 epoch_length: int | None = None, first_batch: int = 0) -> None:
         self.split = split
         self.order = order
         self.transform = transform
@@ -53,13 +53,18 @@ class BatchSource:
         self.epoch_length = epoch_length or max(len(order), 1)
         self.batch_size = batch_size
         self.samples = len(order) // batch_size * batch_size if drop_remainder else len(order)
+        self.first_batch = first_batch  # a run resumed mid-epoch starts at its next batch
         self.workers = max(1, workers)
         self.bad_files: set[str] = set()
         self.failure: DataError | None = None  # what ended the iteration, see :func:`batches`
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return -(-self.samples // self.batch_size)
+        return -(-self.samples // self.batch_size) - self.first_batch
+
+    def batch_numbers(self) -> range:
+        """The batches this source yields, numbered within the whole order."""
+        return range(self.first_batch, self.first_batch + len(self))
 
     def batch_shape(self, batch: int) -> tuple[int, int, int, int]:
         size = self.transform.size
@@ -107,8 +112,9 @@ class BatchSource:
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         try:
             if self.workers == 1:
-                for batch in range(len(self)):
+                for batch in self.batch_numbers():
                     images = np.empty(self.batch_shape(batch), np.float32)
+                    seed_global_streams(self, batch)
                     yield self._collect(images, *self.fill(batch, images))
             elif worker_processes_possible(self):
                 yield from self._in_processes()
@@ -124,17 +130,17 @@ class BatchSource:
             return (images, *self.fill(batch, images))
 
         with ThreadPoolExecutor(self.workers, thread_name_prefix="resgarden-data") as pool:
-            yield from (self._collect(*batch) for batch in pool.map(fill, range(len(self))))
+            yield from (self._collect(*batch) for batch in pool.map(fill, self.batch_numbers()))
 
     def _in_processes(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         slots = [shared_memory.SharedMemory(create=True, size=_batch_bytes(self)) for _ in range(2 * self.workers)]
         free, queued = list(range(len(slots))), deque()
-        next_batch = 0
+        next_batch, end = self.first_batch, self.first_batch + len(self)
         try:
             with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
                                      initializer=_set_worker_source, initargs=(self,)) as pool:
                 while True:
-                    while free and next_batch < len(self):
+                    while free and next_batch < end:
                         slot = free.pop()
                         queued.append((slot, next_batch, pool.submit(_fill_slot, next_batch, slots[slot].name)))
                         next_batch += 1
@@ -199,6 +205,14 @@ _worker_source: BatchSource | None = None  # in a worker process: the source it 
 _worker_slots: dict[str, shared_memory.SharedMemory] = {}
 
 
+def seed_global_streams(source: BatchSource, batch: int) -> None:
+    """Seed Python's and NumPy's global streams, which the auto-augment policies draw from, for
+    batch ``batch``: the same batch gets the same draws in any worker and after a resume."""
+    seed = zlib.crc32(repr((*source.seed_key, source.first_epoch, batch)).encode())
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def _set_worker_source(source: BatchSource) -> None:
     global _worker_source
     _worker_source = source
@@ -209,8 +223,6 @@ def _fill_slot(batch: int, slot_name: str) -> tuple[list[int], list[tuple[str, s
     source = _worker_source
     if slot_name not in _worker_slots:
         _worker_slots[slot_name] = shared_memory.SharedMemory(name=slot_name)  # unlinked by the parent
-    seed = zlib.crc32(repr((*source.seed_key, source.first_epoch, batch)).encode())
-    random.seed(seed)  # the auto-augment policies draw from the global streams
-    np.random.seed(seed)
+    seed_global_streams(source, batch)
     images = np.ndarray(source.batch_shape(batch), np.float32, buffer=_worker_slots[slot_name].buf)
     return source.fill(batch, images)

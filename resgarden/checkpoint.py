@@ -50,17 +50,25 @@ class CheckpointManager:
                 self.entries = json.load(handle)
 
     def save(self, cell: nn.Cell, meta: dict[str, Any], is_best: bool) -> str:
-        name = f"{self.model_name}-e{meta['epoch'] + 1:03d}.ckpt"
+        """Write an epoch's checkpoint, or a mid-epoch one (``meta["step_in_epoch"]``, written when
+        training stops on request); an epoch's checkpoint supersedes the mid-epoch ones before it."""
+        mid_epoch = meta.get("step_in_epoch")
+        name = (f"{self.model_name}-e{meta['epoch'] + 2:03d}-step{mid_epoch:06d}.ckpt" if mid_epoch
+                else f"{self.model_name}-e{meta['epoch'] + 1:03d}.ckpt")
         path = os.path.join(self.directory, name)
         save_atomic(cell, path, meta)
-        self.entries = [e for e in self.entries if e["file"] != name]
+        superseded = [e for e in self.entries if e["file"] == name or (not mid_epoch and e.get("step_in_epoch"))]
+        for old in superseded:
+            if old["file"] != name and os.path.exists(os.path.join(self.directory, old["file"])):
+                os.remove(os.path.join(self.directory, old["file"]))
+        self.entries = [e for e in self.entries if e not in superseded]
         self.entries.append(dict(file=name, epoch=meta["epoch"], global_step=meta["global_step"],
-                                 metric=meta.get("metric")))
+                                 metric=meta.get("metric"), **({"step_in_epoch": mid_epoch} if mid_epoch else {})))
         # top_k also keeps the newest checkpoint, whatever its metric: --resume needs it
         while len(self.entries) > self.keep + (self.policy == "top_k"):
             if self.policy == "top_k":
-                worst = min(range(len(self.entries) - 1),
-                            key=lambda i: (self.entries[i]["metric"], self.entries[i]["epoch"]))
+                worst = min(range(len(self.entries) - 1), key=lambda i: (
+                    _metric(self.entries[i]), self.entries[i]["epoch"]))
                 old = self.entries.pop(worst)
             else:
                 old = self.entries.pop(0)
@@ -71,6 +79,11 @@ class CheckpointManager:
             save_atomic(cell, os.path.join(self.directory, f"{self.model_name}-best.ckpt"), meta)
         write_text(os.path.join(self.directory, MANIFEST), json.dumps(self.entries, indent=1))
         return path
+
+
+def _metric(entry: dict[str, Any]) -> float:
+    """An entry's metric for the top-k policy; a mid-epoch checkpoint has none and goes first."""
+    return float("-inf") if entry.get("metric") is None else entry["metric"]
 
 
 def find_checkpoint(path: str, prefer_best: bool = False) -> str:

@@ -244,12 +244,13 @@ def mixing(mix: Mixing, num_classes: int, epoch: int):
 
 
 def make_loader(split: Split, loader: LoaderSpec, training: bool, epoch: int = 0, num_classes: int | None = None,
-                shard: tuple[int, int] = (0, 1), epochs: int = 1):
+                shard: tuple[int, int] = (0, 1), epochs: int = 1, first_batch: int = 0):
     """A batched MindSpore dataset for epoch ``epoch`` of rank ``shard[0]`` of ``shard[1]`` (training
     drops the last partial batch and, with mixup/cutmix, yields soft targets), and its batch source.
     ``epochs`` > 1 (dataset sink mode) chains that many epochs' sample orders, each without its last
     partial batch, with the same per-image augmentation as epoch by epoch (auto-augment policies and
-    mixup draw from one global stream seeded for ``epoch``)."""
+    mixup draw from one global stream seeded for ``epoch``). ``first_batch`` > 0 (a run resumed
+    mid-epoch) starts at that batch of the epoch, with the order and per-image augmentation it had."""
     import mindspore.dataset as ds
 
     rank, size = shard
@@ -264,7 +265,8 @@ def make_loader(split: Split, loader: LoaderSpec, training: bool, epoch: int = 0
     source = BatchSource(split, np.concatenate(orders), image_transform(loader, training),
                          seed_key=(loader.seed, rank, int(training)), batch_size=loader.batch_size,
                          drop_remainder=training, first_epoch=epoch,
-                         workers=loader.workers or default_data_workers()[0], epoch_length=len(orders[0]))
+                         workers=loader.workers or default_data_workers()[0], epoch_length=len(orders[0]),
+                         first_batch=first_batch)
     dataset = ds.GeneratorDataset(source, column_names=["image", "label"], shuffle=False)
     if training and loader.mixing.enabled:
         dataset = dataset.map(mixing(loader.mixing, num_classes or len(split.classes), epoch),

@@ -26,3 +26,15 @@ class WriteError(UserError):
     def __init__(self, path: str, error: OSError) -> None:
         reason = error.strerror or str(error)
         super().__init__(f"cannot write {path}: {reason}")
+
+
+class Preempted(Exception):
+    """Training stopped on request (SIGTERM, SIGUSR1, Ctrl-C) after writing a checkpoint to resume
+    from; the message (empty on ranks > 0) says how. Exit code EXIT_PREEMPTED."""
+
+
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, to be retried (resumed)
+
+
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite; the message names the step, the LR and what to try."""

@@ -6,13 +6,14 @@ import os
 import sys
 from typing import Callable
 
-from .errors import DistributedError, UserError
+from .errors import EXIT_PREEMPTED, DistributedError, Preempted, UserError
 from .logs import setup_logging
 
 
 def run(prog: str, action: Callable[[], str | None], on_interrupt: str = "interrupted") -> int:
     """Run ``action``; print what it returns. A user error is one line on stderr and exit code 2,
-    a lost rank of a data-parallel job one line and exit code 1, Ctrl-C exit code 130."""
+    a lost rank of a data-parallel job one line and exit code 1, a training stopped on request
+    (checkpoint written) one line and EXIT_PREEMPTED, an immediate Ctrl-C exit code 130."""
     setup_logging()
     try:
         message = action()
@@ -26,6 +27,10 @@ def run(prog: str, action: Callable[[], str | None], on_interrupt: str = "interr
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
+    except Preempted as exc:
+        if str(exc):
+            print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print(f"{prog}: {on_interrupt}", file=sys.stderr)
         return 130

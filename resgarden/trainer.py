@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -27,11 +28,12 @@ from .context import check_model, set_context, with_data_workers
 from .data import Split, load_splits, make_loader
 from .distributed import (Cluster, average_buffers, broadcast_parameters, describe_failure,
                           init_cluster, is_collective_failure, ranks_out_of_sync, seed_random_ops)
-from .errors import ConfigError, DistributedError, WriteError
+from .errors import ConfigError, DistributedError, Preempted, TrainingDiverged, WriteError
 from .logs import setup_logging
 from .optim import create_optimizer, freeze_backbone, lr_per_step
 from .platform import apply_cpu_speed_guard
 from .plot import plot_metrics
+from .preemption import StopRequest, stop_requests
 from .specs import LoaderSpec, TrainJob
 from .steps import SinkSteps, batch_steps, sink_size_for, use_sink_mode
 from .train_step import TrainStep
@@ -46,7 +48,8 @@ def train(job: TrainJob) -> dict[str, Any]:
     set_context(job.context)
     cluster = init_cluster(job.cluster)  # msrun's scheduler process stays in here: no side effects before
     try:
-        return _fit(job, cluster)
+        with stop_requests() as stop:
+            return _fit(job, cluster, stop)
     except RuntimeError as exc:
         if not cluster.distributed or isinstance(exc, DistributedError) or not is_collective_failure(exc):
             raise
@@ -73,19 +76,29 @@ class Run:
     manager: CheckpointManager | None = None
     start_epoch: int = 0
     start_step: int = 0
+    resume_step: int = 0  # resumed mid-epoch: the steps of start_epoch already done
+    stop: StopRequest = field(default_factory=StopRequest)
     best: float = float("-inf")
     sink_source: Any = None  # dataset sink mode: the batch source of all remaining epochs
 
 
-def _fit(job: TrainJob, cluster: Cluster) -> dict[str, Any]:
+def _fit(job: TrainJob, cluster: Cluster, stop: StopRequest) -> dict[str, Any]:
     """Everything after joining the job: setup, the epochs, the end of the run."""
     run = _setup(job, cluster)
+    run.stop = stop
     sink = _sink_steps(run)
     clock = RunClock(run.start_step, job.run.epochs * run.steps_per_epoch)
     record: dict[str, Any] = {}
     for epoch in range(run.start_epoch, job.run.epochs):
         record = _train_epoch(run, epoch, clock, sink)
-        _end_epoch(run, epoch, record)
+        stop_now = record.pop("stop_requested") and epoch + 1 < job.run.epochs
+        path = _end_epoch(run, epoch, record, force_save=stop_now)
+        if stop_now:  # asked at the epoch's last step: its checkpoint is the one to resume from
+            message = (f"stopped by {run.stop.signal_name} after epoch {epoch + 1}; checkpoint {path}; resume with: "
+                       f"python train.py --resume={run.run_dir}") if cluster.is_main else ""
+            if message:
+                logger.warning(message)
+            raise Preempted(message)
     if cluster.distributed:
         _check_in_sync(run.train_cell, cluster)
     metrics = os.path.join(run.run_dir, "metrics.jsonl")
@@ -215,6 +228,7 @@ def _resume(run: Run, checkpoint: Checkpoint) -> None:
     path = checkpoint.path
     meta = load_training_state(run.train_cell, checkpoint)
     run.start_epoch, run.start_step = meta["epoch"] + 1, meta["global_step"]
+    run.resume_step = int(meta.get("step_in_epoch") or 0)
     run.best = meta.get("best_metric", run.best)
     logger.info("resumed from %s: epoch %d, step %d", path, run.start_epoch, run.start_step)
 
@@ -249,32 +263,53 @@ def _sink_steps(run: Run) -> SinkSteps | None:
     sink_size = sink_size_for(run.steps_per_epoch, job.run.log_interval)
     dataset, run.sink_source = make_loader(run.train_split, run.loader, training=True, epoch=run.start_epoch,
                                            num_classes=run.num_classes, shard=run.cluster.shard,
-                                           epochs=job.run.epochs - run.start_epoch)
+                                           epochs=job.run.epochs - run.start_epoch, first_batch=run.resume_step)
     logger.info("dataset sink mode: %d steps per call, epochs %d-%d in one device queue",
                 sink_size, run.start_epoch + 1, job.run.epochs)
     return SinkSteps(run.train_cell, dataset, sink_size, job.context.jit_level)
 
 
 def _train_epoch(run: Run, epoch: int, clock: RunClock, sink: SinkSteps | None) -> dict[str, Any]:
-    """One epoch's steps; returns its record (loss, LR, time, unreadable images, skipped steps)."""
+    """One epoch's steps (the rest of it, for a run resumed mid-epoch); returns its record (loss,
+    LR, time, unreadable images, skipped steps). Stopped on request, it writes a checkpoint at
+    that step and raises Preempted."""
+    first_step, run.resume_step = (run.resume_step, 0) if epoch == run.start_epoch else (0, 0)
     if sink is None:
         dataset, source = make_loader(run.train_split, run.loader, training=True, epoch=epoch,
-                                      num_classes=run.num_classes, shard=run.cluster.shard)
+                                      num_classes=run.num_classes, shard=run.cluster.shard, first_batch=first_step)
         steps = batch_steps(run.train_cell, dataset, source)
     else:
-        steps, source = sink.epoch(run.steps_per_epoch), run.sink_source
+        steps, source = sink.epoch(run.steps_per_epoch - first_step), run.sink_source
     bad_before = len(source.bad_files)
     epoch_start = time.perf_counter()
-    train_loss, skipped = _run_epoch(steps, run, clock, epoch)
-    average_buffers(run.train_cell, run.cluster)
+    train_loss, skipped, stopped_at = _run_epoch(steps, run, clock, epoch, first_step)
+    average_buffers(run.train_cell, run.cluster)  # linear in the statistics: exact also mid-epoch
+    if stopped_at is not None and stopped_at < run.steps_per_epoch:
+        _stop_mid_epoch(run, epoch, stopped_at, clock.step)
     unreadable = int(run.cluster.all_reduce_sum([len(source.bad_files) - bad_before])[0])
     return dict(epoch=epoch + 1, global_step=clock.step, train_loss=train_loss,
                 lr=_lr(run.lrs, clock.step, run.job.step.accumulation), epoch_seconds=time.perf_counter() - epoch_start,
-                unreadable_images=unreadable, skipped_steps=skipped)
+                unreadable_images=unreadable, skipped_steps=skipped, stop_requested=stopped_at is not None)
 
 
-def _end_epoch(run: Run, epoch: int, record: dict[str, Any]) -> None:
-    """Validation when due, the best metric, the checkpoint and the metrics line (rank 0 writes)."""
+def _stop_mid_epoch(run: Run, epoch: int, step_in_epoch: int, global_step: int) -> None:
+    """Write a checkpoint at this step of ``epoch`` (rank 0), say how to resume, raise Preempted."""
+    message = ""
+    if run.cluster.is_main:
+        meta = dict(epoch=epoch - 1, step_in_epoch=step_in_epoch, global_step=global_step, metric=None,
+                    best_metric=run.best, model=run.job.model.name, num_classes=run.num_classes,
+                    classes=run.train_split.classes, eval_transform=run.loader.eval_transform.as_dict(),
+                    build=dict(run.model.pretrained_cfg.build))
+        path = run.manager.save(run.train_cell, meta, is_best=False)
+        message = (f"stopped by {run.stop.signal_name} at epoch {epoch + 1} step {step_in_epoch}/{run.steps_per_epoch}; "
+                   f"checkpoint {path}; resume with: python train.py --resume={run.run_dir}")
+        logger.warning(message)
+    raise Preempted(message)
+
+
+def _end_epoch(run: Run, epoch: int, record: dict[str, Any], force_save: bool = False) -> str | None:
+    """Validation when due, the best metric, the checkpoint (when due or ``force_save``) and the
+    metrics line (rank 0 writes); returns the checkpoint written, if any."""
     job, last = run.job, epoch + 1 == run.job.run.epochs
     if run.val_split is not None and job.run.val_while_train and ((epoch + 1) % job.run.val_interval == 0 or last):
         model = _with_ema_weights(run.ema_model, run.train_cell) if run.ema_model else run.model
@@ -286,18 +321,21 @@ def _end_epoch(run: Run, epoch: int, record: dict[str, Any]) -> None:
     is_best = metric > run.best
     run.best = max(run.best, metric)
     if not run.cluster.is_main:
-        return
-    if (epoch + 1) % job.run.save_interval == 0 or last:
+        return None
+    path = None
+    if (epoch + 1) % job.run.save_interval == 0 or last or force_save:
         meta = dict(epoch=epoch, global_step=record["global_step"], metric=metric, best_metric=run.best,
                     model=job.model.name, num_classes=run.num_classes, classes=run.train_split.classes,
                     eval_transform=run.loader.eval_transform.as_dict(), build=dict(run.model.pretrained_cfg.build))
-        logger.info("saved %s", run.manager.save(run.train_cell, meta, is_best))
+        path = run.manager.save(run.train_cell, meta, is_best)
+        logger.info("saved %s", path)
     metrics = os.path.join(run.run_dir, "metrics.jsonl")
     try:
         with open(metrics, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
     except OSError as exc:
         raise WriteError(metrics, exc) from None
+    return path
 
 
 @dataclass
@@ -316,14 +354,17 @@ class RunClock:
         return _format_eta(per_step * (self.total_steps - self.step))
 
 
-def _run_epoch(steps: Iterator[tuple[int, ms.Tensor]], run: Run, clock: RunClock, epoch: int) -> tuple[float, int]:
-    """Run one epoch's ``steps``, logging every ``--log_interval`` steps; returns (mean training loss,
-    optimizer steps skipped on overflow). Losses are read back from the device only where logged."""
+def _run_epoch(steps: Iterator[tuple[int, ms.Tensor]], run: Run, clock: RunClock, epoch: int,
+               first_step: int = 0) -> tuple[float, int, int | None]:
+    """Run one epoch's ``steps`` (from step ``first_step`` of it, for a run resumed mid-epoch),
+    logging every ``--log_interval`` steps; returns (mean training loss, optimizer steps skipped on
+    overflow, the step of the epoch it stopped at on request, or None). Losses are read back from the device only where logged; a
+    non-finite one there ends the run (see :func:`_check_progress`)."""
     train_cell, cluster, steps_per_epoch = run.train_cell, run.cluster, run.steps_per_epoch
     accumulation, epochs, log_interval = run.job.step.accumulation, run.job.run.epochs, run.job.run.log_interval
     skipped_at_start = skipped_logged = int(train_cell.skipped_steps.asnumpy())
-    start, done, loss_sum, pending = time.perf_counter(), 0, 0.0, []
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+    start, done, loss_sum, pending, stopped = time.perf_counter(), first_step, 0.0, [], None
+    bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                disable=not (sys.stdout.isatty() and cluster.is_main))
     for count, loss in steps:
         clock.step += count
@@ -331,10 +372,13 @@ def _run_epoch(steps: Iterator[tuple[int, ms.Tensor]], run: Run, clock: RunClock
         pending.append((count, loss))
         bar.update(count)
         if done // log_interval == before // log_interval and done < steps_per_epoch:
+            if not cluster.distributed and run.stop.requested:  # one process stops at the next step
+                stopped = done
+                break
             continue
         losses = [(n, float(value.asnumpy())) for n, value in pending]  # the only read-back
         loss_sum, pending = loss_sum + sum(n * value for n, value in losses), []
-        images_per_s = cluster.size * done * run.loader.batch_size / (time.perf_counter() - start)
+        images_per_s = cluster.size * (done - first_step) * run.loader.batch_size / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{losses[-1][1]:.4f}", img_s=f"{images_per_s:.1f}")
         logger.info("epoch %d/%d step %d/%d loss %.4f lr %.6f %.1f img/s eta %s", epoch + 1, epochs, done,
                     steps_per_epoch, losses[-1][1], _lr(run.lrs, clock.step, accumulation), images_per_s, clock.eta())
@@ -344,8 +388,26 @@ def _run_epoch(steps: Iterator[tuple[int, ms.Tensor]], run: Run, clock: RunClock
                            "%g); %d this epoch", skipped - skipped_logged, float(train_cell.loss_scale.asnumpy()),
                            skipped - skipped_at_start)
             skipped_logged = skipped
+        if _check_progress(run, [value for _, value in losses], clock.step):
+            stopped = done
+            break
     bar.close()
-    return loss_sum / max(done, 1), skipped_logged - skipped_at_start
+    return loss_sum / max(done - first_step, 1), skipped_logged - skipped_at_start, stopped
+
+
+def _check_progress(run: Run, losses: list[float], step: int) -> bool:
+    """At a log point: whether to stop on request (every rank agrees, at the same step). A
+    non-finite loss without dynamic loss scaling (which skips such steps) ends the run here."""
+    diverged = not run.job.step.dynamic_loss_scale and not all(math.isfinite(v) for v in losses)
+    stop, diverged = (int(v) for v in run.cluster.all_reduce_sum([int(run.stop.requested), int(diverged)])) \
+        if run.cluster.distributed else (int(run.stop.requested), int(diverged))
+    if diverged:
+        last = run.manager.entries[-1]["file"] if run.manager and run.manager.entries else None
+        raise TrainingDiverged(
+            f"the training loss is not finite at step {step} (lr {_lr(run.lrs, step, run.job.step.accumulation):g}): "
+            "lower --lr, add --warmup_epochs, --clip_grad or --loss_scale_type=dynamic"
+            + (f"; the last good checkpoint is {os.path.join(run.ckpt_dir, last)}" if last else ""))
+    return bool(stop)
 
 
 def _log_devices(device_target: str, cluster: Cluster) -> None:

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 
+import mindspore as ms
+import numpy as np
 import pytest
 
 import export as export_entry
@@ -13,8 +16,10 @@ import train as train_entry
 import validate as validate_entry
 from resgarden import checkpoint, trainer
 from resgarden.data import DataError, scan_class_folders
+from resgarden.errors import EXIT_PREEMPTED
 from resgarden.plot import needs_log_scale
-from tests.helpers import write_imagenet_layout
+from resgarden.trainer import train
+from tests.helpers import train_job_of, write_imagenet_layout
 
 ENTRY_POINTS = {"train.py": train_entry.main, "validate.py": validate_entry.main, "export.py": export_entry.main,
                 "infer.py": infer_entry.main,
@@ -128,3 +133,43 @@ def test_resuming_on_other_classes_names_both_sides(tmp_path, capsys):
 def test_the_loss_panel_turns_logarithmic_for_an_outlier():
     assert needs_log_scale([2.1, 304.0, 1.2, 1.0, 0.9])  # the quick start's first validation loss
     assert not needs_log_scale([2.3, 1.4, 0.9, 0.7])
+
+
+def _weights(path: str) -> dict[str, np.ndarray]:
+    return {k: v.asnumpy() for k, v in ms.load_checkpoint(path).items() if not k.startswith("meta.")}
+
+
+def test_sigterm_mid_epoch_writes_a_checkpoint_and_the_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch,
+                                                                                           capsys):
+    data = _tiny_run(tmp_path, "--epoch_size=2", "--batch_size=4")  # 4 steps an epoch, default augmentation
+    whole = train(train_job_of(data + [f"--output_path={tmp_path / 'whole'}"]))
+    real_steps, calls = trainer.batch_steps, []
+
+    def terminated_after_two_steps(cell, dataset, source):
+        calls.append(source)
+        for done, step in enumerate(real_steps(cell, dataset, source), 1):
+            if len(calls) == 1 and done == 2:  # during step 2: what a scheduler sends before it kills a job
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield step
+
+    monkeypatch.setattr(trainer, "batch_steps", terminated_after_two_steps)
+    assert train_entry.main(data + [f"--output_path={tmp_path / 'cut'}"]) == EXIT_PREEMPTED
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    (run_dir,) = os.listdir(tmp_path / "cut")
+    run_dir = tmp_path / "cut" / run_dir
+    assert err == (f"train.py: stopped by SIGTERM at epoch 1 step 2/4; checkpoint {run_dir}/ckpt_0/"
+                   f"resnet18-e001-step000002.ckpt; resume with: python train.py --resume={run_dir}")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    monkeypatch.setattr(trainer, "batch_steps", real_steps)
+    assert train_entry.main([f"--resume={run_dir}", "--num_parallel_workers=1"]) == 0
+    assert sorted(f for f in os.listdir(run_dir / "ckpt_0") if "step" in f) == []  # superseded by epoch 1's
+    want = _weights(os.path.join(whole["run_dir"], "ckpt_0", "resnet18-e002.ckpt"))
+    got = _weights(str(run_dir / "ckpt_0" / "resnet18-e002.ckpt"))
+    worst = max(float(np.abs(got[k] - want[k]).max()) for k in want)
+    assert worst < 1e-5, f"resumed weights differ by {worst}"
+
+
+def test_a_non_finite_loss_ends_the_run_in_one_line(tmp_path, capsys):
+    assert train_entry.main(_tiny_run(tmp_path, "--epoch_size=2", "--batch_size=4", "--lr=1e38", "--log_interval=1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.py: error: the training loss is not finite at step ") and "lower --lr" in err
