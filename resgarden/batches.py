@@ -114,7 +114,8 @@ class BatchSource:
             if self.workers == 1:
                 for batch in self.batch_numbers():
                     images = np.empty(self.batch_shape(batch), np.float32)
-                    seed_global_streams(self, batch)
+                    if self.transform.policy is not None:  # else leave them to mixup, in another thread
+                        seed_global_streams(self, batch)
                     yield self._collect(images, *self.fill(batch, images))
             elif worker_processes_possible(self):
                 yield from self._in_processes()
