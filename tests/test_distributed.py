@@ -6,6 +6,7 @@ as README and .ci/run do); msrun ships with MindSpore.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -57,8 +59,10 @@ def _env() -> dict[str, str]:
 
 def _launch(launcher: str, script_args: list[str], log_dir: str, ranks: int = 2) -> list[str]:
     port = _free_port()
-    if launcher == "mpirun":
-        return [MPIRUN, "-n", str(ranks), "--oversubscribe", sys.executable, *script_args,
+    if launcher.startswith("mpirun"):
+        # "mpirun-hosts": one slot on each of two host names of this machine, as a hostfile of two nodes lists them
+        placement = ["--host", "127.0.0.1:1,localhost:1"] if launcher == "mpirun-hosts" else ["--oversubscribe"]
+        return [MPIRUN, "-n", str(ranks), *placement, sys.executable, *script_args,
                 *(["--port", str(port)] if script_args[0] == "tests/dist_worker.py" else ["--dist_port", str(port)])]
     return [MSRUN, f"--worker_num={ranks}", f"--local_worker_num={ranks}", f"--master_port={port}", "--join=True",
             f"--log_dir={log_dir}", *script_args]
@@ -142,7 +146,8 @@ def single_process_run(tmp_path_factory):
 
 
 @needs_mpirun
-@pytest.mark.parametrize("launcher,mode", [("mpirun", "graph"), ("msrun", "graph"), ("mpirun", "pynative")])
+@pytest.mark.parametrize("launcher,mode", [("mpirun", "graph"), ("msrun", "graph"), ("mpirun", "pynative"),
+                                           ("mpirun-hosts", "graph")])
 def test_two_ranks_equal_one_process_on_the_full_batch(launcher, mode, single_process_run, tmp_path):
     """3 steps of SGD (momentum, weight decay, clipping) on shards of 4: both ranks end bit-identical,
     and equal to one graph-mode process on the 8-sample batches within 1e-6 (float32 summation order)."""
@@ -361,3 +366,107 @@ def test_a_stop_signal_under_mpirun_stops_every_rank_at_one_step_and_resumes_exa
     worst = {k: float(np.abs(got[k] - want[k]).max() / max(1.0, float(np.abs(want[k]).max()))) for k in want}
     name = max(worst, key=worst.get)
     assert worst[name] < 1e-5, f"resumed {name} differs by {worst[name]} of its scale"
+
+
+# ---------------------------------------------------------------- two nodes over loopback
+
+class _Relay:
+    """What a network between two nodes does here: connections to the second node's view of the
+    master (127.0.0.2:port) reach the scheduler node 0's msrun started on 127.0.0.1:port. (msrun
+    starts the scheduler on the node whose address --master_addr is; 127.0.0.2 is not one of this
+    machine's, so node 1's msrun starts none, as on a real second machine.)"""
+
+    def __init__(self, port: int) -> None:
+        self.listener = socket.create_server(("127.0.0.2", port))
+        self.port = port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.port))
+            except OSError:
+                client.close()
+                continue
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _msrun_node(rank: int, port: int, script: list[str], log_dir: str) -> list[str]:
+    """One of two nodes: one worker; node 0 names itself as master, node 1 the master's address."""
+    master = "127.0.0.1" if rank == 0 else "127.0.0.2"
+    return [MSRUN, "--worker_num=2", "--local_worker_num=1", f"--master_addr={master}", f"--master_port={port}",
+            f"--node_rank={rank}", f"--log_dir={log_dir}", "--join=True", *script]
+
+
+def test_two_msrun_nodes_over_loopback_equal_one_process(single_process_run, tmp_path):
+    """Two msrun invocations (node 0 runs the scheduler), one worker each: the weights equal one
+    process on the full batch, as with one msrun on one node."""
+    port = _free_port()
+    relay = _Relay(port)
+    script = ["tests/dist_worker.py", "--out", str(tmp_path), "--distribute"]
+    try:
+        nodes = [subprocess.Popen(_msrun_node(rank, port, script, str(tmp_path / f"node{rank}")), cwd=ROOT,
+                                  env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for rank in (0, 1)]
+        outputs = [node.communicate(timeout=LAUNCH_TIMEOUT)[0] for node in nodes]
+    finally:
+        relay.close()
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-3000:]
+    rank0, rank1 = (dict(np.load(tmp_path / f"rank{r}.npz")) for r in (0, 1))
+    for name, reference in single_process_run.items():
+        np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
+        np.testing.assert_allclose(rank0[name], reference, rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_a_killed_node_ends_the_other_within_a_minute(tiny_imagenet, tmp_path):
+    """train.py on two msrun nodes; node 1's worker is SIGKILLed mid-epoch: node 0 stops within
+    --dist_timeout + 50 s, non-zero, with one line naming rank 1; its last checkpoint loads."""
+    timeout, port = 10, _free_port()
+    relay = _Relay(port)
+    marker = f"--output_path={tmp_path}/out"
+    script = ["train.py", *TRAIN_ARGS, f"--data_dir={tiny_imagenet}", marker, "--run_distribute=1",
+              "--epoch_size=200", f"--dist_timeout={timeout}"]
+    logs = [str(tmp_path / f"node{rank}.log") for rank in (0, 1)]
+    nodes = [_start(_msrun_node(rank, port, script, str(tmp_path / f"node{rank}")), _env(), logs[rank])
+             for rank in (0, 1)]
+    try:
+        _wait_for(str(tmp_path / "node0" / "worker_0.log"), "saved ", nodes[0], LAUNCH_TIMEOUT)  # epoch 1 written
+        victims = [pid for pid in _pids_with(marker, "MS_NODE_ID=1") if pid != nodes[1].pid]
+        assert victims, "node 1's worker was not found"
+        killed_at = time.monotonic()
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        code = nodes[0].wait(timeout=timeout + 60)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        relay.close()
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+                node.wait()
+    assert code != 0 and elapsed < timeout + 50, f"node 0 took {elapsed:.0f} s to stop (exit {code})"
+    text = open(tmp_path / "node0" / "worker_0.log", encoding="utf-8", errors="replace").read()
+    assert "train.py: error: data-parallel job stopped" in text or "Kill this process with SIGTERM" in text, text[-2000:]
+    (run_dir,) = os.listdir(tmp_path / "out")
+    checkpoint.open_checkpoint(checkpoint.find_checkpoint(str(tmp_path / "out" / run_dir)))
