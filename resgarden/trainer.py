@@ -230,7 +230,9 @@ def _resume(run: Run, checkpoint: Checkpoint) -> None:
     run.start_epoch, run.start_step = meta["epoch"] + 1, meta["global_step"]
     run.resume_step = int(meta.get("step_in_epoch") or 0)
     run.best = meta.get("best_metric", run.best)
-    logger.info("resumed from %s: epoch %d, step %d", path, run.start_epoch, run.start_step)
+    where = (f"at epoch {run.start_epoch + 1} step {run.resume_step}/{run.steps_per_epoch}" if run.resume_step
+             else f"after epoch {run.start_epoch}")
+    logger.info("resumed from %s %s (global step %d)", path, where, run.start_step)
 
 
 def _run_dirs(output_dir: str, resume: str | None, claim: bool) -> tuple[str, str]:
