@@ -2,6 +2,7 @@
 readable reports."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from mindspore import nn
 from resgarden.errors import UserError
 from resgarden.specs import EvalTransform
 
-from .layouts import detect_layout, source_model, to_our_names
+from .layouts import Layout, detect_layout, source_model, to_our_names
 
 # Entries of a training checkpoint that are not model weights: optimizer moments and counters,
 # loss-scale state, and the run metadata saved beside the weights (see resgarden/checkpoint.py).
@@ -105,33 +106,39 @@ class Checkpoint:
     path: str
     state: dict[str, object]
 
-    @property
+    @functools.cached_property
     def meta(self) -> dict[str, object]:
         return read_meta(self.state)
 
-    @property
+    @functools.cached_property
     def has_ema(self) -> bool:
         return any(k.startswith(EMA_PREFIX) for k in self.state)
 
-    def weights(self) -> dict[str, object]:
-        """The model weights: the run's EMA of them when it kept one, else the plain ones."""
+    @functools.cached_property
+    def model_state(self) -> dict[str, object]:
+        """The model weights, in the checkpoint's own names: the run's EMA of them when it kept
+        one, else the plain ones; optimizer state and run metadata left out."""
         if self.has_ema:
-            return {k[len(EMA_PREFIX):]: v for k, v in self.state.items() if k.startswith(EMA_PREFIX)}
-        return self.state
+            weights = {k[len(EMA_PREFIX):]: v for k, v in self.state.items() if k.startswith(EMA_PREFIX)}
+        else:
+            weights = self.state
+        return {k: v for k, v in weights.items() if not is_training_state(k)}
+
+    @functools.cached_property
+    def layout(self) -> Layout:
+        return detect_layout(self.model_state)
 
     def model_name(self) -> str | None:
         """The model these weights are for: our run metadata's, or a mindspore/models layout's
         architecture as its names and shapes tell; None when unknown."""
         if self.meta.get("model"):
             return str(self.meta["model"])
-        state = {k: v for k, v in self.weights().items() if not is_training_state(k)}
-        return source_model(detect_layout(state), state)
+        return source_model(self.layout, self.model_state)
 
     def head_classes(self) -> int | None:
         """Outputs of the checkpoint's classifier (1001 counts as the 1000 classes it holds)."""
-        state = {k: v for k, v in self.weights().items() if not is_training_state(k)}
-        layout = detect_layout(state)
-        head = next((v for k, v in state.items() if layout.rename(k) == HEAD_PREFIX + "weight"), None)
+        head = next((v for k, v in self.model_state.items() if self.layout.rename(k) == HEAD_PREFIX + "weight"),
+                    None)
         if head is None:
             return None
         rows = int(_shape(head)[0])
@@ -166,10 +173,8 @@ def build_settings(checkpoint: Checkpoint) -> tuple[str, dict[str, str]]:
     """(where from, create_model settings) that make a model compute as the checkpoint's source
     network did: a foreign layout's (``models.layouts``), or those our run recorded in its metadata
     (a model fine-tuned from such weights keeps them)."""
-    state = {k: v for k, v in checkpoint.weights().items() if not is_training_state(k)}
-    layout = detect_layout(state)
-    if layout.build:
-        return f"the {layout.name} network", dict(layout.build)
+    if checkpoint.layout.build:
+        return f"the {checkpoint.layout.name} network", dict(checkpoint.layout.build)
     recorded = checkpoint.meta.get("build") or {}
     return "the run that saved it", {str(k): str(v) for k, v in dict(recorded).items()}
 
@@ -193,18 +198,17 @@ def load_weights(model: nn.Cell, source: str | Checkpoint | Mapping[str, object]
         raise ValueError(f"head={head!r}: use one of {HEAD_POLICIES}")
     checkpoint = open_checkpoint(source) if isinstance(source, str) else source
     if isinstance(checkpoint, Checkpoint):
-        origin, state = checkpoint.path, checkpoint.weights()
-    else:
-        origin, state = "state dict", dict(checkpoint)
-    state = {k: v for k, v in state.items() if not is_training_state(k)}
+        origin, state, layout, ema = checkpoint.path, checkpoint.model_state, checkpoint.layout, checkpoint.has_ema
+    else:  # a name -> value mapping is taken as it is (no EMA preference)
+        state = {k: v for k, v in checkpoint.items() if not is_training_state(k)}
+        origin, layout, ema = "state dict", detect_layout(state), False
     params = model.parameters_dict()
-    layout = detect_layout(state)
     unsupported = layout.unsupported_part(set(state))
     if unsupported:
         raise WeightsError(f"{origin} is a {layout.name} checkpoint of {unsupported}")
     state, renamed, notes = to_our_names(layout, state, set(params))
     report = LoadReport(renamed=renamed, layout=layout.name, notes=notes)
-    if isinstance(checkpoint, Checkpoint) and checkpoint.has_ema:
+    if ema:
         report.notes.append("the run kept an EMA of its weights: using it")
     replaced = _fit_head(state, params, head, report.notes)
     to_load: dict[str, ms.Parameter] = {}
@@ -222,7 +226,6 @@ def load_weights(model: nn.Cell, source: str | Checkpoint | Mapping[str, object]
         raise WeightsError(f"weights from {origin} do not fit {type(model).__name__}:\n{report.table()}")
     ms.load_param_into_net(model, to_load, strict_load=False)
     return report
-
 
 
 def _fit_head(state: dict[str, object], params: Mapping[str, ms.Parameter], head: str, notes: list[str]) -> bool:

@@ -140,16 +140,16 @@ def load_training_state(train_cell: nn.Cell, checkpoint: Checkpoint) -> dict[str
     The learning-rate schedule is the one computed for this run (the same for an unchanged
     schedule; a longer ``--epoch_size`` extends it), logged when it differs from the checkpoint's."""
     state, path = checkpoint.state, checkpoint.path
-    params = {n: p for n, p in train_cell.parameters_dict().items() if not is_lr_schedule(n)}
-    schedules = [n for n in train_cell.parameters_dict() if is_lr_schedule(n) and n in state]
-    changed = [n for n in schedules if tuple(state[n].shape) != tuple(train_cell.parameters_dict()[n].shape)
-               or not np.array_equal(state[n].asnumpy(), train_cell.parameters_dict()[n].asnumpy())]
+    everything = train_cell.parameters_dict()
+    params = {n: p for n, p in everything.items() if not is_lr_schedule(n)}
+    own_schedule = {n: p for n, p in everything.items() if is_lr_schedule(n)}
+    changed = [n for n, p in own_schedule.items() if n in state and (
+        tuple(state[n].shape) != tuple(p.shape) or not np.array_equal(state[n].asnumpy(), p.asnumpy()))]
     if changed:
-        before = tuple(state[changed[0]].shape)[0] if state[changed[0]].shape else 1
-        now = tuple(train_cell.parameters_dict()[changed[0]].shape)
+        before, now = tuple(state[changed[0]].shape), tuple(own_schedule[changed[0]].shape)
         logger.info("the learning-rate schedule differs from the checkpoint's (%s -> %s optimizer steps): using the "
-                    "one computed from the current settings, continuing at the checkpoint's step", before,
-                    now[0] if now else 1)
+                    "one computed from the current settings, continuing at the checkpoint's step",
+                    before[0] if before else 1, now[0] if now else 1)
     missing = [n for n in params if n not in state and n != SKIPPED_STEPS]  # a counter older runs lack
     if missing:
         raise WeightsError(f"{path} cannot resume this run: {len(missing)} training parameters missing, "
@@ -157,8 +157,6 @@ def load_training_state(train_cell: nn.Cell, checkpoint: Checkpoint) -> dict[str
     mismatched = [n for n in params if tuple(state[n].shape) != tuple(params[n].shape)]
     if mismatched:
         raise WeightsError(f"{path} cannot resume this run: shapes differ for {mismatched[:3]}")
-    own_schedule = {n: ms.Parameter(p.value(), name=n) for n, p in train_cell.parameters_dict().items()
-                    if is_lr_schedule(n)}
-    ms.load_param_into_net(train_cell, {**{n: state[n] for n in params if n in state}, **own_schedule},
-                           strict_load=True)
+    kept = {n: ms.Parameter(p.value(), name=n) for n, p in own_schedule.items()}  # loaded onto themselves
+    ms.load_param_into_net(train_cell, {**{n: state[n] for n in params if n in state}, **kept}, strict_load=True)
     return read_meta(state)

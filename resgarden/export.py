@@ -25,13 +25,13 @@ def export_model(job: InferenceJob) -> str:
     set_context(job.context)
     checkpoint = read_weights(job)
     num_classes = checkpoint_classes(job, checkpoint) or 1000
+    name, extension = model_name(job, checkpoint), EXTENSIONS[job.file_format]
     with native_conv_disabled():  # an exported graph must not name a library on this machine
-        net = build_inference_model(job, checkpoint, num_classes)
+        net = build_inference_model(job, name, checkpoint, num_classes)
     size = eval_transform(job, net).image_size
     batch = None if job.dynamic_batch else job.loader.batch_size
     shape = (batch, job.model.in_channels, size, size)
     sample = ms.Tensor(shape=shape, dtype=ms.float32) if batch is None else ms.Tensor(np.zeros(shape, np.float32))
-    name, extension = model_name(job, checkpoint), EXTENSIONS[job.file_format]
     path = job.file_name or f"{name}{extension}"
     written = path if path.endswith(extension) else path + extension
     with atomic_path(written, suffix=extension) as tmp:  # MindSpore appends the extension itself

@@ -50,10 +50,11 @@ def checkpoint_classes(job: InferenceJob, checkpoint: Checkpoint | None) -> int 
     return checkpoint.meta.get("num_classes") or checkpoint.head_classes()
 
 
-def build_inference_model(job: InferenceJob, checkpoint: Checkpoint | None, num_classes: int) -> nn.Cell:
-    """The model in eval mode with the released weights or ``checkpoint``, whose head must have
-    ``num_classes`` outputs (1001 -> 1000 allowed); BatchNorm folded unless ``--fold_bn=False``."""
-    model = models.create_model(model_name(job, checkpoint), pretrained=job.weights.pretrained,
+def build_inference_model(job: InferenceJob, name: str, checkpoint: Checkpoint | None, num_classes: int) -> nn.Cell:
+    """Model ``name`` (see :func:`model_name`) in eval mode with the released weights or
+    ``checkpoint``, whose head must have ``num_classes`` outputs (1001 -> 1000 allowed); BatchNorm
+    folded unless ``--fold_bn=False``."""
+    model = models.create_model(name, pretrained=job.weights.pretrained,
                                 num_classes=num_classes, in_channels=job.model.in_channels,
                                 checkpoint_path=checkpoint, head="refuse")
     model.set_train(False)

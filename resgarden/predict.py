@@ -12,7 +12,7 @@ from .context import set_context
 from .data import image_transform
 from .errors import ConfigError, DataError
 from .images import UnreadableImage, read_rgb
-from .model_loading import build_inference_model, eval_transform, read_weights
+from .model_loading import build_inference_model, eval_transform, model_name, read_weights
 from .specs import InferenceJob
 
 CLASS_NAMES_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models",
@@ -35,7 +35,7 @@ def predict(job: InferenceJob) -> list[dict[str, Any]]:
     checkpoint = read_weights(job)
     classes = (checkpoint.meta.get("classes") if checkpoint else None) or list(lemmas)
     names = [lemmas.get(c, c) for c in classes]
-    model = build_inference_model(job, checkpoint, len(classes))
+    model = build_inference_model(job, model_name(job, checkpoint), checkpoint, len(classes))
     loader = dataclasses.replace(job.loader, eval_transform=eval_transform(job, model))
     transform = image_transform(loader, training=False)
     results = []

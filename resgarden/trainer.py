@@ -94,11 +94,7 @@ def _fit(job: TrainJob, cluster: Cluster, stop: StopRequest) -> dict[str, Any]:
         stop_now = record.pop("stop_requested") and epoch + 1 < job.run.epochs
         path = _end_epoch(run, epoch, record, force_save=stop_now)
         if stop_now:  # asked at the epoch's last step: its checkpoint is the one to resume from
-            message = (f"stopped by {run.stop.signal_name} after epoch {epoch + 1}; checkpoint {path}; resume with: "
-                       f"python train.py --resume={run.run_dir}") if cluster.is_main else ""
-            if message:
-                logger.warning(message)
-            raise Preempted(message)
+            _preempted(run, f"after epoch {epoch + 1}", path)
     if cluster.distributed:
         _check_in_sync(run.train_cell, cluster)
     metrics = os.path.join(run.run_dir, "metrics.jsonl")
@@ -296,17 +292,30 @@ def _train_epoch(run: Run, epoch: int, clock: RunClock, sink: SinkSteps | None) 
 
 def _stop_mid_epoch(run: Run, epoch: int, step_in_epoch: int, global_step: int) -> None:
     """Write a checkpoint at this step of ``epoch`` (rank 0), say how to resume, raise Preempted."""
+    path = None
+    if run.cluster.is_main:
+        meta = _checkpoint_meta(run, epoch=epoch - 1, step_in_epoch=step_in_epoch, global_step=global_step,
+                                metric=None)
+        path = run.manager.save(run.train_cell, meta, is_best=False)
+    _preempted(run, f"at epoch {epoch + 1} step {step_in_epoch}/{run.steps_per_epoch}", path)
+
+
+def _preempted(run: Run, where: str, path: str | None) -> None:
+    """Raise Preempted; rank 0 logs and carries the one line saying how to resume from ``path``."""
     message = ""
     if run.cluster.is_main:
-        meta = dict(epoch=epoch - 1, step_in_epoch=step_in_epoch, global_step=global_step, metric=None,
-                    best_metric=run.best, model=run.job.model.name, num_classes=run.num_classes,
-                    classes=run.train_split.classes, eval_transform=run.loader.eval_transform.as_dict(),
-                    build=dict(run.model.pretrained_cfg.build))
-        path = run.manager.save(run.train_cell, meta, is_best=False)
-        message = (f"stopped by {run.stop.signal_name} at epoch {epoch + 1} step {step_in_epoch}/{run.steps_per_epoch}; "
-                   f"checkpoint {path}; resume with: python train.py --resume={run.run_dir}")
+        message = (f"stopped by {run.stop.signal_name} {where}; checkpoint {path}; resume with: "
+                   f"python train.py --resume={run.run_dir}")
         logger.warning(message)
     raise Preempted(message)
+
+
+def _checkpoint_meta(run: Run, **progress: Any) -> dict[str, Any]:
+    """What a checkpoint of this run records beside the cell: ``progress`` (epoch, steps, metric)
+    and what validate, export and --resume read back."""
+    return dict(progress, best_metric=run.best, model=run.job.model.name, num_classes=run.num_classes,
+                classes=run.train_split.classes, eval_transform=run.loader.eval_transform.as_dict(),
+                build=dict(run.model.pretrained_cfg.build))
 
 
 def _end_epoch(run: Run, epoch: int, record: dict[str, Any], force_save: bool = False) -> str | None:
@@ -326,9 +335,7 @@ def _end_epoch(run: Run, epoch: int, record: dict[str, Any], force_save: bool = 
         return None
     path = None
     if (epoch + 1) % job.run.save_interval == 0 or last or force_save:
-        meta = dict(epoch=epoch, global_step=record["global_step"], metric=metric, best_metric=run.best,
-                    model=job.model.name, num_classes=run.num_classes, classes=run.train_split.classes,
-                    eval_transform=run.loader.eval_transform.as_dict(), build=dict(run.model.pretrained_cfg.build))
+        meta = _checkpoint_meta(run, epoch=epoch, global_step=record["global_step"], metric=metric)
         path = run.manager.save(run.train_cell, meta, is_best)
         logger.info("saved %s", path)
     metrics = os.path.join(run.run_dir, "metrics.jsonl")

@@ -26,6 +26,7 @@ def validate(job: InferenceJob) -> dict[str, Any]:
     cluster = init_cluster(job.cluster)
     loader = with_data_workers(job.loader, cluster)
     checkpoint = read_weights(job)
+    name = model_name(job, checkpoint)
     meta = checkpoint.meta if checkpoint else {}
     source = checkpoint.path if checkpoint else "pretrained"
     with cluster.main_first():  # rank 0 writes / downloads the data and weights first
@@ -36,9 +37,9 @@ def validate(job: InferenceJob) -> dict[str, Any]:
     if int(split.labels.max()) >= num_classes:
         raise ConfigError(f"the data has labels up to {int(split.labels.max())} but the model has {num_classes} classes")
     with cluster.main_first():
-        model = build_inference_model(job, checkpoint, num_classes)
+        model = build_inference_model(job, name, checkpoint, num_classes)
     loader = dataclasses.replace(loader, eval_transform=eval_transform(job, model))
-    name, transform = model_name(job, checkpoint), loader.eval_transform
+    transform = loader.eval_transform
     logger.info("validating %s (%s) on %d images, %d px, crop %.3f%s", name, source, len(split),
                 transform.image_size, transform.crop_pct, f", {cluster.size} ranks" if cluster.distributed else "")
     result = dict(model=name, weights=source, **evaluate(model, split, loader, cluster))
