@@ -120,6 +120,8 @@ SETTINGS: tuple[Setting, ...] = (
       parse_bool),
     S("drop_rate", 0.0, "dropout before the classifier", float),
     S("drop_path_rate", 0.0, "stochastic depth rate", float),
+    S("frozen_stages", -1, "fine-tuning: fix the stem (0) or the stem and stages 1..k (their BN in eval mode); "
+      "-1 fixes nothing", int),
     # optimisation
     S("opt", "momentum", "optimizer", choices=("momentum", "nesterov", "sgd", "adamw", "lamb")),
     S("lr", 0.1, "peak learning rate", float),
@@ -219,7 +221,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "mixup_switch_prob": PROBABILITY, "mixup_off_epoch": _at_least(0), "crop_pct": _between(0.01, 1.0),
     "mean": _three_unit, "std": _three_positive, "label_smoothing": _between(0.0, 1.0, high_open=True),
     "num_classes": _at_least(1), "in_channels": _at_least(1), "drop_rate": _between(0.0, 1.0, high_open=True),
-    "drop_path_rate": _between(0.0, 1.0, high_open=True), "lr": _above(0.0), "momentum": _between(0.0, 1.0, True),
+    "drop_path_rate": _between(0.0, 1.0, high_open=True), "frozen_stages": _between(-1, 4), "lr": _above(0.0), "momentum": _between(0.0, 1.0, True),
     "weight_decay": _at_least(0), "backbone_lr_scale": _at_least(0), "warmup_epochs": _at_least(0),
     "min_lr": _at_least(0), "decay_epochs": _at_least(1), "decay_rate": _between(0.0, 1.0),
     "milestones": _increasing_epochs, "epoch_size": _at_least(1), "loss_scale": _above(0.0),
@@ -418,7 +420,7 @@ def _data(c: argparse.Namespace) -> DataSpec:
 
 def _model(c: argparse.Namespace) -> ModelSpec:
     return ModelSpec(name=c.model, num_classes=c.num_classes, in_channels=c.in_channels, drop_rate=c.drop_rate,
-                     drop_path_rate=c.drop_path_rate)
+                     drop_path_rate=c.drop_path_rate, frozen_stages=c.frozen_stages)
 
 
 def _weights(c: argparse.Namespace) -> WeightsSpec:

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from mindspore import Tensor, nn
 
+from .features import FeatureInfo, FeatureMap, check_frozen_stages, check_out_indices, freeze
 from .layers import GlobalAvgPool, ResidualBlock, conv2d, conv_padding, init_weights, pool3x3
 from .registry import register_model
 
@@ -105,25 +106,53 @@ class ResNet(nn.Cell):
         conv_pad: ``"pad"`` (symmetric, the default) or ``"same"`` (MindSpore 'same', as
             mindspore/models' ResNet-50+ use) padding for the convolutions.
         block_args: extra block arguments (groups, base_width, scale, radix, avd, ...).
-        features_only: ``construct`` returns the four stage maps (strides 4, 8, 16, 32).
+        features_only: ``construct`` returns a tuple of feature maps instead of logits: those of
+            ``out_indices``; stages past the last one asked for and the head are not built (their
+            weights in a checkpoint are skipped).
+        out_indices: which maps, as timm numbers them: 0 the stem (stride 2), 1-4 the stages
+            (strides 4, 8, 16, 32).
+        frozen_stages: -1 nothing fixed; 0 the stem; k the stem and stages 1..k: their parameters
+            are not trained and their BatchNorms keep normalising with the running statistics.
         zero_init_last: start every block's last BN at gamma=0.
+
+    ``feature_info`` (:class:`models.features.FeatureInfo`) describes the maps ``construct``
+    returns with ``features_only``, else all five.
     """
 
     def __init__(self, block: type, layers: Sequence[int], num_classes: int = 1000, in_channels: int = 3,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, deep_stem: bool = False,
                  stem_width: int = 64, avg_down: bool = False, pool_pad: str = "same",
                  block_args: dict[str, Any] | None = None, features_only: bool = False,
-                 zero_init_last: bool = False, conv_pad: str = "pad") -> None:
+                 zero_init_last: bool = False, conv_pad: str = "pad", out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+                 frozen_stages: int = -1) -> None:
         super().__init__()
+        out_indices = check_out_indices(out_indices)
+        frozen_stages = check_frozen_stages(frozen_stages)
         with conv_padding(conv_pad):
             self._build(block, layers, num_classes, in_channels, drop_path_rate, deep_stem, stem_width, avg_down,
-                        pool_pad, block_args, features_only)
+                        pool_pad, block_args)
         self.dropout = nn.Dropout(p=drop_rate) if drop_rate > 0 else None
         init_weights(self, zero_init_last)
+        self.features_only = features_only
+        self.out_indices = out_indices
+        if features_only:
+            self._keep_maps(out_indices)
+        self.frozen_stages = frozen_stages
+        if frozen_stages >= 0:
+            freeze([self.conv1, self.bn1] + [getattr(self, f"layer{i}") for i in range(1, frozen_stages + 1)
+                                             if getattr(self, f"layer{i}") is not None])
+
+    def _keep_maps(self, out_indices: tuple[int, ...]) -> None:
+        """Drop what the maps of ``out_indices`` do not need: the head and the later stages."""
+        self.unused_weights = ("classifier.",) + tuple(f"layer{i}." for i in range(out_indices[-1] + 1, 5))
+        for i in range(out_indices[-1] + 1, 5):
+            setattr(self, f"layer{i}", None)
+        self.classifier = None
+        self.feature_info = FeatureInfo([self.feature_info[i] for i in out_indices])
 
     def _build(self, block: type, layers: Sequence[int], num_classes: int, in_channels: int, drop_path_rate: float,
                deep_stem: bool, stem_width: int, avg_down: bool, pool_pad: str,
-               block_args: dict[str, Any] | None, features_only: bool) -> None:
+               block_args: dict[str, Any] | None) -> None:
         """Stem, stages and head (see the class docstring for the arguments)."""
         if len(layers) != 4:
             raise ValueError(f"ResNet needs 4 stages, got layers={list(layers)}")
@@ -136,7 +165,7 @@ class ResNet(nn.Cell):
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
         self.max_pool = pool3x3("max", 2, pool_pad)
-        self.feature_info = []
+        maps = [FeatureMap(num_chs=width, reduction=2, module="relu")]
         total_blocks, block_index = sum(layers), 0
         for stage, (planes, num_blocks) in enumerate(zip(STAGE_PLANES, layers)):
             stride = 1 if stage == 0 else 2
@@ -151,11 +180,12 @@ class ResNet(nn.Cell):
                                     drop_path=drop_path, **block_args))
                 width, block_index = out_width, block_index + 1
             setattr(self, f"layer{stage + 1}", nn.SequentialCell(blocks))
-            self.feature_info.append(dict(chs=width, reduction=4 * 2 ** stage, name=f"layer{stage + 1}"))
+            maps.append(FeatureMap(num_chs=width, reduction=4 * 2 ** stage, module=f"layer{stage + 1}"))
+        self.feature_info = FeatureInfo(maps)
         self.num_features = width
-        self.features_only = features_only
+        self.unused_weights: tuple[str, ...] = ()
         self.pool = GlobalAvgPool()
-        self.classifier = nn.Dense(width, num_classes) if num_classes > 0 and not features_only else None
+        self.classifier = nn.Dense(width, num_classes) if num_classes > 0 else None
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a freshly initialised one of ``num_classes`` outputs (0: none)."""
@@ -169,13 +199,25 @@ class ResNet(nn.Cell):
     def forward_stem(self, x: Tensor) -> Tensor:
         return self.max_pool(self.relu(self.bn1(self.conv1(x))))
 
-    def forward_stages(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The four stage outputs, strides 4, 8, 16 and 32."""
-        c2 = self.layer1(self.forward_stem(x))
-        c3 = self.layer2(c2)
-        c4 = self.layer3(c3)
-        c5 = self.layer4(c4)
-        return c2, c3, c4, c5
+    def forward_maps(self, x: Tensor) -> tuple[Tensor, ...]:
+        """The feature maps of ``out_indices``: 0 the stem's activation (stride 2), 1-4 the stages'."""
+        x = self.relu(self.bn1(self.conv1(x)))
+        maps = (x,)
+        x = self.layer1(self.max_pool(x))
+        maps = maps + (x,)
+        if self.layer2 is not None:
+            x = self.layer2(x)
+            maps = maps + (x,)
+        if self.layer3 is not None:
+            x = self.layer3(x)
+            maps = maps + (x,)
+        if self.layer4 is not None:
+            x = self.layer4(x)
+            maps = maps + (x,)
+        out = ()
+        for i in self.out_indices:
+            out = out + (maps[i],)
+        return out
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last feature map (N, num_features, H/32, W/32)."""
@@ -196,7 +238,7 @@ class ResNet(nn.Cell):
 
     def construct(self, x: Tensor):
         if self.features_only:
-            return self.forward_stages(x)
+            return self.forward_maps(x)
         return self.forward_head(self.forward_features(x))
 
 

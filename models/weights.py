@@ -208,6 +208,12 @@ def load_weights(model: nn.Cell, source: str | Checkpoint | Mapping[str, object]
         raise WeightsError(f"{origin} is a {layout.name} checkpoint of {unsupported}")
     state, renamed, notes = to_our_names(layout, state, set(params))
     report = LoadReport(renamed=renamed, layout=layout.name, notes=notes)
+    unused = tuple(getattr(model, "unused_weights", ()))  # parts a features-only model does not build
+    skipped = {k for k in state if k.startswith(unused) and k not in params} if unused else set()
+    if skipped:
+        state = {k: v for k, v in state.items() if k not in skipped}
+        report.notes.append(f"{len(skipped)} weights of parts this model does not build skipped "
+                            f"({', '.join(p.rstrip('.') for p in unused)})")
     if ema:
         report.notes.append("the run kept an EMA of its weights: using it")
     replaced = _fit_head(state, params, head, report.notes)

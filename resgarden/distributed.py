@@ -405,9 +405,13 @@ def broadcast_parameters(cell, cluster: Cluster) -> None:
 def average_buffers(cell, cluster: Cluster) -> int:
     """Average the BN running statistics (and their EMA copies) of ``cell`` over the ranks, so every
     rank evaluates and checkpoints the same model; returns how many tensors were averaged. Each rank
-    normalises with its own batch statistics during the epoch (no synchronised BN)."""
+    normalises with its own batch statistics during the epoch (no synchronised BN). The statistics
+    of fixed BatchNorms (``frozen_stages``) are equal on every rank and left exactly as they are."""
+    fixed = {p.name for _, bn in cell.cells_and_names() if getattr(bn, "use_batch_statistics", None) is False
+             for p in (bn.moving_mean, bn.moving_variance)}
     buffers = [p for p in cell.get_parameters()
-               if p.name.endswith(("moving_mean", "moving_variance")) and not p.requires_grad]
+               if p.name.endswith(("moving_mean", "moving_variance")) and not p.requires_grad
+               and p.name not in fixed and p.name.removeprefix("ema.") not in fixed]
     if not cluster.distributed or not buffers:
         return 0
     flat, values = _flatten(buffers)

@@ -118,6 +118,7 @@ class ModelSpec:
     in_channels: int = 3
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    frozen_stages: int = -1  # -1 none, 0 the stem, k the stem and stages 1..k (models.features)
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,7 @@ def build_model(job: TrainJob, num_classes: int, resumed: Checkpoint | None = No
     if weights.pretrained and weights.ckpt_path:
         raise ConfigError("give --pretrained or --ckpt_path to start from, not both")
     common = dict(num_classes=num_classes, in_channels=job.model.in_channels, drop_rate=job.model.drop_rate,
-                  drop_path_rate=job.model.drop_path_rate)
+                  drop_path_rate=job.model.drop_path_rate, frozen_stages=job.model.frozen_stages)
     if resumed is not None:
         return models.create_model(job.model.name, **common, **dict(resumed.meta.get("build") or {}))
     checkpoint = open_run_checkpoint(weights.ckpt_path) if weights.ckpt_path else None
@@ -188,6 +188,12 @@ def _build_train_cell(run: Run) -> None:
     run.lrs = lr_per_step(job.schedule, run.steps_per_epoch / job.step.accumulation)
     # with mixup/cutmix the targets arrive smoothed already
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.0 if run.loader.mixing.enabled else job.step.label_smoothing)
+    if job.model.frozen_stages >= 0:
+        fixed = sum(1 for p in run.model.get_parameters()
+                    if not p.requires_grad and not p.name.endswith(("moving_mean", "moving_variance")))
+        k = job.model.frozen_stages
+        stages = "" if k == 0 else " and stage 1" if k == 1 else f" and stages 1-{k}"
+        logger.info("frozen stages: the stem%s fixed (%d parameters, BatchNorm statistics kept)", stages, fixed)
     if job.optim.freeze_backbone:
         logger.info("frozen backbone: %d parameters fixed, training the classifier only", freeze_backbone(run.model))
     optimizer = create_optimizer(run.model, job.optim, run.lrs)
