@@ -160,6 +160,10 @@ SETTINGS: tuple[Setting, ...] = (
     S("val_interval", 1, "evaluate every N epochs", int),
     S("log_interval", 10, "log every N steps", int),
     S("json", None, "validate/eval: also write the metrics to this JSON file"),
+    S("real_labels", None, "validate/eval: ImageNet-ReaL labels (real.json, one label list per val image in "
+      "sorted file-name order): also report ReaL top-1/top-5"),
+    S("results_csv", None, "validate/eval: append one row (model, weights, transform, top-1/5, ReaL, params, "
+      "img/s) to this CSV table"),
     S("images", [], "infer: image files to classify", str, nargs="+"),
     # export
     S("file_format", "MINDIR", "export format", choices=("MINDIR", "ONNX", "AIR")),
@@ -453,5 +457,6 @@ def inference_job(c: argparse.Namespace) -> InferenceJob:
     settings the user set, which win over what the weights bring."""
     given = frozenset(n for n in getattr(c, "explicit", ()) if n == "model" or n in EVAL_FIELDS)
     return InferenceJob(context=_context(c), model=_model(c), weights=_weights(c), loader=_loader(c), given=given,
-                        cluster=_cluster(c), data=_data(c), json_path=c.json, images=tuple(c.images),
+                        cluster=_cluster(c), data=_data(c), json_path=c.json, real_labels=c.real_labels,
+                        results_csv=c.results_csv, images=tuple(c.images),
                         file_format=c.file_format, file_name=c.file_name, dynamic_batch=c.dynamic_batch)

@@ -36,8 +36,11 @@ CIFAR10_DIR = "cifar-10-batches-bin"
 # ---------------------------------------------------------------- ImageNet layout
 
 def scan_class_folders(split_dir: str) -> Split:
-    """``split_dir/<class>/<image>``; classes in sorted order, files in sorted order."""
+    """``split_dir/<class>/<image>``; classes in sorted order, files in sorted order. Class folders
+    all named by numbers (ImageNet-V2's ``0`` .. ``999``, the class indices) sort numerically."""
     classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    if classes and all(c.isdigit() for c in classes):
+        classes.sort(key=int)
     paths, labels, empty = [], [], []
     for index, name in enumerate(classes):
         folder = os.path.join(split_dir, name)

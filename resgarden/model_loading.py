@@ -7,6 +7,7 @@ from mindspore import nn
 
 import models
 from models.fold import fold_batchnorm
+from models.profile import count_params
 from models.weights import Checkpoint
 
 from .checkpoint import open_run_checkpoint
@@ -53,11 +54,12 @@ def checkpoint_classes(job: InferenceJob, checkpoint: Checkpoint | None) -> int 
 def build_inference_model(job: InferenceJob, name: str, checkpoint: Checkpoint | None, num_classes: int) -> nn.Cell:
     """Model ``name`` (see :func:`model_name`) in eval mode with the released weights or
     ``checkpoint``, whose head must have ``num_classes`` outputs (1001 -> 1000 allowed); BatchNorm
-    folded unless ``--fold_bn=False``."""
+    folded unless ``--fold_bn=False``; ``model.param_count`` is its unfolded parameter count."""
     model = models.create_model(name, pretrained=job.weights.pretrained,
                                 num_classes=num_classes, in_channels=job.model.in_channels,
                                 checkpoint_path=checkpoint, head="refuse")
     model.set_train(False)
+    model.param_count = count_params(model)  # as published tables count them, before any folding
     if job.weights.fold_bn:
         logger.debug("folded %d BatchNorm layers into their convolutions (--fold_bn=False keeps them)",
                      fold_batchnorm(model))

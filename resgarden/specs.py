@@ -241,6 +241,8 @@ class InferenceJob:
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     data: DataSpec = field(default_factory=DataSpec)
     json_path: str | None = None  # validate: also write the metrics here
+    real_labels: str | None = None  # validate: ImageNet-ReaL labels file (real.json)
+    results_csv: str | None = None  # validate: append a row to this results table
     images: tuple[str, ...] = ()  # infer: files to classify
     file_format: str = "MINDIR"  # export
     file_name: str | None = None

@@ -13,6 +13,8 @@ from .data import load_eval_split
 from .distributed import current, init_cluster
 from .errors import ConfigError
 from .model_loading import build_inference_model, checkpoint_classes, eval_transform, model_name, read_weights
+from .real_labels import read_real_labels
+from .results_table import append_result
 from .specs import InferenceJob
 
 logger = logging.getLogger("resgarden")
@@ -31,7 +33,7 @@ def validate(job: InferenceJob) -> dict[str, Any]:
     source = checkpoint.path if checkpoint else "pretrained"
     with cluster.main_first():  # rank 0 writes / downloads the data and weights first
         split = load_eval_split(job.data)
-    if meta.get("classes") and meta["classes"] != split.classes:
+    if meta.get("classes") and meta["classes"] != split.classes and not _index_named(split.classes):
         raise ConfigError(f"{source} was trained on other classes than the {job.data.val_split} split here")
     num_classes = checkpoint_classes(job, checkpoint) or (1000 if job.weights.pretrained else len(split.classes))
     if int(split.labels.max()) >= num_classes:
@@ -42,15 +44,27 @@ def validate(job: InferenceJob) -> dict[str, Any]:
     transform = loader.eval_transform
     logger.info("validating %s (%s) on %d images, %d px, crop %.3f%s", name, source, len(split),
                 transform.image_size, transform.crop_pct, f", {cluster.size} ranks" if cluster.distributed else "")
-    result = dict(model=name, weights=source, **evaluate(model, split, loader, cluster))
+    real = read_real_labels(job.real_labels, split, num_classes) if job.real_labels else None
+    result = dict(model=name, weights=source, **evaluate(model, split, loader, cluster, real))
     if cluster.is_main and job.json_path:
         write_text(job.json_path, json.dumps(result, indent=1))
+    if cluster.is_main and job.results_csv:
+        append_result(job.results_csv, dict(result, image_size=transform.image_size, crop_pct=transform.crop_pct,
+                                             interpolation=transform.interpolation, param_count=model.param_count))
     return result
+
+
+def _index_named(classes: list[str]) -> bool:
+    """Class folders named by the class indices (ImageNet-V2's ``0`` .. ``999``): the labels are
+    the indices, whatever names the weights were trained with."""
+    return classes == [str(i) for i in range(len(classes))]
 
 
 def format_result(result: dict[str, Any]) -> str | None:
     """One line for the user; None on ranks > 0 of a data-parallel validation."""
     if not current().is_main:
         return None
+    real = (f"  ReaL top-1 {result['real_top1']:.2f}% top-5 {result['real_top5']:.2f}% ({result['real_count']} images)"
+            if "real_top1" in result else "")
     return (f"{result['model']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-            f"loss {result['loss']:.4f}  images {result['count']}  {result['img_s']:.1f} img/s")
+            f"loss {result['loss']:.4f}  images {result['count']}{real}  {result['img_s']:.1f} img/s")

@@ -84,3 +84,90 @@ def test_weights_source_errors(tmp_path, capsys):
     assert validate_entry.main(["--pretrained", f"--ckpt_path={tmp_path}"]) == 2
     assert validate_entry.main([f"--ckpt_path={tmp_path / 'none.ckpt'}"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def _write_v2_layout(root, classes: int = 12, per_class: int = 2, seed: int = 0) -> list[int]:
+    """``root/<index>/ILSVRC2012_val_<n>.JPEG`` with the file numbers n shuffled across classes (so
+    the sorted-name order the ReaL file follows is not the folder order); returns n per image in
+    the split's order (classes numerically, then names)."""
+    rs = np.random.RandomState(seed)
+    numbers = rs.permutation(classes * per_class) + 1
+    from PIL import Image
+
+    per_image = []
+    for c in range(classes):
+        folder = root / str(c)
+        folder.mkdir(parents=True)
+        mine = sorted(numbers[c * per_class:(c + 1) * per_class])
+        for n in mine:
+            pixels = rs.randint(0, 256, (36, 36, 3)).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"ILSVRC2012_val_{n:08d}.JPEG", quality=90)
+        per_image += [int(n) for n in mine]
+    return per_image
+
+
+def _logits_in_split_order(model, split, cfg) -> np.ndarray:
+    model.set_train(False)
+    loader, _ = make_loader(split, train_job(cfg).loader, training=False)
+    return np.concatenate([model(ms.Tensor(images)).asnumpy() for images, _ in
+                           loader.create_tuple_iterator(num_epochs=1, output_numpy=True)])
+
+
+def test_v2_folders_real_labels_and_results_table(tmp_path, capsys):
+    v2 = tmp_path / "v2"
+    numbers = _write_v2_layout(v2)
+    split = load_imagenet_split(str(v2), "val", plain_folder_ok=True)
+    assert split.classes[:3] == ["0", "1", "2"] and split.classes[-2:] == ["10", "11"]  # not "1", "10", "11"
+    assert list(split.labels) == [int(p.split("/")[-2]) for p in split.paths]
+
+    model = models.create_model("resnet18", num_classes=12)
+    ckpt = tmp_path / "m.ckpt"
+    ms.save_checkpoint(model, str(ckpt))
+    cfg = parse_config(["--image_size=32", "--crop_pct=1.0", "--num_parallel_workers=1"])
+    logits = _logits_in_split_order(model, split, cfg)
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    # ReaL sets, per image in split order: its prediction (a hit), another class, or none (skipped)
+    sets = [[int(top5[i, 0])] if i % 3 == 0 else [int(top5[i, 0] + 1) % 12] if i % 3 == 1 else []
+            for i in range(len(split))]
+    labelled = [i for i in range(len(split)) if sets[i]]
+    want1 = 100.0 * sum(top5[i, 0] in sets[i] for i in labelled) / len(labelled)
+    want5 = 100.0 * sum(any(p in sets[i] for p in top5[i]) for i in labelled) / len(labelled)
+    in_name_order = [sets[i] for i in np.argsort(numbers)]
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps(in_name_order))
+
+    table = tmp_path / "results.csv"
+    args = [f"--data_dir={v2}", "--dataset=imagenet", "--model=resnet18", f"--ckpt_path={ckpt}", "--image_size=32",
+            "--crop_pct=1.0", "--num_parallel_workers=1", f"--real_labels={real}", f"--results_csv={table}"]
+    out = tmp_path / "v.json"
+    assert validate_entry.main(args + [f"--json={out}"]) == 0
+    result = json.loads(out.read_text())
+    assert result["top1"] == pytest.approx(100.0 * np.mean(top5[:, 0] == split.labels))
+    assert result["real_top1"] == pytest.approx(want1) and result["real_top5"] == pytest.approx(want5)
+    assert result["real_count"] == len(labelled) and result["count"] == len(split)
+    assert f"ReaL top-1 {want1:.2f}%" in capsys.readouterr().out
+
+    assert validate_entry.main(args + ["--fold_bn=False"]) == 0  # a second row
+    import csv
+    rows = list(csv.DictReader(table.open()))
+    assert len(rows) == 2
+    assert rows[0]["model"] == "resnet18" and rows[0]["weights"] == str(ckpt)
+    assert float(rows[0]["top1"]) == pytest.approx(result["top1"], abs=1e-3)
+    assert float(rows[0]["real_top1"]) == pytest.approx(want1, abs=1e-3)
+    assert rows[0]["image_size"] == "32" and rows[0]["crop_pct"] == "1.000" and rows[0]["interpolation"]
+    assert int(rows[0]["param_count"]) == int(rows[1]["param_count"]) == 11_176_512 + 12 * 512 + 12
+
+
+def test_real_labels_that_do_not_fit_are_one_line(tmp_path, capsys):
+    v2 = tmp_path / "v2"
+    _write_v2_layout(v2, classes=3, per_class=2)
+    model = models.create_model("resnet18", num_classes=3)
+    ckpt = tmp_path / "m.ckpt"
+    ms.save_checkpoint(model, str(ckpt))
+    base = [f"--data_dir={v2}", "--dataset=imagenet", "--model=resnet18", f"--ckpt_path={ckpt}", "--image_size=32"]
+    for content, message in [("[[0], [1]]", "labels 2 images, the split has 6"), ("{}", "list of label lists"),
+                             ("[[0], [1], [2], [3], [0], [1]]", "list of label lists"), ("[[", "not JSON")]:
+        (tmp_path / "real.json").write_text(content)
+        assert validate_entry.main(base + [f"--real_labels={tmp_path / 'real.json'}"]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
