@@ -168,7 +168,10 @@ SETTINGS: tuple[Setting, ...] = (
     # export
     S("file_format", "MINDIR", "export format", choices=("MINDIR", "ONNX", "AIR")),
     S("file_name", None, "export: output file (default: <model>.<format>)"),
-    S("dynamic_batch", False, "export: batch dimension left dynamic (MINDIR)", parse_bool),
+    S("dynamic_batch", True, "export: leave the batch dimension open (MINDIR, ONNX); False fixes it to "
+      "--batch_size", parse_bool),
+    S("verify", False, "export: run the exported file (ONNX in onnxruntime, MINDIR in MindSpore) on a batch "
+      "(the val split's with a data set, else random) and fail above 1e-4 relative difference", parse_bool),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -459,4 +462,5 @@ def inference_job(c: argparse.Namespace) -> InferenceJob:
     return InferenceJob(context=_context(c), model=_model(c), weights=_weights(c), loader=_loader(c), given=given,
                         cluster=_cluster(c), data=_data(c), json_path=c.json, real_labels=c.real_labels,
                         results_csv=c.results_csv, images=tuple(c.images),
-                        file_format=c.file_format, file_name=c.file_name, dynamic_batch=c.dynamic_batch)
+                        file_format=c.file_format, file_name=c.file_name, dynamic_batch=c.dynamic_batch,
+                        verify=c.verify)

@@ -1,7 +1,7 @@
 """Export weights for deployment:
 
-    python export.py --model=res2net50 --ckpt_path=runs/<run> --file_format=MINDIR [--dynamic_batch]
-    python export.py --model=resnet50 --pretrained --file_format=ONNX --batch_size=1
+    python export.py --ckpt_path=runs/<run> --file_format=ONNX --verify     (batch dimension open)
+    python export.py --model=resnet50 --pretrained --file_format=MINDIR --dynamic_batch=False --batch_size=1
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def _export(argv: list[str] | None) -> str:
     cfg = configure(argv, prog="export.py", description=__doc__)
     from resgarden.export import export_model  # the engine after the device target is chosen
 
-    return f"wrote {export_model(inference_job(cfg))}"
+    return export_model(inference_job(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,11 +8,26 @@ from collections.abc import Iterator
 import mindspore.common.initializer as init
 from mindspore import Tensor, nn, ops
 
-from .conv import Conv2d
+from .conv import Conv2d, native_conv_disabled
 
 POOL_PAD_MODES = ("same", "pad")
 CONV_PAD_MODES = ("pad", "same")
 _conv_pad = ["pad"]  # the mode conv2d builds with; set per model by ResNet(conv_pad=...)
+_portable = [False]  # inside portable_build()
+
+
+@contextlib.contextmanager
+def portable_build() -> Iterator[None]:
+    """Build models for other runtimes (export): plain MindSpore convolutions instead of the native
+    kernels, and the pools' one-pixel zero padding as a Pad operator (ONNX ``Pad``) instead of
+    concatenated zeros, which an exporter would freeze into constants of one batch size. The
+    outputs are the same; training keeps the faster forms."""
+    previous, _portable[0] = _portable[0], True
+    try:
+        with native_conv_disabled():
+            yield
+    finally:
+        _portable[0] = previous
 
 
 @contextlib.contextmanager
@@ -60,7 +75,8 @@ def pool3x3(kind: str, stride: int, pad_mode: str) -> nn.Cell:
     pool_cls = nn.MaxPool2d if kind == "max" else nn.AvgPool2d
     if pad_mode == "same":
         return pool_cls(kernel_size=3, stride=stride, pad_mode="same")
-    return nn.SequentialCell([ZeroPad1(), pool_cls(kernel_size=3, stride=stride)])
+    pad = nn.Pad(((0, 0), (0, 0), (1, 1), (1, 1))) if _portable[0] else ZeroPad1()
+    return nn.SequentialCell([pad, pool_cls(kernel_size=3, stride=stride)])
 
 
 class ZeroPad1(nn.Cell):

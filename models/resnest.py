@@ -31,19 +31,20 @@ class SplitAttn(nn.Cell):
 
     def construct(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn0(self.conv(x)))
-        batch, channels, height, width = x.shape
+        _, channels, height, width = x.shape
+        # the batch stays -1 in every reshape, so exported graphs take any batch size
         if self.radix > 1:
-            x = ops.reshape(x, (batch, self.radix, channels // self.radix, height, width))
+            x = ops.reshape(x, (-1, self.radix, channels // self.radix, height, width))
             gap = x.sum(axis=1)
         else:
             gap = x
         attn = self.fc2(self.relu(self.bn1(self.fc1(self.pool(gap)))))
         if self.radix > 1:
-            attn = ops.reshape(attn, (batch, self.groups, self.radix, -1))
+            attn = ops.reshape(attn, (-1, self.groups, self.radix, channels // (self.groups * self.radix)))
             attn = ops.softmax(ops.transpose(attn, (0, 2, 1, 3)), axis=1)
-            attn = ops.reshape(attn, (batch, self.radix, channels // self.radix, 1, 1))
+            attn = ops.reshape(attn, (-1, self.radix, channels // self.radix, 1, 1))
             return (x * attn).sum(axis=1)
-        return x * ops.reshape(ops.sigmoid(attn), (batch, -1, 1, 1))
+        return x * ops.reshape(ops.sigmoid(attn), (-1, channels, 1, 1))
 
 
 class ResNestBottleneck(ResidualBlock):

@@ -20,6 +20,10 @@ class ConfigError(UserError):
     """A bad flag, YAML key or value, or settings that do not go together."""
 
 
+class ExportMismatch(UserError):
+    """An exported file's outputs differ from the model's (``export.py --verify``)."""
+
+
 class WriteError(UserError):
     """A file or folder cannot be written (disk full, read-only, permissions); names the path."""
 

@@ -246,4 +246,5 @@ class InferenceJob:
     images: tuple[str, ...] = ()  # infer: files to classify
     file_format: str = "MINDIR"  # export
     file_name: str | None = None
-    dynamic_batch: bool = False
+    dynamic_batch: bool = True  # export: the batch dimension left open (MINDIR, ONNX)
+    verify: bool = False  # export: run the written file and compare its outputs

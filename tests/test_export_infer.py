@@ -32,7 +32,7 @@ def test_mindir_round_trip_matches_the_cell(tmp_path, resnet18_ckpt):
     net, ckpt = resnet18_ckpt
     out = tmp_path / "r18.mindir"
     assert export_entry.main(["--model=resnet18", f"--ckpt_path={ckpt}", "--file_format=MINDIR", "--batch_size=2",
-                              "--image_size=64", f"--file_name={out}"]) == 0
+                              "--dynamic_batch=False", "--image_size=64", f"--file_name={out}"]) == 0
     x = np.random.RandomState(0).randn(2, 3, 64, 64).astype(np.float32)
     net.set_train(False)
     np.testing.assert_allclose(_graph_cell_output(str(out), x), net(ms.Tensor(x)).asnumpy(), rtol=1e-4, atol=1e-4)
@@ -41,21 +41,57 @@ def test_mindir_round_trip_matches_the_cell(tmp_path, resnet18_ckpt):
 def test_dynamic_batch_mindir(tmp_path, resnet18_ckpt):
     net, ckpt = resnet18_ckpt
     out = tmp_path / "dyn.mindir"
-    assert export_entry.main(["--model=resnet18", f"--ckpt_path={ckpt}", "--dynamic_batch", "--image_size=64",
-                              f"--file_name={out}"]) == 0
+    assert export_entry.main(["--model=resnet18", f"--ckpt_path={ckpt}", "--image_size=64",
+                              f"--file_name={out}"]) == 0  # the batch is open by default
     for batch in (1, 3):
         x = np.random.RandomState(batch).randn(batch, 3, 64, 64).astype(np.float32)
         assert _graph_cell_output(str(out), x).shape == (batch, 10)
 
 
-def test_onnx_export_writes_a_model(tmp_path, resnet18_ckpt):
+@pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d", "res2net50_14w_8s", "resnest50"])
+def test_onnx_batch_is_open_and_verified_per_family(tmp_path, capsys, name):
+    import onnxruntime
+
+    net = models.create_model(name, num_classes=4)
+    ckpt = str(tmp_path / "m.ckpt")
+    ms.save_checkpoint(net, ckpt)
+    data = tmp_path / "data"
+    write_imagenet_layout(str(data), per_class=1, size=40, splits=("val",))
+    out = tmp_path / "m.onnx"
+    assert export_entry.main([f"--model={name}", f"--ckpt_path={ckpt}", "--file_format=ONNX", "--image_size=64",
+                              f"--file_name={out}", "--verify", f"--data_dir={data}", "--dataset=imagenet",
+                              "--batch_size=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "input Nx3x64x64" in printed and "on 3 and 1 val-split image(s)" in printed
+    difference = float(printed.split("largest difference ")[1].split()[0])
+    assert difference <= 1e-4
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == "N"
+    net.set_train(False)
+    for batch in (1, 5):  # any batch, outputs as the cell's
+        x = np.random.RandomState(batch).randn(batch, 3, 64, 64).astype(np.float32)
+        got = session.run(None, {session.get_inputs()[0].name: x})[0]
+        want = net(ms.Tensor(x)).asnumpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_onnx_fixed_batch_and_a_failed_verification(tmp_path, resnet18_ckpt, capsys, monkeypatch):
+    import onnxruntime
+
+    from resgarden import export_check
+
     _, ckpt = resnet18_ckpt
     out = tmp_path / "r18.onnx"
     assert export_entry.main(["--model=resnet18", f"--ckpt_path={ckpt}", "--file_format=ONNX", "--batch_size=1",
-                              "--image_size=64", f"--file_name={out}"]) == 0
-    assert out.stat().st_size > 40_000_000  # 11.2 M float32 weights
-    assert export_entry.main(["--model=resnet18", f"--ckpt_path={ckpt}", "--file_format=ONNX",
-                              "--dynamic_batch"]) == 2
+                              "--dynamic_batch=False", "--image_size=64", f"--file_name={out}"]) == 0
+    assert onnxruntime.InferenceSession(str(out)).get_inputs()[0].shape == [1, 3, 64, 64]
+    runner = export_check._runner
+    monkeypatch.setattr(export_check, "_runner", lambda *a: (lambda batch: runner(*a)(batch) * 1.001))
+    capsys.readouterr()
+    assert export_entry.main(["--model=resnet18", f"--ckpt_path={ckpt}", "--file_format=MINDIR", "--batch_size=2",
+                              "--image_size=64", f"--file_name={tmp_path / 'bad'}", "--verify"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "computes something else" in err[0], err
 
 
 def test_imagenet_names_are_shipped():
