@@ -25,11 +25,11 @@ import yaml
 
 from resgarden.errors import ConfigError
 from resgarden.platform import select_device_target
-from resgarden.specs import (EVAL_FIELDS, Augmentation, ClusterSpec, ContextSpec, DataSpec, EvalTransform,
+from resgarden.specs import (EVAL_FIELDS, AverageSpec, Augmentation, ClusterSpec, ContextSpec, DataSpec, EvalTransform,
                              InferenceJob, LoaderSpec, Mixing, ModelSpec, OptimSpec, RunSpec, ScheduleSpec, StepSpec,
                              TrainJob, WeightsSpec)
 
-__all__ = ["ConfigError", "configure", "inference_job", "load_yaml", "parse_config", "train_job"]
+__all__ = ["ConfigError", "average_job", "configure", "inference_job", "load_yaml", "parse_config", "train_job"]
 
 
 def parse_bool(value: Any) -> bool:
@@ -170,6 +170,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("file_name", None, "export: output file (default: <model>.<format>)"),
     S("dynamic_batch", True, "export: leave the batch dimension open (MINDIR, ONNX); False fixes it to "
       "--batch_size", parse_bool),
+    # average
+    S("last", 0, "average.py: average the K newest epoch checkpoints of the run (--ckpt_path)", int),
+    S("best", 0, "average.py: average the K best epoch checkpoints by val top-1", int),
     S("verify", False, "export: run the exported file (ONNX in onnxruntime, MINDIR in MindSpore) on a batch "
       "(the val split's with a data set, else random) and fail above 1e-4 relative difference", parse_bool),
 )
@@ -234,7 +237,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "milestones": _increasing_epochs, "epoch_size": _at_least(1), "loss_scale": _above(0.0),
     "clip_value": _above(0.0), "gradient_accumulation_steps": _at_least(1), "ema_decay": _between(0.0, 1.0, True),
     "ckpt_save_interval": _at_least(1), "keep_checkpoint_max": _at_least(1), "val_interval": _at_least(1),
-    "log_interval": _at_least(1),
+    "log_interval": _at_least(1), "last": _at_least(0), "best": _at_least(0),
 }
 
 
@@ -464,3 +467,10 @@ def inference_job(c: argparse.Namespace) -> InferenceJob:
                         results_csv=c.results_csv, images=tuple(c.images),
                         file_format=c.file_format, file_name=c.file_name, dynamic_batch=c.dynamic_batch,
                         verify=c.verify)
+
+
+def average_job(c: argparse.Namespace) -> AverageSpec:
+    """The spec of average.py."""
+    if not c.ckpt_path:
+        raise ConfigError("give the run to average: --ckpt_path=runs/<run> (or its ckpt_0/ folder)")
+    return AverageSpec(run_path=c.ckpt_path, last=c.last, best=c.best, file_name=c.file_name)

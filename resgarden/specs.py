@@ -248,3 +248,13 @@ class InferenceJob:
     file_name: str | None = None
     dynamic_batch: bool = True  # export: the batch dimension left open (MINDIR, ONNX)
     verify: bool = False  # export: run the written file and compare its outputs
+
+
+@dataclass(frozen=True)
+class AverageSpec:
+    """What average.py reads: the run, which of its checkpoints, where to write the average."""
+
+    run_path: str
+    last: int = 0  # the newest k epoch checkpoints
+    best: int = 0  # or the k best by validation top-1
+    file_name: str | None = None  # default: <run>/ckpt_0/<model>-avg-{last,best}<k>.ckpt
