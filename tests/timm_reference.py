@@ -1,7 +1,10 @@
-"""Run under a Python that has torch + timm: write a timm model with random weights (and random
-BN statistics) as .safetensors, plus its logits for a fixed input, for tests/test_convert.py.
+"""Run under a Python that has torch + timm: for each timm name, write the model with random
+weights (and random BN statistics) as .safetensors, its logits for a fixed input and the feature
+maps of its ``features_only`` form with the same weights, for tests/test_timm_parity.py.
 
-    python tests/timm_reference.py <timm name> <out dir>
+    python tests/timm_reference.py <out dir> <timm name> [<timm name> ...]
+
+writes <out dir>/<timm name>/{weights.safetensors, images.npy, logits.npy, features.npz}.
 """
 import os
 import sys
@@ -11,23 +14,37 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-name, out = sys.argv[1], sys.argv[2]
-torch.manual_seed(0)
-model = timm.create_model(name, pretrained=False)
-generator = np.random.RandomState(1)
-with torch.no_grad():
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            size = module.num_features
-            module.weight.copy_(torch.from_numpy(generator.uniform(0.5, 1.5, size).astype(np.float32)))
-            module.bias.copy_(torch.from_numpy(generator.uniform(-0.2, 0.2, size).astype(np.float32)))
-            module.running_mean.copy_(torch.from_numpy(generator.uniform(-0.2, 0.2, size).astype(np.float32)))
-            module.running_var.copy_(torch.from_numpy(generator.uniform(0.5, 1.5, size).astype(np.float32)))
-model.eval()
-images = np.random.RandomState(2).randn(2, 3, 96, 96).astype(np.float32)
-with torch.no_grad():
-    logits = model(torch.from_numpy(images)).numpy()
-os.makedirs(out, exist_ok=True)
-save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "weights.safetensors"))
-np.save(os.path.join(out, "images.npy"), images)
-np.save(os.path.join(out, "logits.npy"), logits)
+
+def reference(name: str, out: str) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)
+    generator = np.random.RandomState(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                size = module.num_features
+                module.weight.copy_(torch.from_numpy(generator.uniform(0.5, 1.5, size).astype(np.float32)))
+                module.bias.copy_(torch.from_numpy(generator.uniform(-0.2, 0.2, size).astype(np.float32)))
+                module.running_mean.copy_(torch.from_numpy(generator.uniform(-0.2, 0.2, size).astype(np.float32)))
+                module.running_var.copy_(torch.from_numpy(generator.uniform(0.5, 1.5, size).astype(np.float32)))
+    model.eval()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    features = timm.create_model(name, pretrained=False, features_only=True)
+    features.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
+    features.eval()
+    images = np.random.RandomState(2).randn(2, 3, 96, 96).astype(np.float32)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(images)).numpy()
+        maps = [m.numpy() for m in features(torch.from_numpy(images))]
+    folder = os.path.join(out, name)
+    os.makedirs(folder, exist_ok=True)
+    save_file(state, os.path.join(folder, "weights.safetensors"))
+    np.save(os.path.join(folder, "images.npy"), images)
+    np.save(os.path.join(folder, "logits.npy"), logits)
+    np.savez(os.path.join(folder, "features.npz"), *maps)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    for timm_name in sys.argv[2:]:
+        reference(timm_name, sys.argv[1])

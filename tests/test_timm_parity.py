@@ -1,0 +1,74 @@
+"""PyTorch import proven against timm itself: random timm weights converted to ours give timm's
+logits, and our feature maps equal timm's ``features_only`` maps, for every variant of ours that
+timm publishes. timm runs in its own environment (requirements-torch.txt, ``.venv-torch``; or
+``$RESGARDEN_TORCH_PYTHON``); CI installs it, so there these tests run, never skip."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+import models
+from models.convert import convert
+from resgarden.bench import TIMM_NAMES
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VENV_PYTHON = os.path.join(os.path.dirname(HERE), ".venv-torch", "bin", "python")
+TOLERANCE = 1e-4  # of the logit (or feature) scale
+
+
+def torch_python() -> str | None:
+    """A Python with torch + timm: ``$RESGARDEN_TORCH_PYTHON``, else the repository's .venv-torch."""
+    python = os.environ.get("RESGARDEN_TORCH_PYTHON") or VENV_PYTHON
+    return python if shutil.which(python) else None
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """timm's weights, logits and feature maps of every variant, made in one torch process."""
+    python = torch_python()
+    if python is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the timm-parity tests: install .venv-torch as README says")
+        pytest.skip("no torch + timm: python3 -m venv .venv-torch && .venv-torch/bin/pip install -r "
+                    "requirements-torch.txt (or set RESGARDEN_TORCH_PYTHON)")
+    out = tmp_path_factory.mktemp("timm")
+    done = subprocess.run([python, os.path.join(HERE, "timm_reference.py"), str(out), *sorted(set(TIMM_NAMES.values()))],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture
+def pynative():
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    yield
+    ms.set_context(mode=previous)
+
+
+def _close(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_NAMES))
+def test_converted_timm_weights_give_timm_logits_and_maps(references, tmp_path, pynative, name):
+    folder = references / TIMM_NAMES[name]
+    ckpt = str(tmp_path / "w.ckpt")
+    convert(name, str(folder / "weights.safetensors"), ckpt)
+    images = ms.Tensor(np.load(folder / "images.npy"))
+    model = models.create_model(name, pool_pad="pad", checkpoint_path=ckpt)
+    model.set_train(False)
+    assert _close(model(images).asnumpy(), np.load(folder / "logits.npy")) < TOLERANCE
+    features = models.create_model(name, pool_pad="pad", checkpoint_path=ckpt, features_only=True, head="refuse")
+    features.set_train(False)
+    theirs = np.load(folder / "features.npz")
+    theirs = [theirs[f"arr_{i}"] for i in range(len(theirs.files))]
+    ours = features(images)
+    assert [m.shape for m in ours] == [m.shape for m in theirs]
+    for got, want in zip(ours, theirs):
+        assert _close(got.asnumpy(), want) < TOLERANCE
