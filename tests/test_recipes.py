@@ -38,3 +38,37 @@ def test_recipe_trains_one_tiny_epoch(tmp_path, path):
                         "--amp_level=O0", f"--ckpt_save_dir={tmp_path / 'runs'}", "--num_parallel_workers=1"])
     result = train(train_job(cfg))
     assert result["epoch"] == 1 and result["train_loss"] > 0
+
+
+# What the source files say (PaddleClas ppcls/configs/ImageNet/..., mindcv configs/...), as our settings
+SOURCE_VALUES = {
+    "resnet/resnet50_paddleclas_gpu.yaml": dict(  # PaddleClas ResNet/ResNet50.yaml
+        epoch_size=120, batch_size=64, lr=0.1, scheduler="multistep", milestones=[30, 60, 90], decay_rate=0.1,
+        momentum=0.9, weight_decay=1e-4, filter_bias_and_bn=False, label_smoothing=0.0, mixup=0.0,
+        auto_augment=None, crop_pct=0.875, amp_level="O0", warmup_epochs=0.0),
+    "resnest/resnest50_paddleclas_gpu.yaml": dict(  # PaddleClas ResNeSt/ResNeSt50.yaml
+        epoch_size=300, batch_size=64, lr=0.1, scheduler="cosine", min_lr=0.0, momentum=0.9, weight_decay=7e-5,
+        filter_bias_and_bn=True, label_smoothing=0.1, mixup=0.2, mixup_prob=1.0, cutmix=0.0,
+        auto_augment="autoaug", crop_pct=0.875, amp_level="O0", warmup_epochs=0.0),
+    "res2net/res2net50_14w_8s_gpu.yaml": dict(  # PaddleClas Res2Net/Res2Net50_14w_8s.yaml
+        epoch_size=200, batch_size=64, lr=0.1, scheduler="cosine", momentum=0.9, weight_decay=1e-4,
+        filter_bias_and_bn=False, label_smoothing=0.1, mixup=0.2, val_interval=1, num_parallel_workers=4),
+}
+MINDCV_RECIPES = [p for p in RECIPES if "Source: mindcv" in open(p).read()]
+
+
+@pytest.mark.parametrize("recipe", sorted(SOURCE_VALUES))
+def test_paddleclas_recipes_hold_their_sources_values(recipe):
+    cfg = parse_config(["-c", os.path.join(REPO, "configs", recipe)])
+    for name, value in SOURCE_VALUES[recipe].items():
+        assert getattr(cfg, name) == pytest.approx(value) if isinstance(value, float) else \
+            getattr(cfg, name) == value, name
+
+
+def test_mindcv_recipes_decay_every_parameter_and_jitter_colours():
+    assert len(MINDCV_RECIPES) == 9
+    for path in MINDCV_RECIPES:
+        cfg = parse_config(["-c", path])
+        assert cfg.filter_bias_and_bn is False, path  # mindcv's weight_decay_filter defaults to "disable"
+        if not cfg.auto_augment:  # mindcv's colour jitter (default 0.4) applies where no policy does
+            assert cfg.color_jitter == pytest.approx(0.4), path
