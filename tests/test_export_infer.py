@@ -41,8 +41,8 @@ def test_mindir_round_trip_matches_the_cell(tmp_path, resnet18_ckpt):
 def test_dynamic_batch_mindir(tmp_path, resnet18_ckpt):
     net, ckpt = resnet18_ckpt
     out = tmp_path / "dyn.mindir"
-    assert export_entry.main(["--model=resnet18", f"--ckpt_path={ckpt}", "--image_size=64",
-                              f"--file_name={out}"]) == 0  # the batch is open by default
+    assert export_entry.main(["--model=resnet18", f"--ckpt_path={ckpt}", "--image_size=64", "--batch_size=2",
+                              f"--file_name={out}", "--verify"]) == 0  # the batch is open by default
     for batch in (1, 3):
         x = np.random.RandomState(batch).randn(batch, 3, 64, 64).astype(np.float32)
         assert _graph_cell_output(str(out), x).shape == (batch, 10)
