@@ -75,7 +75,7 @@ def _state(model: nn.Cell) -> dict[str, np.ndarray]:
 FIXED_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.")
 
 
-@pytest.mark.parametrize("name", ["resnet18", "res2net50_14w_8s", "resnest50", "resnext50_32x4d"])
+@pytest.mark.parametrize("name", ["resnet18", "res2net50_14w_8s", "resnest50"])  # one per family
 def test_frozen_stages_stay_fixed_while_training(name):
     model = models.create_model(name, num_classes=4, frozen_stages=2)
     fixed = [p.name for p in model.get_parameters() if not p.requires_grad

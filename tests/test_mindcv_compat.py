@@ -1,4 +1,5 @@
-"""mindcv checkpoints load into our models name for name and give the same logits (graph mode)."""
+"""mindcv checkpoints load into our models name for name and give the same logits (PyNative mode:
+the graph-mode forward of every model is tested in tests/test_models.py)."""
 from __future__ import annotations
 
 import mindspore as ms
@@ -25,8 +26,16 @@ def _randomise_bn_statistics(net: ms.nn.Cell, seed: int) -> None:
             p.set_data(ms.Tensor(rs.uniform(-0.2, 0.2, p.shape).astype(np.float32)))
 
 
+@pytest.fixture
+def pynative():
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    yield
+    ms.set_context(mode=previous)
+
+
 @pytest.mark.parametrize("name", MINDCV_MODELS)
-def test_mindcv_checkpoint_loads_and_matches(tmp_path, graph_mode, name):
+def test_mindcv_checkpoint_loads_and_matches(tmp_path, pynative, name):
     reference = mindcv.create_model(name, num_classes=1000)
     _randomise_bn_statistics(reference, seed=len(name))
     reference.set_train(False)
