@@ -2,6 +2,8 @@
 the graph-mode forward of every model is tested in tests/test_models.py)."""
 from __future__ import annotations
 
+import os
+
 import mindspore as ms
 import numpy as np
 import pytest
@@ -45,6 +47,7 @@ def test_mindcv_checkpoint_loads_and_matches(tmp_path, pynative, name):
     ours = models.create_model(name)
     ours.set_train(False)
     report = load_weights(ours, path)  # strict: raises on any missing/unexpected/mismatched name
+    os.remove(path)  # up to 330 MB: keep the disk free
     assert report.ok and len(report.loaded) == len(ours.parameters_dict())
 
     x = ms.Tensor(np.random.RandomState(0).randn(2, 3, 64, 64).astype(np.float32))

@@ -5,6 +5,7 @@ timm publishes. timm runs in its own environment (requirements-torch.txt, ``.ven
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
 import subprocess
 
@@ -28,8 +29,8 @@ def torch_python() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    """timm's weights, logits and feature maps of every variant, made in one torch process."""
+def timm_server(tmp_path_factory):
+    """One torch process answering a folder of timm's weights, logits and maps per variant asked."""
     python = torch_python()
     if python is None:
         if os.environ.get("CI"):
@@ -37,10 +38,21 @@ def references(tmp_path_factory):
         pytest.skip("no torch + timm: python3 -m venv .venv-torch && .venv-torch/bin/pip install -r "
                     "requirements-torch.txt (or set RESGARDEN_TORCH_PYTHON)")
     out = tmp_path_factory.mktemp("timm")
-    done = subprocess.run([python, os.path.join(HERE, "timm_reference.py"), str(out), *sorted(set(TIMM_NAMES.values()))],
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    errors = open(out / "stderr.txt", "w")  # a file, not a pipe: a full pipe would stall the server
+    server = subprocess.Popen([python, os.path.join(HERE, "timm_reference.py"), str(out), "--serve"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True)
+
+    def reference(timm_name: str) -> pathlib.Path:
+        server.stdin.write(timm_name + "\n")
+        server.stdin.flush()
+        answer = server.stdout.readline().strip()
+        assert answer, f"timm_reference.py ended: {(out / 'stderr.txt').read_text()[-3000:]}"
+        return pathlib.Path(answer)
+
+    yield reference
+    server.stdin.close()
+    server.wait(timeout=60)
+    errors.close()
 
 
 @pytest.fixture
@@ -56,10 +68,11 @@ def _close(got: np.ndarray, want: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("name", sorted(TIMM_NAMES))
-def test_converted_timm_weights_give_timm_logits_and_maps(references, tmp_path, pynative, name):
-    folder = references / TIMM_NAMES[name]
+def test_converted_timm_weights_give_timm_logits_and_maps(timm_server, tmp_path, pynative, name):
+    folder = timm_server(TIMM_NAMES[name])
     ckpt = str(tmp_path / "w.ckpt")
     convert(name, str(folder / "weights.safetensors"), ckpt)
+    os.remove(folder / "weights.safetensors")  # the largest are a few hundred MB: keep the disk free
     images = ms.Tensor(np.load(folder / "images.npy"))
     model = models.create_model(name, pool_pad="pad", checkpoint_path=ckpt)
     model.set_train(False)
@@ -70,3 +83,4 @@ def test_converted_timm_weights_give_timm_logits_and_maps(references, tmp_path, 
     assert [m.shape for m in ours] == [m.shape for m in theirs]
     for got, want in zip(ours, theirs):
         assert _close(got.asnumpy(), want) < TOLERANCE
+    os.remove(ckpt)

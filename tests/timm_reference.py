@@ -3,8 +3,11 @@ weights (and random BN statistics) as .safetensors, its logits for a fixed input
 maps of its ``features_only`` form with the same weights, for tests/test_timm_parity.py.
 
     python tests/timm_reference.py <out dir> <timm name> [<timm name> ...]
+    python tests/timm_reference.py <out dir> --serve     (one name per input line, answers its folder)
 
-writes <out dir>/<timm name>/{weights.safetensors, images.npy, logits.npy, features.npz}.
+writes <out dir>/<timm name>/{weights.safetensors, images.npy, logits.npy, features.npz}. Serving
+keeps one torch process for many models while the caller removes each folder after use (the
+largest weights are a few hundred MB).
 """
 import os
 import sys
@@ -15,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 
-def reference(name: str, out: str) -> None:
+def reference(name: str, out: str) -> str:
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False)
     generator = np.random.RandomState(1)
@@ -42,9 +45,14 @@ def reference(name: str, out: str) -> None:
     np.save(os.path.join(folder, "images.npy"), images)
     np.save(os.path.join(folder, "logits.npy"), logits)
     np.savez(os.path.join(folder, "features.npz"), *maps)
+    return folder
 
 
 if __name__ == "__main__":
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    for timm_name in sys.argv[2:]:
-        reference(timm_name, sys.argv[1])
+    if sys.argv[2:] == ["--serve"]:
+        for line in sys.stdin:
+            print(reference(line.strip(), sys.argv[1]), flush=True)
+    else:
+        for timm_name in sys.argv[2:]:
+            reference(timm_name, sys.argv[1])
