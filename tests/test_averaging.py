@@ -72,13 +72,17 @@ def test_average_is_the_elementwise_mean_and_validates(data, tmp_path, capsys, e
                                                                + best[1]["classifier.bias"]) / 2).astype(np.float32))
 
 
-def test_average_asks_are_one_line(data, tmp_path, capsys):
-    run = train(train_job_of(BASE + [f"--data_dir={data}", f"--output_path={tmp_path}", "--epoch_size=1"]))
-    capsys.readouterr()
+def test_average_asks_are_one_line(tmp_path, capsys):
+    folder = tmp_path / "run" / "ckpt_0"  # choosing reads the manifest only
+    folder.mkdir(parents=True)
+    (folder / "checkpoints.json").write_text(json.dumps([
+        dict(file="m-e001.ckpt", epoch=0, global_step=2, metric=50.0),
+        dict(file="m-e002-step000001.ckpt", epoch=0, global_step=3, metric=None, step_in_epoch=1)]))
     for args, message in [(["--last=2"], "the run lists 1 epoch checkpoints"),
+                          (["--best=2"], "the run lists 1 epoch checkpoints"),
                           (["--last=1", "--best=1"], "give one of --last K"),
                           ([], "give one of --last K")]:
-        assert average_entry.main([f"--ckpt_path={run['run_dir']}"] + args) == 2
+        assert average_entry.main([f"--ckpt_path={tmp_path / 'run'}"] + args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert average_entry.main([f"--ckpt_path={tmp_path}", "--last=1"]) == 2

@@ -12,7 +12,7 @@ from resgarden.checkpoint import find_checkpoint
 from resgarden.trainer import train
 from tests.helpers import train_job_of, write_imagenet_layout
 
-FAMILIES = ["resnet18", "resnet50", "resnext50_32x4d", "res2net50_14w_8s", "res2net50_v1b", "resnest50"]
+FAMILIES = ["resnet18", "resnext50_32x4d", "res2net50_14w_8s", "res2net50_v1b", "resnest50"]
 
 
 def _input(size: int = 64, batch: int = 2, seed: int = 0) -> ms.Tensor:
@@ -75,7 +75,7 @@ def _state(model: nn.Cell) -> dict[str, np.ndarray]:
 FIXED_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.")
 
 
-@pytest.mark.parametrize("name", ["resnet18", "res2net50_14w_8s", "resnest50"])  # one per family
+@pytest.mark.parametrize("name", ["resnet18", "res2net50_48w_2s", "resnest50"])  # one per family
 def test_frozen_stages_stay_fixed_while_training(name):
     model = models.create_model(name, num_classes=4, frozen_stages=2)
     fixed = [p.name for p in model.get_parameters() if not p.requires_grad

@@ -70,19 +70,12 @@ def test_full_resolution_forward_graph(model_zoo, graph_mode, name):
 
 
 @pytest.mark.parametrize("name", ["resnet18", "res2net50_14w_8s", "resnest50"])
-def test_options_num_classes_in_channels_features(exec_mode, name):
+def test_options_num_classes_in_channels(exec_mode, name):  # feature maps: tests/test_features.py
     x1 = _input(64, channels=1)
     headless = models.create_model(name, num_classes=0, in_channels=1)
     headless.set_train(False)
     pooled = headless(x1).asnumpy()
     assert pooled.shape == (2, headless.num_features)
-
-    features = models.create_model(name, in_channels=1, features_only=True, out_indices=(1, 2, 3, 4))
-    features.set_train(False)
-    maps = features(x1)
-    assert len(maps) == 4
-    assert [m.shape[2] for m in maps] == [16, 8, 4, 2]  # strides 4, 8, 16, 32 at 64 px
-    assert [m.shape[1] for m in maps] == [info["num_chs"] for info in features.feature_info]
 
 
 def test_forward_features_and_head_compose(model_zoo):

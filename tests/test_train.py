@@ -143,7 +143,8 @@ def test_freeze_backbone_and_backbone_lr_scale(tiny, tmp_path):
     assert not np.array_equal(lr0["classifier.weight"], before["classifier.weight"])
 
 
-@pytest.mark.parametrize("level", ["O1", "O2", "O3"])
+@pytest.mark.parametrize("level", [pytest.param("O1", marks=pytest.mark.slow), "O2",
+                                   pytest.param("O3", marks=pytest.mark.slow)])  # O2: the recipes' level
 def test_mixed_precision_levels_train(tiny, tmp_path, level):
     result = train(train_job_of(BASE + [f"--data_dir={tiny}", f"--ckpt_save_dir={tmp_path}", "--epoch_size=2",
                                         f"--amp_level={level}", "--loss_scale_type=dynamic", "--loss_scale=1024",
