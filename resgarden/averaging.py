@@ -12,23 +12,14 @@ from typing import Any
 import mindspore as ms
 import numpy as np
 
-from models.weights import META_PREFIX, open_checkpoint
+from models.weights import open_checkpoint
 
-from .atomic import atomic_path
-from .checkpoint import MANIFEST
+from .checkpoint import MANIFEST, manifest_folder, save_atomic
 from .errors import ConfigError
 from .specs import AverageSpec
 
 logger = logging.getLogger("resgarden")
 POSITION_KEYS = ("epoch", "global_step", "step_in_epoch", "metric", "best_metric")  # not true of an average
-
-
-def checkpoint_folder(path: str) -> str:
-    """The folder holding ``checkpoints.json``: ``path`` itself or its ``ckpt_0``."""
-    for folder in (path, os.path.join(path, "ckpt_0")):
-        if os.path.isfile(os.path.join(folder, MANIFEST)):
-            return folder
-    raise ConfigError(f"{path} is not a run folder of train.py (no {MANIFEST} in it or in its ckpt_0/)")
 
 
 def choose(entries: list[dict[str, Any]], last: int, best: int) -> list[dict[str, Any]]:
@@ -53,7 +44,9 @@ def choose(entries: list[dict[str, Any]], last: int, best: int) -> list[dict[str
 
 def average_checkpoints(spec: AverageSpec) -> str:
     """Write the average of the chosen checkpoints of ``spec.run_path``; returns a line for the user."""
-    folder = checkpoint_folder(spec.run_path)
+    folder = manifest_folder(spec.run_path)
+    if folder is None:
+        raise ConfigError(f"{spec.run_path} is not a run folder of train.py (no {MANIFEST} in it or in its ckpt_0/)")
     with open(os.path.join(folder, MANIFEST), encoding="utf-8") as handle:
         chosen = choose(json.load(handle), spec.last, spec.best)
     checkpoints = [open_checkpoint(os.path.join(folder, e["file"])) for e in chosen]
@@ -70,12 +63,9 @@ def average_checkpoints(spec: AverageSpec) -> str:
     meta = {k: v for k, v in newest.meta.items() if k not in POSITION_KEYS}
     meta["averaged_from"] = [e["file"] for e in chosen]
     meta["ema"] = newest.has_ema
-    append = {META_PREFIX + k: (json.dumps(v) if not isinstance(v, (int, float)) or isinstance(v, bool) else v)
-              for k, v in meta.items()}
     model = meta.get("model", "model")
     out = spec.file_name or os.path.join(folder, f"{model}-avg-{'last' if spec.last else 'best'}{len(chosen)}.ckpt")
-    with atomic_path(out, suffix=".ckpt") as tmp:
-        ms.save_checkpoint(averaged, tmp, append_dict=append)
+    save_atomic(averaged, out, meta)
     kind = "EMA weights" if newest.has_ema else "weights"
     epochs = ", ".join(str(e["epoch"] + 1) for e in chosen)
     logger.info("averaged the %s of epochs %s (%d tensors, BatchNorm statistics included)", kind, epochs, len(names))

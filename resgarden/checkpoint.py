@@ -25,8 +25,9 @@ MANIFEST = "checkpoints.json"
 logger = logging.getLogger("resgarden")
 
 
-def save_atomic(cell: nn.Cell, path: str, meta: dict[str, Any]) -> None:
-    """Save ``cell``'s parameters and ``meta`` (as ``meta.*`` entries) to ``path``, atomically."""
+def save_atomic(cell: nn.Cell | list[dict[str, Any]], path: str, meta: dict[str, Any]) -> None:
+    """Save ``cell``'s parameters (or a list of ``{"name", "data"}`` entries) and ``meta`` (as
+    ``meta.*`` entries) to ``path``, atomically."""
     append = {META_PREFIX + k: (json.dumps(v) if not isinstance(v, (int, float)) or isinstance(v, bool) else v)
               for k, v in meta.items()}
     with atomic_path(path, suffix=".ckpt") as tmp:
@@ -96,10 +97,10 @@ def find_checkpoint(path: str, prefer_best: bool = False) -> str:
         return path
     if not os.path.isdir(path):
         raise WeightsError(f"checkpoint not found: {path}")
-    folder = path if os.path.isfile(os.path.join(path, MANIFEST)) else os.path.join(path, "ckpt_0")
-    manifest = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(manifest):
+    folder = manifest_folder(path)
+    if folder is None:
         return _newest_checkpoint_file(path)
+    manifest = os.path.join(folder, MANIFEST)
     if prefer_best:
         best = [f for f in os.listdir(folder) if f.endswith("-best.ckpt")]
         if best:
@@ -110,6 +111,14 @@ def find_checkpoint(path: str, prefer_best: bool = False) -> str:
         raise WeightsError(f"{manifest} lists no checkpoints")
     latest = max(entries, key=lambda e: (e["epoch"], e["global_step"]))
     return os.path.join(folder, latest["file"])
+
+
+def manifest_folder(path: str) -> str | None:
+    """The folder of a run holding ``checkpoints.json``: ``path`` itself or its ``ckpt_0``; None if neither."""
+    for folder in (path, os.path.join(path, "ckpt_0")):
+        if os.path.isfile(os.path.join(folder, MANIFEST)):
+            return folder
+    return None
 
 
 def _newest_checkpoint_file(folder: str) -> str:
