@@ -69,15 +69,12 @@ def check_frozen_stages(frozen_stages: int) -> int:
     return frozen_stages
 
 
-def freeze(cells: Sequence[nn.Cell]) -> int:
+def freeze(cells: Sequence[nn.Cell]) -> None:
     """Fix ``cells``: their parameters leave the trainable ones and their BatchNorms normalise with
-    the running statistics, which stay as they are, in training too. Returns how many were fixed."""
-    fixed = 0
+    the running statistics, which stay as they are, in training too."""
     for cell in cells:
         for _, sub in cell.cells_and_names():
             if isinstance(sub, nn.BatchNorm2d):
                 sub.use_batch_statistics = False
         for param in cell.get_parameters():
             param.requires_grad = False
-            fixed += 1
-    return fixed

@@ -28,16 +28,8 @@ def _randomise_bn_statistics(net: ms.nn.Cell, seed: int) -> None:
             p.set_data(ms.Tensor(rs.uniform(-0.2, 0.2, p.shape).astype(np.float32)))
 
 
-@pytest.fixture
-def pynative():
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=previous)
-
-
 @pytest.mark.parametrize("name", MINDCV_MODELS)
-def test_mindcv_checkpoint_loads_and_matches(tmp_path, pynative, name):
+def test_mindcv_checkpoint_loads_and_matches(tmp_path, pynative_mode, name):
     reference = mindcv.create_model(name, num_classes=1000)
     _randomise_bn_statistics(reference, seed=len(name))
     reference.set_train(False)

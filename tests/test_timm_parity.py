@@ -55,20 +55,12 @@ def timm_server(tmp_path_factory):
     errors.close()
 
 
-@pytest.fixture
-def pynative():
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=previous)
-
-
 def _close(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
 
 
 @pytest.mark.parametrize("name", sorted(TIMM_NAMES))
-def test_converted_timm_weights_give_timm_logits_and_maps(timm_server, tmp_path, pynative, name):
+def test_converted_timm_weights_give_timm_logits_and_maps(timm_server, tmp_path, pynative_mode, name):
     folder = timm_server(TIMM_NAMES[name])
     ckpt = str(tmp_path / "w.ckpt")
     convert(name, str(folder / "weights.safetensors"), ckpt)
