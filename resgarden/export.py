@@ -12,7 +12,7 @@ from models.layers import portable_build
 from .atomic import atomic_path
 from .context import set_context
 from .errors import ConfigError
-from .export_check import check_export
+from .export_check import check_export, check_verifiable
 from .model_loading import build_inference_model, checkpoint_classes, eval_transform, model_name, read_weights
 from .specs import InferenceJob
 
@@ -27,6 +27,8 @@ def export_model(job: InferenceJob) -> str:
     """Build the model with ``--pretrained`` or ``--ckpt_path`` weights and export it; with
     ``--verify`` run the written file and compare its outputs with the model's. Returns a line
     for the user."""
+    if job.verify:
+        check_verifiable(job.file_format)  # before any weights are read or a graph is written
     set_context(job.context)
     checkpoint = read_weights(job)
     num_classes = checkpoint_classes(job, checkpoint) or 1000

@@ -23,9 +23,7 @@ def check_export(job: InferenceJob, path: str, name: str, checkpoint: Checkpoint
     """A line with the largest difference between the exported file's outputs and the model's (no
     BatchNorm folding, MindSpore on this machine) on ``--batch_size`` images of the val split when
     a data set is given, else random ones; and on a single image when the batch is open.
-    ExportMismatch above TOLERANCE."""
-    if job.file_format not in ("ONNX", "MINDIR"):
-        raise ConfigError(f"--verify runs ONNX and MINDIR files; {job.file_format} runs on Ascend only")
+    ExportMismatch above TOLERANCE. The format is checked first (:func:`check_verifiable`)."""
     unfolded = dataclasses.replace(job, weights=dataclasses.replace(job.weights, fold_bn=False))
     model = build_inference_model(unfolded, name, checkpoint, num_classes)
     images, source = _sample_batch(job, model)
@@ -46,6 +44,12 @@ def check_export(job: InferenceJob, path: str, name: str, checkpoint: Checkpoint
     if not worst <= TOLERANCE:
         raise ExportMismatch(line + ": the exported model computes something else")
     return line
+
+
+def check_verifiable(file_format: str) -> None:
+    """ConfigError unless ``--verify`` can run files of ``file_format`` here."""
+    if file_format not in ("ONNX", "MINDIR"):
+        raise ConfigError(f"--verify runs ONNX and MINDIR files; {file_format} runs on Ascend only")
 
 
 def _sample_batch(job: InferenceJob, model) -> tuple[np.ndarray, str]:

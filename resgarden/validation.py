@@ -38,13 +38,13 @@ def validate(job: InferenceJob) -> dict[str, Any]:
     num_classes = checkpoint_classes(job, checkpoint) or (1000 if job.weights.pretrained else len(split.classes))
     if int(split.labels.max()) >= num_classes:
         raise ConfigError(f"the data has labels up to {int(split.labels.max())} but the model has {num_classes} classes")
+    real = read_real_labels(job.real_labels, split, num_classes) if job.real_labels else None  # before the model
     with cluster.main_first():
         model = build_inference_model(job, name, checkpoint, num_classes)
     loader = dataclasses.replace(loader, eval_transform=eval_transform(job, model))
     transform = loader.eval_transform
     logger.info("validating %s (%s) on %d images, %d px, crop %.3f%s", name, source, len(split),
                 transform.image_size, transform.crop_pct, f", {cluster.size} ranks" if cluster.distributed else "")
-    real = read_real_labels(job.real_labels, split, num_classes) if job.real_labels else None
     result = dict(model=name, weights=source, **evaluate(model, split, loader, cluster, real))
     if cluster.is_main and job.json_path:
         write_text(job.json_path, json.dumps(result, indent=1))

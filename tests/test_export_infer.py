@@ -92,6 +92,10 @@ def test_onnx_fixed_batch_and_a_failed_verification(tmp_path, resnet18_ckpt, cap
                               "--image_size=64", f"--file_name={tmp_path / 'bad'}", "--verify"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "computes something else" in err[0], err
+    air = tmp_path / "never.air"
+    assert export_entry.main(["--model=resnet18", f"--ckpt_path={ckpt}", "--file_format=AIR", "--verify",
+                              f"--file_name={air}"]) == 2  # refused before anything is built or written
+    assert "--verify runs ONNX and MINDIR files" in capsys.readouterr().err and not air.exists()
 
 
 def test_imagenet_names_are_shipped():
