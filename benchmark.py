@@ -2,10 +2,13 @@
 or the input pipeline's, against mindcv's loader.
 
     python benchmark.py --models resnet50 res2net50 --modes graph --compare-timm
+    python benchmark.py --models resnet50 --compare-timm --isa avx2   # an AVX2-only CPU, simulated
     python benchmark.py --pipeline --compare-mindcv --workers 1 2 --repeats 3 --seconds 5 --json pipeline.json
 
 Every measurement runs in a fresh subprocess; with --compare-timm / --compare-mindcv the two sides
-alternate (--repeats times each) and the table shows medians and their ratio.
+alternate (--repeats times each) and the table shows medians and their ratio. ``--isa avx2`` caps
+both frameworks at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2`` for both, ``ATEN_CPU_CAPABILITY=avx2`` for
+PyTorch), to measure an AVX2-only processor on an AVX-512 one.
 """
 from __future__ import annotations
 
@@ -20,12 +23,15 @@ from resgarden.bench import TIMM_NAMES, run_worker
 from resgarden.bench_pipeline import TRANSFORMS, write_photo_folder
 
 
+ISA_CAPS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
+
+
 def _measure(python: str, framework: str, model: str, task: str, mode: str, batch: int, size: int,
-             steps: int) -> dict:
+             steps: int, isa: str = "native") -> dict:
     cmd = [python, os.path.abspath(__file__), "--worker", framework, "--models", model, "--tasks", task,
            "--modes", mode, "--train-batch", str(batch), "--infer-batch", str(batch), "--image-size", str(size),
            "--steps", str(steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True,
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ISA_CAPS[isa]},
                           cwd=os.path.dirname(os.path.abspath(__file__)))
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -90,10 +96,10 @@ def _models(args) -> int:
                 ms_runs = []
                 for _ in range(args.repeats):
                     ms_runs.append(_measure(sys.executable, "mindspore", model, task, mode, batch,
-                                            args.image_size, args.steps))
+                                            args.image_size, args.steps, args.isa))
                     if args.compare_timm and len(timm_runs) < args.repeats:
                         timm_runs.append(_measure(args.torch_python, "timm", model, task, mode, batch,
-                                                  args.image_size, args.steps))
+                                                  args.image_size, args.steps, args.isa))
                 ms_rate = statistics.median(r["img_s"] for r in ms_runs)
                 line = (f"{model:18s} {task:5s} {mode:8s} {batch:5d} {ms_rate:9.2f} "
                         f"{statistics.median(r['first_call_s'] for r in ms_runs):9.1f} "
@@ -106,6 +112,8 @@ def _models(args) -> int:
                 print(line, flush=True)
     for note in sorted(notes):
         print(f"# {note}")
+    if args.isa != "native":
+        print("# capped: " + " ".join(f"{k}={v}" for k, v in ISA_CAPS[args.isa].items()))
     return 0
 
 
@@ -119,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=5, help="timed steps after compile + one warm-up step")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per framework")
+    parser.add_argument("--isa", choices=sorted(ISA_CAPS), default="native",
+                        help="avx2: cap oneDNN (both frameworks) and PyTorch's kernels at AVX2")
     parser.add_argument("--compare-timm", action="store_true", help="also measure timm's model (needs torch, timm)")
     parser.add_argument("--torch-python", default=sys.executable,
                         help="Python that has torch and timm (default: this one)")

@@ -1,5 +1,6 @@
 """``Conv2d``: MindSpore's ``nn.Conv2d`` whose CPU computation runs on resgarden's native oneDNN
-kernels (``resgarden/native``) where they are available, with the same parameters and checkpoints."""
+kernels (``resgarden/native``) where they are available, with the same parameters and checkpoints;
+and :func:`conv_bn`, conv -> BatchNorm -> [+ residual] -> [ReLU], one native primitive in eval mode."""
 from __future__ import annotations
 
 import contextlib
@@ -14,6 +15,8 @@ from resgarden.platform import native_kernels_wanted
 
 _disabled = False
 _ops: dict[tuple, tuple[ops.Custom, Tensor]] = {}
+_grad_ops: dict[tuple, tuple[ops.Custom, ops.Custom, Tensor]] = {}
+_fused_ops: dict[tuple, dict[tuple[bool, bool], tuple[ops.Custom, Tensor]]] = {}
 
 
 @contextlib.contextmanager
@@ -60,6 +63,8 @@ def _native_ops(kernel: tuple[int, int], stride: tuple[int, int], pads: tuple[in
         def bprop(x, w, cfg, out, dout):
             return grad_input(x, dout, w, cfg), grad_weight(x, dout, w, cfg), ops.zeros_like(cfg)
 
+        _grad_ops[key] = (grad_input, grad_weight, config)
+
         forward = ops.Custom(f"{library}:ConvForward", out_shape=forward_shape, out_dtype=first_dtype,
                              func_type="aot", bprop=bprop)
         # PyNative caches shape inference by primitive and input shapes: the geometry must be part of it.
@@ -67,6 +72,49 @@ def _native_ops(kernel: tuple[int, int], stride: tuple[int, int], pads: tuple[in
             op.add_prim_attr("conv_geometry", repr(key))
         _ops[key] = (forward, config)
     return _ops[key]
+
+
+def _native_fused_ops(kernel: tuple[int, int], stride: tuple[int, int], pads: tuple[int, int, int, int],
+                      dilation: tuple[int, int], groups: int) -> dict[tuple[bool, bool], tuple[ops.Custom, Tensor]]:
+    """Per (relu, residual): the op computing ``[relu](conv(x, w * scale) + shift [+ residual])`` and
+    its config tensor, one set per geometry. Their gradients run on the native gradient kernels."""
+    key = (kernel, stride, pads, dilation, groups)
+    if key not in _fused_ops:
+        library = str(conv_library()[0])
+        grad_input, grad_weight, conv_config = _grad_ops[key]
+
+        def out_shape(x, w, *_):
+            return [x[0], w[0], _out_size(x[2], kernel[0], stride[0], pads[0] + pads[1], dilation[0]),
+                    _out_size(x[3], kernel[1], stride[1], pads[2] + pads[3], dilation[1])]
+
+        def first_dtype(*dtypes):
+            return dtypes[0]
+
+        def make(relu: bool, residual: bool) -> tuple[ops.Custom, Tensor]:
+            def backward(x, w, scale, out, dout):
+                """(dx, dw, dscale, dshift[, dresidual])."""
+                grad = ops.select(out > 0, dout, ops.zeros_like(dout)) if relu else dout
+                channel_scale = ops.reshape(ops.cast(scale, w.dtype), (-1, 1, 1, 1))
+                grad_scaled = grad_weight(x, grad, w * channel_scale, conv_config)
+                grads = (grad_input(x, grad, w * channel_scale, conv_config), grad_scaled * channel_scale,
+                         ops.cast((grad_scaled * w).sum(axis=(1, 2, 3)), ms.float32),
+                         ops.cast(grad.sum(axis=(0, 2, 3)), ms.float32))
+                return grads + (grad,) if residual else grads
+
+            if residual:
+                def bprop(x, w, scale, shift, res, cfg, out, dout):
+                    return backward(x, w, scale, out, dout) + (ops.zeros_like(cfg),)
+            else:
+                def bprop(x, w, scale, shift, cfg, out, dout):
+                    return backward(x, w, scale, out, dout) + (ops.zeros_like(cfg),)
+            op = ops.Custom(f"{library}:ConvBnForward", out_shape=out_shape, out_dtype=first_dtype,
+                            func_type="aot", bprop=bprop)
+            op.add_prim_attr("conv_geometry", f"{key!r} relu={relu} residual={residual}")
+            return op, Tensor(np.array([*stride, *pads, *dilation, groups, int(relu)], np.int64))
+
+        _fused_ops[key] = {(relu, residual): make(relu, residual) for relu in (False, True)
+                           for residual in (False, True)}
+    return _fused_ops[key]
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
@@ -81,11 +129,17 @@ class Conv2d(nn.Conv2d):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.native = None
+        self.folded = False  # set by models.fold.fold_batchnorm: the BN after it is in the weights and bias
         if self.pad_mode in ("pad", "valid") and self.data_format == "NCHW" and native_conv_available():
             pad = self.padding if self.pad_mode == "pad" else 0
             pads = (pad,) * 4 if isinstance(pad, int) else tuple(pad)
-            self.native, self.native_config = _native_ops(_pair(self.kernel_size), _pair(self.stride), pads,
-                                                          _pair(self.dilation), self.group)
+            geometry = (_pair(self.kernel_size), _pair(self.stride), pads, _pair(self.dilation), self.group)
+            self.native, self.native_config = _native_ops(*geometry)
+            fused = _native_fused_ops(*geometry)
+            self.fused, self.fused_config = fused[(False, False)]
+            self.fused_relu, self.fused_relu_config = fused[(True, False)]
+            self.fused_add, self.fused_add_config = fused[(False, True)]
+            self.fused_add_relu, self.fused_add_relu_config = fused[(True, True)]
 
     def construct(self, x: Tensor) -> Tensor:
         if self.native is None:
@@ -95,3 +149,34 @@ class Conv2d(nn.Conv2d):
         if self.has_bias:
             output = self.bias_add(output, self.bias)
         return output
+
+
+def conv_bn(conv: Conv2d, bn: nn.Cell, x: Tensor, relu: bool, residual: Tensor | None = None) -> Tensor:
+    """``relu(bn(conv(x)) + residual)`` (ReLU if ``relu``, the sum if ``residual`` is given).
+
+    In eval mode on the native kernels this is one oneDNN primitive: the BN's scale folded into the
+    weights as they are reordered, its shift as the bias, the sum and ReLU as post-ops, so that a
+    plain ``create_model(name).set_train(False)`` Cell runs as fast as a folded one; the parameters
+    and checkpoints are those of the separate cells. Elsewhere (training, GPU / Ascend, export) the
+    separate cells run. ``bn`` may be ``nn.Identity`` after :func:`models.fold.fold_batchnorm`.
+    """
+    if conv.training or conv.native is None:
+        out = bn(conv(x))
+        if residual is not None:
+            out = out + residual
+        return ops.relu(out) if relu else out
+    if conv.folded:
+        scale, shift = ops.ones_like(conv.bias), conv.bias
+    else:
+        scale = bn.gamma * ops.rsqrt(bn.moving_variance + bn.eps)
+        shift = bn.beta - bn.moving_mean * scale
+        if conv.has_bias:
+            shift = shift + conv.bias * scale
+    scale, shift = ops.cast(scale, ms.float32), ops.cast(shift, ms.float32)
+    if residual is None:
+        if relu:
+            return conv.fused_relu(x, conv.weight, scale, shift, conv.fused_relu_config)
+        return conv.fused(x, conv.weight, scale, shift, conv.fused_config)
+    if relu:
+        return conv.fused_add_relu(x, conv.weight, scale, shift, residual, conv.fused_add_relu_config)
+    return conv.fused_add(x, conv.weight, scale, shift, residual, conv.fused_add_config)

@@ -30,6 +30,7 @@ def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     conv.bias = Parameter(ms.Tensor(shift.astype(np.float32)), name=name)
     conv.has_bias = True
     conv.bias_add = ops.BiasAdd()
+    conv.folded = True
 
 
 def _last_conv(cell: nn.Cell | None) -> nn.Conv2d | None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import mindspore.common.initializer as init
 from mindspore import Tensor, nn, ops
 
-from .conv import Conv2d, native_conv_disabled
+from .conv import Conv2d, conv_bn, native_conv_disabled
 
 POOL_PAD_MODES = ("same", "pad")
 CONV_PAD_MODES = ("pad", "same")
@@ -155,6 +155,30 @@ def init_weights(net: nn.Cell, zero_init_last: bool = False) -> None:
                 last_bn.gamma.set_data(init.initializer("zeros", last_bn.gamma.shape, last_bn.gamma.dtype))
 
 
+class ConvBnSequence(nn.SequentialCell):
+    """A ``SequentialCell`` (same parameter names) whose conv -> BN [-> ReLU] runs are computed by
+    :func:`models.conv.conv_bn`, one native primitive each in eval mode; other cells run as they are."""
+
+    def __init__(self, cells: list[nn.Cell]) -> None:
+        super().__init__(cells)
+        steps, i = [], 0
+        while i < len(cells):  # (index, 0) a cell by itself; (index, 1 or 2) conv_bn from it, with ReLU if 2
+            pair = i + 1 < len(cells) and isinstance(cells[i], Conv2d) and isinstance(cells[i + 1], nn.BatchNorm2d)
+            relu = pair and i + 2 < len(cells) and isinstance(cells[i + 2], nn.ReLU)
+            steps.append((i, 2 if relu else 1 if pair else 0))
+            i += 3 if relu else 2 if pair else 1
+        self.steps = tuple(steps)
+
+    def construct(self, x: Tensor) -> Tensor:
+        cells = self.cell_list
+        for index, kind in self.steps:
+            if kind == 0:
+                x = cells[index](x)
+            else:
+                x = conv_bn(cells[index], cells[index + 1], x, kind == 2)
+        return x
+
+
 class ResidualBlock(nn.Cell):
     """What every residual block shares: the shortcut (identity or projection), stochastic depth
     on the residual branch, the addition and the final ReLU. Subclasses build the branch."""
@@ -168,7 +192,8 @@ class ResidualBlock(nn.Cell):
     def shortcut(self, x: Tensor) -> Tensor:
         return x if self.down_sample is None else self.down_sample(x)
 
-    def merge(self, branch: Tensor, shortcut: Tensor) -> Tensor:
-        if self.drop_path is not None:
-            branch = self.drop_path(branch)
-        return self.relu(branch + shortcut)
+    def merge(self, conv: Conv2d, bn: nn.Cell, x: Tensor, shortcut: Tensor) -> Tensor:
+        """``relu(drop_path(bn(conv(x))) + shortcut)``: the branch's last conv and BN, and the merge."""
+        if self.training and self.drop_path is not None:
+            return self.relu(self.drop_path(bn(conv(x))) + shortcut)
+        return conv_bn(conv, bn, x, True, shortcut)

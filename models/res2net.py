@@ -6,6 +6,7 @@ from typing import Any
 
 from mindspore import Tensor, nn, ops
 
+from .conv import conv_bn
 from .layers import ResidualBlock, conv2d, pool3x3
 from .registry import register_model
 from .resnet import ResNet
@@ -44,19 +45,18 @@ class Bottle2neck(ResidualBlock):
 
     def construct(self, x: Tensor) -> Tensor:
         shortcut = self.shortcut(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = conv_bn(self.conv1, self.bn1, x, True)
         splits = ops.split(out, self.width, axis=1)
         sp = splits[0]
         outs = []
         for i in range(self.num_convs):
             if i > 0:
                 sp = splits[i] if self.is_stage else sp + splits[i]
-            sp = self.relu(self.bns[i](self.convs[i](sp)))
+            sp = conv_bn(self.convs[i], self.bns[i], sp, True)
             outs.append(sp)
         last = splits[self.num_convs]
         outs.append(self.pool(last) if self.is_stage else last)
-        out = self.bn3(self.conv3(ops.concat(outs, axis=1)))
-        return self.merge(out, shortcut)
+        return self.merge(self.conv3, self.bn3, ops.concat(outs, axis=1), shortcut)
 
 
 def _res2net(layers: tuple[int, ...], base_width: int, scale: int, v1b: bool = False, **kwargs: Any) -> ResNet:

@@ -5,6 +5,7 @@ from typing import Any
 
 from mindspore import Tensor, nn, ops
 
+from .conv import conv_bn
 from .layers import GlobalAvgPool, ResidualBlock, conv2d, make_divisible, pool3x3
 from .registry import register_model
 from .resnet import ResNet
@@ -30,7 +31,7 @@ class SplitAttn(nn.Cell):
         self.fc2 = conv2d(attn_channels, mid_channels, 1, groups=groups, bias=True)
 
     def construct(self, x: Tensor) -> Tensor:
-        x = self.relu(self.bn0(self.conv(x)))
+        x = conv_bn(self.conv, self.bn0, x, True)
         _, channels, height, width = x.shape
         # the batch stays -1 in every reshape, so exported graphs take any batch size
         if self.radix > 1:
@@ -38,7 +39,7 @@ class SplitAttn(nn.Cell):
             gap = x.sum(axis=1)
         else:
             gap = x
-        attn = self.fc2(self.relu(self.bn1(self.fc1(self.pool(gap)))))
+        attn = self.fc2(conv_bn(self.fc1, self.bn1, self.pool(gap), True))
         if self.radix > 1:
             attn = ops.reshape(attn, (-1, self.groups, self.radix, channels // (self.groups * self.radix)))
             attn = ops.softmax(ops.transpose(attn, (0, 2, 1, 3)), axis=1)
@@ -72,14 +73,13 @@ class ResNestBottleneck(ResidualBlock):
 
     def construct(self, x: Tensor) -> Tensor:
         shortcut = self.shortcut(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = conv_bn(self.conv1, self.bn1, x, True)
         if self.avd_layer is not None and self.avd_first:
             out = self.avd_layer(out)
         out = self.conv2(out)
         if self.avd_layer is not None and not self.avd_first:
             out = self.avd_layer(out)
-        out = self.bn3(self.conv3(out))
-        return self.merge(out, shortcut)
+        return self.merge(self.conv3, self.bn3, out, shortcut)
 
 
 def _resnest(layers: tuple[int, ...], stem_width: int, **kwargs: Any) -> ResNet:

@@ -13,7 +13,8 @@ from typing import Any, Sequence
 from mindspore import Tensor, nn
 
 from .features import FeatureInfo, FeatureMap, check_frozen_stages, check_out_indices, freeze
-from .layers import GlobalAvgPool, ResidualBlock, conv2d, conv_padding, init_weights, pool3x3
+from .conv import conv_bn
+from .layers import ConvBnSequence, GlobalAvgPool, ResidualBlock, conv2d, conv_padding, init_weights, pool3x3
 from .registry import register_model
 
 STAGE_PLANES = (64, 128, 256, 512)
@@ -35,9 +36,8 @@ class BasicBlock(ResidualBlock):
 
     def construct(self, x: Tensor) -> Tensor:
         shortcut = self.shortcut(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.merge(out, shortcut)
+        out = conv_bn(self.conv1, self.bn1, x, True)
+        return self.merge(self.conv2, self.bn2, out, shortcut)
 
 
 class Bottleneck(ResidualBlock):
@@ -60,25 +60,24 @@ class Bottleneck(ResidualBlock):
 
     def construct(self, x: Tensor) -> Tensor:
         shortcut = self.shortcut(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.merge(out, shortcut)
+        out = conv_bn(self.conv1, self.bn1, x, True)
+        out = conv_bn(self.conv2, self.bn2, out, True)
+        return self.merge(self.conv3, self.bn3, out, shortcut)
 
 
-def make_shortcut(in_channels: int, out_channels: int, stride: int, avg_down: bool) -> nn.SequentialCell:
+def make_shortcut(in_channels: int, out_channels: int, stride: int, avg_down: bool) -> ConvBnSequence:
     """Projection shortcut: strided 1x1 conv + BN, or (ResNet-D) avg-pool, 1x1 conv, BN."""
     if not avg_down:
-        return nn.SequentialCell([conv2d(in_channels, out_channels, 1, stride), nn.BatchNorm2d(out_channels)])
+        return ConvBnSequence([conv2d(in_channels, out_channels, 1, stride), nn.BatchNorm2d(out_channels)])
     pool = nn.AvgPool2d(kernel_size=stride, stride=stride, pad_mode="same") if stride > 1 else nn.Identity()
-    return nn.SequentialCell([pool, conv2d(in_channels, out_channels, 1), nn.BatchNorm2d(out_channels)])
+    return ConvBnSequence([pool, conv2d(in_channels, out_channels, 1), nn.BatchNorm2d(out_channels)])
 
 
 def make_stem(in_channels: int, deep_stem: bool, stem_width: int) -> tuple[nn.Cell, int]:
     """The 7x7/2 conv, or the deep 3x3/2-3x3-3x3 stem (ResNet-C); returns it and its width."""
     if not deep_stem:
         return conv2d(in_channels, 64, 7, 2), 64
-    stem = nn.SequentialCell([
+    stem = ConvBnSequence([
         conv2d(in_channels, stem_width, 3, 2), nn.BatchNorm2d(stem_width), nn.ReLU(),
         conv2d(stem_width, stem_width, 3), nn.BatchNorm2d(stem_width), nn.ReLU(),
         conv2d(stem_width, stem_width * 2, 3),
@@ -162,6 +161,7 @@ class ResNet(nn.Cell):
         if getattr(block, "uses_pool_pad", False):
             block_args.setdefault("pool_pad", pool_pad)
         self.conv1, width = make_stem(in_channels, deep_stem, stem_width)
+        self.deep_stem = deep_stem
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
         self.max_pool = pool3x3("max", 2, pool_pad)
@@ -197,11 +197,17 @@ class ResNet(nn.Cell):
         object.__setattr__(self, "_create_time", time.time_ns())
 
     def forward_stem(self, x: Tensor) -> Tensor:
-        return self.max_pool(self.relu(self.bn1(self.conv1(x))))
+        return self.max_pool(self.stem(x))
+
+    def stem(self, x: Tensor) -> Tensor:
+        """The stem's activation (stride 2): conv1 (a conv or the deep stem), bn1, ReLU."""
+        if self.deep_stem:
+            return self.relu(self.bn1(self.conv1(x)))
+        return conv_bn(self.conv1, self.bn1, x, True)
 
     def forward_maps(self, x: Tensor) -> tuple[Tensor, ...]:
         """The feature maps of ``out_indices``: 0 the stem's activation (stride 2), 1-4 the stages'."""
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.stem(x)
         maps = (x,)
         x = self.layer1(self.max_pool(x))
         maps = maps + (x,)

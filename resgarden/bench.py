@@ -47,15 +47,13 @@ def measure_mindspore(model_name: str, task: str, mode: str, batch: int, size: i
     from mindspore import nn
 
     import models
-    from models.fold import fold_batchnorm
 
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     net = models.create_model(model_name)
     rng = np.random.RandomState(0)
     images = ms.Tensor(rng.randn(batch, 3, size, size).astype(np.float32))
     if task == "infer":
-        net.set_train(False)
-        fold_batchnorm(net)  # as validate.py, eval.py, infer.py and export.py run it
+        net.set_train(False)  # the plain Cell, as a user's script has it (no folding step)
 
         def step() -> None:
             net(images).asnumpy()
