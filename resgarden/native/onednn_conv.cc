@@ -4,7 +4,9 @@
 // MindSpore's own CPU convolution hands oneDNN plain NCHW tensors; oneDNN 3.10 then takes a
 // reference path when AVX-512 is allowed (about 150x slower) and im2col+gemm under an AVX2 cap.
 // Here the activations and weights are reordered to the layout oneDNN prefers, so it runs its
-// direct AVX-512 kernels. The functions follow MindSpore's AOT custom-op calling convention:
+// direct AVX-512 kernels; stride-1 1x1 convolutions stay in NCHW, where oneDNN runs them as a
+// matrix product per image with no reorder at all. ConvBnForward is the eval-mode fusion of
+// conv -> BatchNorm -> [+ residual] -> [ReLU] (see models/conv.py: conv_bn). The functions follow MindSpore's AOT custom-op calling convention:
 // params = inputs then outputs, NCHW float32 or float16 (mixed precision: converted on the way in
 // and out, computed in float32) except `cfg`, an int64 vector
 // [stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, dilation_h, dilation_w, groups].
@@ -171,8 +173,11 @@ ConvShape MakeShape(const int64_t *x, const int64_t *w, const int64_t *y, const 
   s.dilates = {cfg[6] - 1, cfg[7] - 1};
   // A 1x1 convolution at stride 1 is a matrix product per image in NCHW: oneDNN runs it as one
   // without reordering the activations (about 4x faster than via the blocked layout).
-  const char *plain = std::getenv("RESGARDEN_PLAIN_1X1");
-  s.plain_activations = !(plain && plain[0] == '0') && s.weights[s.weights.size() - 1] == 1 &&
+  static const bool plain_1x1 = [] {
+    const char *value = std::getenv("RESGARDEN_PLAIN_1X1");  // "0": through the blocked layout too
+    return !(value && value[0] == '0');
+  }();
+  s.plain_activations = plain_1x1 && s.weights[s.weights.size() - 1] == 1 &&
                         s.weights[s.weights.size() - 2] == 1 && cfg[0] == 1 && cfg[1] == 1 &&
                         cfg[2] == 0 && cfg[3] == 0 && cfg[4] == 0 && cfg[5] == 0 && !s.grouped;
   return s;
