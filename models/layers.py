@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import mindspore.common.initializer as init
 from mindspore import Tensor, nn, ops
 
+from .batchnorm import BatchNorm2d
 from .conv import Conv2d, conv_bn, native_conv_disabled
 
 POOL_PAD_MODES = ("same", "pad")
@@ -163,7 +164,7 @@ class ConvBnSequence(nn.SequentialCell):
         super().__init__(cells)
         steps, i = [], 0
         while i < len(cells):  # (index, 0) a cell by itself; (index, 1 or 2) conv_bn from it, with ReLU if 2
-            pair = i + 1 < len(cells) and isinstance(cells[i], Conv2d) and isinstance(cells[i + 1], nn.BatchNorm2d)
+            pair = i + 1 < len(cells) and isinstance(cells[i], Conv2d) and isinstance(cells[i + 1], BatchNorm2d)
             relu = pair and i + 2 < len(cells) and isinstance(cells[i + 2], nn.ReLU)
             steps.append((i, 2 if relu else 1 if pair else 0))
             i += 3 if relu else 2 if pair else 1

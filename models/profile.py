@@ -26,10 +26,13 @@ def count_macs(model: nn.Cell, image_size: int = 224, in_channels: int = 3) -> i
     def dense_hook(cell: nn.Dense, inputs: tuple, output: ms.Tensor) -> None:
         total[0] += cell.in_channels * cell.out_channels
 
-    handles = []
+    handles, natives = [], []
     for _, cell in model.cells_and_names():
         if isinstance(cell, nn.Conv2d):
             handles.append(cell.register_forward_hook(conv_hook))
+            if getattr(cell, "native", None) is not None:  # eval mode's fused conv + BN calls no hook
+                natives.append((cell, cell.native))
+                cell.native = None
         elif isinstance(cell, nn.Dense):
             handles.append(cell.register_forward_hook(dense_hook))
     previous_mode = ms.get_context("mode")
@@ -41,6 +44,8 @@ def count_macs(model: nn.Cell, image_size: int = 224, in_channels: int = 3) -> i
     finally:
         for handle in handles:
             handle.remove()
+        for cell, native in natives:
+            cell.native = native
         model.set_train(was_training)
         ms.set_context(mode=previous_mode)
     return total[0]

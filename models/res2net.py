@@ -6,6 +6,7 @@ from typing import Any
 
 from mindspore import Tensor, nn, ops
 
+from .batchnorm import BatchNorm2d
 from .conv import conv_bn
 from .layers import ResidualBlock, conv2d, pool3x3
 from .registry import register_model
@@ -36,12 +37,12 @@ class Bottle2neck(ResidualBlock):
         self.num_convs = scale - 1
         self.is_stage = stride > 1 or down_sample is not None
         self.conv1 = conv2d(in_channels, width * scale, 1)
-        self.bn1 = nn.BatchNorm2d(width * scale)
+        self.bn1 = BatchNorm2d(width * scale)
         self.convs = nn.CellList([conv2d(width, width, 3, stride, groups=groups) for _ in range(self.num_convs)])
-        self.bns = nn.CellList([nn.BatchNorm2d(width) for _ in range(self.num_convs)])
+        self.bns = nn.CellList([BatchNorm2d(width) for _ in range(self.num_convs)])
         self.pool = pool3x3("avg", stride, pool_pad) if self.is_stage else None
         self.conv3 = conv2d(width * scale, planes * self.expansion, 1)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.bn3 = BatchNorm2d(planes * self.expansion)
 
     def construct(self, x: Tensor) -> Tensor:
         shortcut = self.shortcut(x)

@@ -5,6 +5,7 @@ from typing import Any
 
 from mindspore import Tensor, nn, ops
 
+from .batchnorm import BatchNorm2d
 from .conv import conv_bn
 from .layers import GlobalAvgPool, ResidualBlock, conv2d, make_divisible, pool3x3
 from .registry import register_model
@@ -23,11 +24,11 @@ class SplitAttn(nn.Cell):
         mid_channels = out_channels * radix
         attn_channels = make_divisible(in_channels * radix * rd_ratio, rd_divisor, min_value=32)
         self.conv = conv2d(in_channels, mid_channels, 3, stride, groups=groups * radix)
-        self.bn0 = nn.BatchNorm2d(mid_channels)
+        self.bn0 = BatchNorm2d(mid_channels)
         self.relu = nn.ReLU()
         self.pool = GlobalAvgPool(keep_dims=True)
         self.fc1 = conv2d(out_channels, attn_channels, 1, groups=groups, bias=True)
-        self.bn1 = nn.BatchNorm2d(attn_channels)
+        self.bn1 = BatchNorm2d(attn_channels)
         self.fc2 = conv2d(attn_channels, mid_channels, 1, groups=groups, bias=True)
 
     def construct(self, x: Tensor) -> Tensor:
@@ -65,11 +66,11 @@ class ResNestBottleneck(ResidualBlock):
         conv_stride = 1 if avd_stride else stride
         self.avd_first = avd_first
         self.conv1 = conv2d(in_channels, group_width, 1)
-        self.bn1 = nn.BatchNorm2d(group_width)
+        self.bn1 = BatchNorm2d(group_width)
         self.conv2 = SplitAttn(group_width, group_width, conv_stride, groups=cardinality, radix=radix)
         self.avd_layer = pool3x3("avg", avd_stride, pool_pad) if avd_stride else None
         self.conv3 = conv2d(group_width, planes * self.expansion, 1)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.bn3 = BatchNorm2d(planes * self.expansion)
 
     def construct(self, x: Tensor) -> Tensor:
         shortcut = self.shortcut(x)

@@ -12,8 +12,9 @@ from typing import Any, Sequence
 
 from mindspore import Tensor, nn
 
-from .features import FeatureInfo, FeatureMap, check_frozen_stages, check_out_indices, freeze
+from .batchnorm import BatchNorm2d
 from .conv import conv_bn
+from .features import FeatureInfo, FeatureMap, check_frozen_stages, check_out_indices, freeze
 from .layers import ConvBnSequence, GlobalAvgPool, ResidualBlock, conv2d, conv_padding, init_weights, pool3x3
 from .registry import register_model
 
@@ -30,9 +31,9 @@ class BasicBlock(ResidualBlock):
                  down_sample: nn.Cell | None = None, drop_path: float = 0.0) -> None:
         super().__init__(down_sample, drop_path)
         self.conv1 = conv2d(in_channels, planes, 3, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = BatchNorm2d(planes)
         self.conv2 = conv2d(planes, planes, 3)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNorm2d(planes)
 
     def construct(self, x: Tensor) -> Tensor:
         shortcut = self.shortcut(x)
@@ -52,11 +53,11 @@ class Bottleneck(ResidualBlock):
         super().__init__(down_sample, drop_path)
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = conv2d(in_channels, width, 1)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = BatchNorm2d(width)
         self.conv2 = conv2d(width, width, 3, stride, groups=groups)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = BatchNorm2d(width)
         self.conv3 = conv2d(width, planes * self.expansion, 1)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.bn3 = BatchNorm2d(planes * self.expansion)
 
     def construct(self, x: Tensor) -> Tensor:
         shortcut = self.shortcut(x)
@@ -68,9 +69,9 @@ class Bottleneck(ResidualBlock):
 def make_shortcut(in_channels: int, out_channels: int, stride: int, avg_down: bool) -> ConvBnSequence:
     """Projection shortcut: strided 1x1 conv + BN, or (ResNet-D) avg-pool, 1x1 conv, BN."""
     if not avg_down:
-        return ConvBnSequence([conv2d(in_channels, out_channels, 1, stride), nn.BatchNorm2d(out_channels)])
+        return ConvBnSequence([conv2d(in_channels, out_channels, 1, stride), BatchNorm2d(out_channels)])
     pool = nn.AvgPool2d(kernel_size=stride, stride=stride, pad_mode="same") if stride > 1 else nn.Identity()
-    return ConvBnSequence([pool, conv2d(in_channels, out_channels, 1), nn.BatchNorm2d(out_channels)])
+    return ConvBnSequence([pool, conv2d(in_channels, out_channels, 1), BatchNorm2d(out_channels)])
 
 
 def make_stem(in_channels: int, deep_stem: bool, stem_width: int) -> tuple[nn.Cell, int]:
@@ -78,8 +79,8 @@ def make_stem(in_channels: int, deep_stem: bool, stem_width: int) -> tuple[nn.Ce
     if not deep_stem:
         return conv2d(in_channels, 64, 7, 2), 64
     stem = ConvBnSequence([
-        conv2d(in_channels, stem_width, 3, 2), nn.BatchNorm2d(stem_width), nn.ReLU(),
-        conv2d(stem_width, stem_width, 3), nn.BatchNorm2d(stem_width), nn.ReLU(),
+        conv2d(in_channels, stem_width, 3, 2), BatchNorm2d(stem_width), nn.ReLU(),
+        conv2d(stem_width, stem_width, 3), BatchNorm2d(stem_width), nn.ReLU(),
         conv2d(stem_width, stem_width * 2, 3),
     ])
     return stem, stem_width * 2
@@ -162,7 +163,7 @@ class ResNet(nn.Cell):
             block_args.setdefault("pool_pad", pool_pad)
         self.conv1, width = make_stem(in_channels, deep_stem, stem_width)
         self.deep_stem = deep_stem
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = BatchNorm2d(width)
         self.relu = nn.ReLU()
         self.max_pool = pool3x3("max", 2, pool_pad)
         maps = [FeatureMap(num_chs=width, reduction=2, module="relu")]

@@ -9,6 +9,7 @@ import pytest
 from mindspore import nn
 
 import models
+from models.batchnorm import BatchNorm2d
 from models.conv import Conv2d, conv_bn, native_conv_available
 from models.fold import fold_batchnorm
 
@@ -40,7 +41,7 @@ class ConvBn(nn.Cell):
         cin, cout, k, stride, pad, groups, bias, self.relu, self.residual = geometry
         self.conv = Conv2d(cin, cout, k, stride=stride, pad_mode="pad" if pad else "valid", padding=pad,
                            group=groups, has_bias=bias)
-        self.bn = nn.BatchNorm2d(cout)
+        self.bn = BatchNorm2d(cout)
 
     def construct(self, x, shortcut):
         out = conv_bn(self.conv, self.bn, x, self.relu, shortcut if self.residual else None)

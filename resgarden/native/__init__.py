@@ -1,4 +1,4 @@
-"""Native CPU kernels for MindSpore, compiled on first use and cached.
+"""Native CPU kernels for MindSpore (convolutions, training-mode BatchNorm), compiled on first use and cached.
 
 ``onednn_conv.cc`` runs 2-D convolutions (forward and both gradients) through the oneDNN library
 that MindSpore itself bundles, but lets oneDNN pick blocked memory layouts, which MindSpore's own
@@ -26,6 +26,7 @@ SOURCE = Path(__file__).with_name("onednn_conv.cc")
 SWITCH_VARIABLE = "RESGARDEN_NATIVE_CONV"  # "0" turns the native convolutions off
 CACHE_VARIABLE = "RESGARDEN_CACHE"  # shared with the downloaded weights
 BUILD_TIMEOUT_S = 300
+FLAGS = ("-O2", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 
 
 class NativeUnavailable(RuntimeError):
@@ -79,7 +80,7 @@ def build_conv_library() -> Path:
     lib_dir, include_dir, compiler = mindspore_lib_dir(), onednn_include_dir(), _compiler()
     version_header = include_dir / "oneapi" / "dnnl" / "dnnl_version.h"
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), compiler.encode(), str(lib_dir).encode(),
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(), str(lib_dir).encode(),
                  importlib.metadata.version("mindspore").encode(), version_header.read_bytes()):
         key.update(part)
     target = cache_dir() / f"onednn_conv-{key.hexdigest()[:16]}.so"
@@ -87,7 +88,7 @@ def build_conv_library() -> Path:
         return target
     try:
         with atomic_path(str(target), suffix=".so") as partial:
-            command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{include_dir}", str(SOURCE), "-o",
+            command = [compiler, *FLAGS, f"-I{include_dir}", str(SOURCE), "-o",
                        partial, f"-L{lib_dir}", "-l:libdnnl.so.3", f"-Wl,-rpath,{lib_dir}", "-pthread"]
             result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
             if result.returncode != 0:
