@@ -138,9 +138,11 @@ struct Runtime {
   std::mutex mutex;  // one convolution at a time: the pool and stream are shared
 };
 
+// Never destroyed: at process exit MindSpore's own teardown (and libdnnl's) may still run after
+// static destructors, and joining the pool's threads then is a crash risk for nothing.
 Runtime &GetRuntime() {
-  static Runtime runtime;
-  return runtime;
+  static Runtime *runtime = new Runtime;
+  return *runtime;
 }
 
 using dtype = memory::data_type;
@@ -344,7 +346,7 @@ int Run(Kind kind, int nparam, void **params, int *ndims, int64_t **shapes, cons
     }
     Runtime &rt = GetRuntime();
     std::lock_guard<std::mutex> lock(rt.mutex);
-    static std::unordered_map<std::string, std::shared_ptr<Plan>> plans;
+    static auto &plans = *new std::unordered_map<std::string, std::shared_ptr<Plan>>;  // never destroyed, as the runtime
     const std::string key = PlanKey(kind, s, types);
     auto found = plans.find(key);
     if (found == plans.end()) found = plans.emplace(key, BuildPlan(rt.engine, kind, s, types)).first;
@@ -488,7 +490,7 @@ int RunFused(int nparam, void **params, int *ndims, int64_t **shapes, const char
     void *data[6] = {params[0], params[1], params[2], params[3], residual ? params[4] : nullptr, params[out]};
     Runtime &rt = GetRuntime();
     std::lock_guard<std::mutex> lock(rt.mutex);
-    static std::unordered_map<std::string, std::shared_ptr<FusedPlan>> plans;
+    static auto &plans = *new std::unordered_map<std::string, std::shared_ptr<FusedPlan>>;  // never destroyed, as the runtime
     const std::string key = PlanKey(kForward, s, types) + (residual ? "|sum" : "") + (relu ? "|relu" : "");
     auto found = plans.find(key);
     if (found == plans.end()) found = plans.emplace(key, BuildFusedPlan(rt.engine, s, types, residual, relu)).first;
