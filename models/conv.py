@@ -40,6 +40,19 @@ def _out_size(size: int, kernel: int, stride: int, pad_total: int, dilation: int
     return -1 if size < 0 else (size + pad_total - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def _output_shape(kernel: tuple[int, int], stride: tuple[int, int], pads: tuple[int, int, int, int],
+                  dilation: tuple[int, int]):
+    """Shape inference of a convolution op of this geometry whose first inputs are x and w."""
+    def infer(x, w, *_):
+        return [x[0], w[0], _out_size(x[2], kernel[0], stride[0], pads[0] + pads[1], dilation[0]),
+                _out_size(x[3], kernel[1], stride[1], pads[2] + pads[3], dilation[1])]
+    return infer
+
+
+def _first_dtype(*dtypes):
+    return dtypes[0]
+
+
 def _native_ops(kernel: tuple[int, int], stride: tuple[int, int], pads: tuple[int, int, int, int],
                 dilation: tuple[int, int], groups: int) -> tuple[ops.Custom, Tensor]:
     """The forward op (its bprop calls the two gradient ops) and its config tensor, one per geometry."""
@@ -48,15 +61,8 @@ def _native_ops(kernel: tuple[int, int], stride: tuple[int, int], pads: tuple[in
         library = str(conv_library()[0])
         config = Tensor(np.array([*stride, *pads, *dilation, groups], np.int64))
 
-        def forward_shape(x, w, _cfg):
-            return [x[0], w[0], _out_size(x[2], kernel[0], stride[0], pads[0] + pads[1], dilation[0]),
-                    _out_size(x[3], kernel[1], stride[1], pads[2] + pads[3], dilation[1])]
-
-        def first_dtype(*dtypes):
-            return dtypes[0]
-
         grad_input = ops.Custom(f"{library}:ConvBackwardData", out_shape=lambda x, dy, w, cfg: x,
-                                out_dtype=first_dtype, func_type="aot")
+                                out_dtype=_first_dtype, func_type="aot")
         grad_weight = ops.Custom(f"{library}:ConvBackwardWeights", out_shape=lambda x, dy, w, cfg: w,
                                  out_dtype=lambda x, dy, w, cfg: w, func_type="aot")
 
@@ -65,8 +71,8 @@ def _native_ops(kernel: tuple[int, int], stride: tuple[int, int], pads: tuple[in
 
         _grad_ops[key] = (grad_input, grad_weight, config)
 
-        forward = ops.Custom(f"{library}:ConvForward", out_shape=forward_shape, out_dtype=first_dtype,
-                             func_type="aot", bprop=bprop)
+        forward = ops.Custom(f"{library}:ConvForward", out_shape=_output_shape(kernel, stride, pads, dilation),
+                             out_dtype=_first_dtype, func_type="aot", bprop=bprop)
         # PyNative caches shape inference by primitive and input shapes: the geometry must be part of it.
         for op in (forward, grad_input, grad_weight):
             op.add_prim_attr("conv_geometry", repr(key))
@@ -82,21 +88,16 @@ def _native_fused_ops(kernel: tuple[int, int], stride: tuple[int, int], pads: tu
     if key not in _fused_ops:
         library = str(conv_library()[0])
         grad_input, grad_weight, conv_config = _grad_ops[key]
-
-        def out_shape(x, w, *_):
-            return [x[0], w[0], _out_size(x[2], kernel[0], stride[0], pads[0] + pads[1], dilation[0]),
-                    _out_size(x[3], kernel[1], stride[1], pads[2] + pads[3], dilation[1])]
-
-        def first_dtype(*dtypes):
-            return dtypes[0]
+        out_shape = _output_shape(kernel, stride, pads, dilation)
 
         def make(relu: bool, residual: bool) -> tuple[ops.Custom, Tensor]:
             def backward(x, w, scale, out, dout):
                 """(dx, dw, dscale, dshift[, dresidual])."""
                 grad = ops.select(out > 0, dout, ops.zeros_like(dout)) if relu else dout
                 channel_scale = ops.reshape(ops.cast(scale, w.dtype), (-1, 1, 1, 1))
-                grad_scaled = grad_weight(x, grad, w * channel_scale, conv_config)
-                grads = (grad_input(x, grad, w * channel_scale, conv_config), grad_scaled * channel_scale,
+                scaled = w * channel_scale
+                grad_scaled = grad_weight(x, grad, scaled, conv_config)
+                grads = (grad_input(x, grad, scaled, conv_config), grad_scaled * channel_scale,
                          ops.cast((grad_scaled * w).sum(axis=(1, 2, 3)), ms.float32),
                          ops.cast(grad.sum(axis=(0, 2, 3)), ms.float32))
                 return grads + (grad,) if residual else grads
@@ -107,7 +108,7 @@ def _native_fused_ops(kernel: tuple[int, int], stride: tuple[int, int], pads: tu
             else:
                 def bprop(x, w, scale, shift, cfg, out, dout):
                     return backward(x, w, scale, out, dout) + (ops.zeros_like(cfg),)
-            op = ops.Custom(f"{library}:ConvBnForward", out_shape=out_shape, out_dtype=first_dtype,
+            op = ops.Custom(f"{library}:ConvBnForward", out_shape=out_shape, out_dtype=_first_dtype,
                             func_type="aot", bprop=bprop)
             op.add_prim_attr("conv_geometry", f"{key!r} relu={relu} residual={residual}")
             return op, Tensor(np.array([*stride, *pads, *dilation, groups, int(relu)], np.int64))
