@@ -8,6 +8,7 @@ from mindspore import Tensor, nn, ops
 from .batchnorm import BatchNorm2d
 from .conv import conv_bn
 from .layers import GlobalAvgPool, ResidualBlock, conv2d, make_divisible, pool3x3
+from .radix import RadixReduce
 from .registry import register_model
 from .resnet import ResNet
 
@@ -25,28 +26,23 @@ class SplitAttn(nn.Cell):
         attn_channels = make_divisible(in_channels * radix * rd_ratio, rd_divisor, min_value=32)
         self.conv = conv2d(in_channels, mid_channels, 3, stride, groups=groups * radix)
         self.bn0 = BatchNorm2d(mid_channels)
-        self.relu = nn.ReLU()
         self.pool = GlobalAvgPool(keep_dims=True)
+        self.radix_reduce = RadixReduce(radix) if radix > 1 else None
         self.fc1 = conv2d(out_channels, attn_channels, 1, groups=groups, bias=True)
         self.bn1 = BatchNorm2d(attn_channels)
         self.fc2 = conv2d(attn_channels, mid_channels, 1, groups=groups, bias=True)
 
     def construct(self, x: Tensor) -> Tensor:
         x = conv_bn(self.conv, self.bn0, x, True)
-        _, channels, height, width = x.shape
-        # the batch stays -1 in every reshape, so exported graphs take any batch size
-        if self.radix > 1:
-            x = ops.reshape(x, (-1, self.radix, channels // self.radix, height, width))
-            gap = x.sum(axis=1)
-        else:
-            gap = x
-        attn = self.fc2(conv_bn(self.fc1, self.bn1, self.pool(gap), True))
-        if self.radix > 1:
-            attn = ops.reshape(attn, (-1, self.groups, self.radix, channels // (self.groups * self.radix)))
-            attn = ops.softmax(ops.transpose(attn, (0, 2, 1, 3)), axis=1)
-            attn = ops.reshape(attn, (-1, self.radix, channels // self.radix, 1, 1))
-            return (x * attn).sum(axis=1)
-        return x * ops.reshape(ops.sigmoid(attn), (-1, channels, 1, 1))
+        channels = x.shape[1]
+        if self.radix == 1:
+            attn = self.fc2(conv_bn(self.fc1, self.bn1, self.pool(x), True))
+            return x * ops.reshape(ops.sigmoid(attn), (-1, channels, 1, 1))
+        attn = self.fc2(conv_bn(self.fc1, self.bn1, self.radix_reduce.pool(x), True))
+        # softmax over the radix within each group; the batch stays -1 (exports take any batch size)
+        attn = ops.reshape(attn, (-1, self.groups, self.radix, channels // (self.groups * self.radix)))
+        attn = ops.softmax(ops.transpose(attn, (0, 2, 1, 3)), axis=1)
+        return self.radix_reduce.combine(x, ops.reshape(attn, (-1, channels, 1, 1)))
 
 
 class ResNestBottleneck(ResidualBlock):
