@@ -206,59 +206,7 @@ struct Operand {
   int arg;
   bool is_input;
   dnnl::reorder convert;
-  int channel_block = 0;  // an input whose chosen layout is NCHW blocked by this many channels
-
-  // Writes `user` (plain) into `staged` (chosen). NCHW -> nChw16c / nChw8c runs on our own
-  // transposition: oneDNN's reorder for it ("jit:blk") moves only ~2.6 GB/s on 2 cores.
-  void Stage(Runtime &rt, memory &user, memory &staged) const;
 };
-
-int ChannelBlock(const memory::desc &plain, const memory::desc &chosen) {
-  if (plain.get_ndims() != 4 || plain != memory::desc(plain.get_dims(), dtype::f32, tag::nchw)) return 0;
-  if (chosen == memory::desc(plain.get_dims(), dtype::f32, tag::nChw16c)) return 16;
-  if (chosen == memory::desc(plain.get_dims(), dtype::f32, tag::nChw8c)) return 8;
-  return 0;
-}
-
-// One (image, channel block) of NCHW -> nChw{block}c, channels past the end written as zeros.
-template <int kBlock>
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void BlockChannels(const float *src, float *dst, int64_t channels, int64_t hw, int64_t image, int64_t cb) {
-  const int64_t blocks = (channels + kBlock - 1) / kBlock, first = cb * kBlock;
-  const int64_t valid = std::min<int64_t>(kBlock, channels - first);
-  const float *in = src + (image * channels + first) * hw;
-  float *out = dst + (image * blocks + cb) * hw * kBlock;
-  constexpr int64_t kTile = 64;  // a tile of 64 pixels x kBlock channels stays in L1
-  for (int64_t j0 = 0; j0 < hw; j0 += kTile) {
-    const int64_t j1 = std::min(hw, j0 + kTile);
-    for (int64_t k = 0; k < kBlock; ++k) {
-      if (k < valid) {
-        const float *row = in + k * hw;
-        for (int64_t j = j0; j < j1; ++j) out[j * kBlock + k] = row[j];
-      } else {
-        for (int64_t j = j0; j < j1; ++j) out[j * kBlock + k] = 0.f;
-      }
-    }
-  }
-}
-
-void Operand::Stage(Runtime &rt, memory &user, memory &staged) const {
-  if (channel_block == 0) {
-    convert.execute(rt.stream, user, staged);
-    return;
-  }
-  const memory::dims dims = plain.get_dims();
-  const int64_t channels = dims[1], hw = dims[2] * dims[3], blocks = (channels + channel_block - 1) / channel_block;
-  const float *src = static_cast<const float *>(user.get_data_handle());
-  float *dst = static_cast<float *>(staged.get_data_handle());
-  const int block = channel_block;
-  rt.pool.parallel_for(static_cast<int>(dims[0] * blocks), [&](int i, int) {
-    if (block == 16)
-      BlockChannels<16>(src, dst, channels, hw, i / blocks, i % blocks);
-    else
-      BlockChannels<8>(src, dst, channels, hw, i / blocks, i % blocks);
-  });
-}
 
 struct Plan {
   dnnl::primitive compute;
@@ -269,7 +217,6 @@ struct Plan {
 Operand MakeOperand(const dnnl::engine &engine, const memory::desc &plain, const memory::desc &chosen, int arg,
                     bool is_input) {
   Operand op{plain, chosen, arg, is_input, {}};
-  if (is_input) op.channel_block = ChannelBlock(plain, chosen);
   if (plain != chosen) {
     memory a(is_input ? plain : chosen, engine, DNNL_MEMORY_NONE), b(is_input ? chosen : plain, engine, DNNL_MEMORY_NONE);
     op.convert = dnnl::reorder(a, b);
@@ -338,7 +285,7 @@ void Execute(Runtime &rt, const Plan &plan, void *const data[3]) {
     temporaries.push_back(Allocate(op.chosen.get_size()));
     memory staged(op.chosen, rt.engine, temporaries.back().get());
     if (op.is_input)
-      op.Stage(rt, user, staged);
+      op.convert.execute(rt.stream, user, staged);
     else
       outputs.emplace_back(&op, user);
     args.emplace(op.arg, staged);
@@ -476,7 +423,7 @@ void ExecuteFused(Runtime &rt, const FusedPlan &plan, void *const data[6]) {
     args.emplace(DNNL_ARG_SRC, x);
   } else {
     memory to = staged(plan.src.chosen);
-    plan.src.Stage(rt, x, to);
+    plan.src.convert.execute(rt.stream, x, to);
     args.emplace(DNNL_ARG_SRC, to);
   }
   memory weights = staged(plan.weights_chosen);
