@@ -9,25 +9,30 @@ from mindspore import Tensor, nn, ops
 
 from .conv import native_conv_available
 
-_norm_op: list[ops.Custom] = []
+_norm_ops: list[tuple[ops.Custom, ops.Custom]] = []
 
 
-def _native_norm() -> ops.Custom:
-    """(x, gamma, beta, cfg=[eps, relu]) -> (y, batch mean, biased batch variance); its gradient is native too."""
-    if not _norm_op:
+def _native_norm() -> tuple[ops.Custom, ops.Custom]:
+    """(forward, statistics): forward (x, gamma, beta, cfg=[eps, relu]) -> (y, batch mean, biased
+    batch variance), its gradient native too; statistics (x, mean, variance, moving mean, moving
+    variance, cfg=[momentum]) -> the new moving mean and variance."""
+    if not _norm_ops:
         from resgarden.native import conv_library
 
         library = str(conv_library()[0])
-        backward = ops.Custom(f"{library}:NormBackward", out_shape=lambda dy, x, y, g, m, v, cfg: (x, g, g),
-                              out_dtype=lambda dy, x, y, g, m, v, cfg: (x, g, g), func_type="aot")
+        backward = ops.Custom(f"{library}:NormBackward", out_shape=lambda dy, x, g, b, m, v, cfg: (x, g, g),
+                              out_dtype=lambda dy, x, g, b, m, v, cfg: (x, g, g), func_type="aot")
 
         def bprop(x, gamma, beta, cfg, out, dout):
-            dx, dgamma, dbeta = backward(dout[0], x, out[0], gamma, out[1], out[2], cfg)
+            dx, dgamma, dbeta = backward(dout[0], x, gamma, beta, out[1], out[2], cfg)
             return dx, dgamma, dbeta, ops.zeros_like(cfg)
 
-        _norm_op.append(ops.Custom(f"{library}:NormForward", out_shape=lambda x, g, b, cfg: (x, g, g),
-                                   out_dtype=lambda x, g, b, cfg: (x, g, g), func_type="aot", bprop=bprop))
-    return _norm_op[0]
+        forward = ops.Custom(f"{library}:NormForward", out_shape=lambda x, g, b, cfg: (x, g, g),
+                             out_dtype=lambda x, g, b, cfg: (x, g, g), func_type="aot", bprop=bprop)
+        statistics = ops.Custom(f"{library}:NormStatistics", out_shape=lambda x, m, v, mm, mv, cfg: (mm, mv),
+                                out_dtype=lambda x, m, v, mm, mv, cfg: (mm, mv), func_type="aot")
+        _norm_ops.append((forward, statistics))
+    return _norm_ops[0]
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -39,9 +44,11 @@ class BatchNorm2d(nn.BatchNorm2d):
         super().__init__(num_features, **kwargs)
         self.native = None
         if native_conv_available():
-            self.native = _native_norm()
+            self.native, self.native_statistics = _native_norm()
             self.native_config = Tensor(np.array([self.eps, 0.0], np.float32))
             self.native_relu_config = Tensor(np.array([self.eps, 1.0], np.float32))
+            # nn.BatchNorm2d keeps 1 - its momentum argument: the weight of the batch statistics
+            self.statistics_config = Tensor(np.array([self.momentum], np.float32))
 
     def construct(self, x: Tensor, relu: bool = False) -> Tensor:
         if self.native is None or not self.training or self.use_batch_statistics is not None or x.dtype != ms.float32:
@@ -49,11 +56,11 @@ class BatchNorm2d(nn.BatchNorm2d):
             return ops.relu(out) if relu else out
         out, mean, variance = self.native(x, self.gamma, self.beta,
                                           self.native_relu_config if relu else self.native_config)
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        update = self.momentum  # MindSpore's: the weight of the batch statistics
-        ops.assign(self.moving_mean, self.moving_mean * (1.0 - update) + mean * update)
-        unbiased = variance * (count / max(count - 1, 1))
-        ops.assign(self.moving_variance, self.moving_variance * (1.0 - update) + unbiased * update)
+        moving_mean, moving_variance = self.native_statistics(
+            ops.stop_gradient(x), ops.stop_gradient(mean), ops.stop_gradient(variance), self.moving_mean,
+            self.moving_variance, self.statistics_config)
+        ops.assign(self.moving_mean, moving_mean)
+        ops.assign(self.moving_variance, moving_variance)
         return out
 
     def mindspore_batchnorm(self, x: Tensor) -> Tensor:

@@ -549,17 +549,19 @@ void NormForwardChannel(const Channel &g, int64_t ch, const float *x, float gamm
   var_out[ch] = var;
 }
 
+// The ReLU's mask is recomputed from x with the forward's own scale and shift (no need to keep y).
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void NormBackwardChannel(const Channel &g, int64_t ch, const float *dy, const float *x, const float *y, float gamma,
+void NormBackwardChannel(const Channel &g, int64_t ch, const float *dy, const float *x, float gamma, float beta,
                          float mean, float var, float eps, bool relu, float *dx, float *dgamma, float *dbeta) {
   const float invstd = 1.f / std::sqrt(var + eps);
+  const float scale = gamma / std::sqrt(var + eps), shift = beta - mean * scale;
   double grad_total = 0, grad_x_total = 0;
   for (int64_t i = 0; i < g.n; ++i) {
-    const float *d = g.at(dy, i, ch), *xr = g.at(x, i, ch), *yr = g.at(y, i, ch);
+    const float *d = g.at(dy, i, ch), *xr = g.at(x, i, ch);
     float sum = 0, sum_x = 0;
 #pragma omp simd reduction(+ : sum, sum_x)
     for (int64_t j = 0; j < g.hw; ++j) {
-      const float grad = relu && yr[j] <= 0.f ? 0.f : d[j];
+      const float grad = relu && xr[j] * scale + shift <= 0.f ? 0.f : d[j];
       sum += grad;
       sum_x += grad * (xr[j] - mean);
     }
@@ -567,14 +569,14 @@ void NormBackwardChannel(const Channel &g, int64_t ch, const float *dy, const fl
     grad_x_total += sum_x;
   }
   const double count = static_cast<double>(g.n * g.hw);
-  const float scale = gamma * invstd, mean_grad = static_cast<float>(grad_total / count),
+  const float mean_grad = static_cast<float>(grad_total / count),
               x_coef = static_cast<float>(grad_x_total / count) * invstd * invstd;
   for (int64_t i = 0; i < g.n; ++i) {
-    const float *d = g.at(dy, i, ch), *xr = g.at(x, i, ch), *yr = g.at(y, i, ch);
+    const float *d = g.at(dy, i, ch), *xr = g.at(x, i, ch);
     float *out = g.at(dx, i, ch);
 #pragma omp simd
     for (int64_t j = 0; j < g.hw; ++j) {
-      const float grad = relu && yr[j] <= 0.f ? 0.f : d[j];
+      const float grad = relu && xr[j] * scale + shift <= 0.f ? 0.f : d[j];
       out[j] = scale * (grad - mean_grad - (xr[j] - mean) * x_coef);
     }
   }
@@ -585,16 +587,16 @@ void NormBackwardChannel(const Channel &g, int64_t ch, const float *dy, const fl
 bool IsFloat32(int ndim, int want, const char *dtype) { return ndim == want && std::strcmp(dtype, "float32") == 0; }
 
 // Forward: x, gamma, beta, cfg = [eps, relu] (float32), y, mean, var.
-// Backward: dy, x, y, gamma, mean, var, cfg, dx, dgamma, dbeta.
+// Backward: dy, x, gamma, beta, mean, var, cfg, dx, dgamma, dbeta.
 int RunNorm(bool backward, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  const int expected = backward ? 10 : 7;
+  const int expected = backward ? 10 : 7, cfg_index = backward ? 6 : 3;
   bool ok = nparam == expected;
   for (int i = 0; ok && i < nparam; ++i) {
-    const bool image = backward ? (i <= 2 || i == 7) : (i == 0 || i == 4);
+    const bool image = backward ? (i <= 1 || i == 7) : (i == 0 || i == 4);
     const int64_t *shape = shapes[i];
     ok = IsFloat32(ndims[i], image ? 4 : 1, dtypes[i]) &&
          (image ? std::memcmp(shape, shapes[0], 4 * sizeof(int64_t)) == 0
-                : shape[0] == (i == (backward ? 6 : 3) ? 2 : shapes[0][1]));
+                : shape[0] == (i == cfg_index ? 2 : shapes[0][1]));
   }
   if (!ok) {
     std::fprintf(stderr, "resgarden native batch norm: unexpected parameters (%d, want %d float32)\n", nparam, expected);
@@ -602,13 +604,12 @@ int RunNorm(bool backward, int nparam, void **params, int *ndims, int64_t **shap
   }
   const Channel g{shapes[0][0], shapes[0][1], shapes[0][2] * shapes[0][3]};
   auto f = [&](int i) { return static_cast<float *>(params[i]); };
-  const float *cfg = f(backward ? 6 : 3);
-  const float eps = cfg[0];
-  const bool relu = cfg[1] != 0.f;
+  const float eps = f(cfg_index)[0];
+  const bool relu = f(cfg_index)[1] != 0.f;
   std::function<void(int, int)> task;
   if (backward) {
     task = [&](int ch, int) {
-      NormBackwardChannel(g, ch, f(0), f(1), f(2), f(3)[ch], f(4)[ch], f(5)[ch], eps, relu, f(7), f(8), f(9));
+      NormBackwardChannel(g, ch, f(0), f(1), f(2)[ch], f(3)[ch], f(4)[ch], f(5)[ch], eps, relu, f(7), f(8), f(9));
     };
   } else {
     task = [&](int ch, int) { NormForwardChannel(g, ch, f(0), f(1)[ch], f(2)[ch], eps, relu, f(4), f(5), f(6)); };
@@ -616,6 +617,28 @@ int RunNorm(bool backward, int nparam, void **params, int *ndims, int64_t **shap
   Runtime &rt = GetRuntime();
   std::lock_guard<std::mutex> lock(rt.mutex);
   rt.pool.parallel_for(static_cast<int>(g.c), task);
+  return 0;
+}
+
+// The running statistics after one training step, as MindSpore's BatchNorm keeps them:
+// moving = moving * (1 - momentum) + batch * momentum, the variance's batch term unbiased.
+// Inputs x (its shape gives the count), batch mean, biased batch variance, moving mean, moving
+// variance, cfg = [momentum]; outputs the new moving mean and variance.
+int RunNormStatistics(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  bool ok = nparam == 8 && IsFloat32(ndims[0], 4, dtypes[0]);
+  for (int i = 1; ok && i < nparam; ++i)
+    ok = IsFloat32(ndims[i], 1, dtypes[i]) && shapes[i][0] == (i == 5 ? 1 : shapes[0][1]);
+  if (!ok) {
+    std::fprintf(stderr, "resgarden native batch norm statistics: unexpected parameters (%d, want 8)\n", nparam);
+    return 1;
+  }
+  auto f = [&](int i) { return static_cast<float *>(params[i]); };
+  const int64_t count = shapes[0][0] * shapes[0][2] * shapes[0][3];
+  const float momentum = f(5)[0], unbias = static_cast<float>(count) / static_cast<float>(std::max<int64_t>(count - 1, 1));
+  for (int64_t ch = 0; ch < shapes[0][1]; ++ch) {
+    f(6)[ch] = f(3)[ch] * (1.f - momentum) + f(1)[ch] * momentum;
+    f(7)[ch] = f(4)[ch] * (1.f - momentum) + f(2)[ch] * unbias * momentum;
+  }
   return 0;
 }
 
@@ -748,6 +771,9 @@ int NormForward(int nparam, void **params, int *ndims, int64_t **shapes, const c
 }
 int NormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   return RunNorm(true, nparam, params, ndims, shapes, dtypes);
+}
+int NormStatistics(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  return RunNormStatistics(nparam, params, ndims, shapes, dtypes);
 }
 int RadixPool(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   return RunRadix(RadixOp::kPool, nparam, params, ndims, shapes, dtypes);
