@@ -9,7 +9,8 @@ import mindspore.common.initializer as init
 from mindspore import Tensor, nn, ops
 
 from .batchnorm import BatchNorm2d
-from .conv import Conv2d, conv_bn, native_conv_disabled
+from .conv import Conv2d, conv_bn, native_conv_available, native_conv_disabled
+from .pooling import MaxPool3x3
 
 POOL_PAD_MODES = ("same", "pad")
 CONV_PAD_MODES = ("pad", "same")
@@ -75,9 +76,13 @@ def pool3x3(kind: str, stride: int, pad_mode: str) -> nn.Cell:
         raise ValueError(f"pool pad_mode must be one of {POOL_PAD_MODES}, got {pad_mode!r}")
     pool_cls = nn.MaxPool2d if kind == "max" else nn.AvgPool2d
     if pad_mode == "same":
-        return pool_cls(kernel_size=3, stride=stride, pad_mode="same")
-    pad = nn.Pad(((0, 0), (0, 0), (1, 1), (1, 1))) if _portable[0] else ZeroPad1()
-    return nn.SequentialCell([pad, pool_cls(kernel_size=3, stride=stride)])
+        pool = pool_cls(kernel_size=3, stride=stride, pad_mode="same")
+    else:
+        pad = nn.Pad(((0, 0), (0, 0), (1, 1), (1, 1))) if _portable[0] else ZeroPad1()
+        pool = nn.SequentialCell([pad, pool_cls(kernel_size=3, stride=stride)])
+    if kind == "max" and native_conv_available():
+        return MaxPool3x3(stride, pad_mode, fallback=pool)
+    return pool
 
 
 class ZeroPad1(nn.Cell):

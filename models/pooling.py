@@ -1,0 +1,62 @@
+"""``MaxPool3x3``: the 3x3 max pool of :func:`models.layers.pool3x3` ("pad" or "same" padding) as
+one native pass forward and one backward (the forward keeps each output's argmax); MindSpore's
+``MaxPoolGrad`` on CPU runs oneDNN's reference kernel under an AVX2 cap (~35 ms per ResNet stem at
+batch 8). Used where the native convolutions run; :func:`models.layers.pool3x3` builds MindSpore's
+pools elsewhere."""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+_ops: dict[int, ops.Custom] = {}
+
+
+def _pool_size(size: int, stride: int, same: bool) -> int:
+    if size < 0:
+        return -1
+    return -(-size // stride) if same else (size - 1) // stride + 1
+
+
+def _native_op(stride: int, same: bool) -> ops.Custom:
+    """(x, cfg=[stride, same]) -> (y, argmax offsets int32); its gradient is native too."""
+    key = (stride, same)
+    if key not in _ops:
+        from resgarden.native import conv_library
+
+        library = str(conv_library()[0])
+
+        def out_shape(x, cfg):
+            shape = [x[0], x[1], _pool_size(x[2], stride, same), _pool_size(x[3], stride, same)]
+            return shape, shape
+
+        backward = ops.Custom(f"{library}:MaxPoolBackward", out_shape=lambda dy, index, x, cfg: x,
+                              out_dtype=lambda dy, index, x, cfg: x, func_type="aot")
+
+        def bprop(x, cfg, out, dout):
+            return backward(dout[0], out[1], x, cfg), ops.zeros_like(cfg)
+
+        op = ops.Custom(f"{library}:MaxPool", out_shape=out_shape, out_dtype=lambda x, cfg: (x, ms.int32),
+                        func_type="aot", bprop=bprop)
+        for primitive in (op, backward):  # PyNative caches shape inference by primitive and input shapes
+            primitive.add_prim_attr("pool_geometry", repr(key))
+        _ops[key] = op
+    return _ops[key]
+
+
+class MaxPool3x3(nn.Cell):
+    """3x3 max pool at ``stride``: ``pad_mode="pad"`` pads a pixel of zeros on every side (timm),
+    ``"same"`` is MindSpore's 'same' padding (mindcv), as :func:`models.layers.pool3x3`; float32
+    only natively (``fallback`` runs other dtypes)."""
+
+    def __init__(self, stride: int, pad_mode: str, fallback: nn.Cell) -> None:
+        super().__init__()
+        same = pad_mode == "same"
+        self.native = _native_op(stride, same)
+        self.config = Tensor(np.array([stride, int(same)], np.int64))
+        self.fallback = fallback  # MindSpore's pool of the same geometry, for other dtypes
+
+    def construct(self, x: Tensor) -> Tensor:
+        if x.dtype != ms.float32:
+            return self.fallback(x)
+        return self.native(x, self.config)[0]

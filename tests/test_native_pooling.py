@@ -1,0 +1,57 @@
+"""The native 3x3 max pool against MindSpore's pools of pool3x3 (both padding modes, strides 1 and
+2, even and odd sizes, both execution modes): values and input gradients; and that the models use it."""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn, ops
+
+import models
+from models.conv import native_conv_available
+from models.layers import pool3x3
+from models.pooling import MaxPool3x3
+
+pytestmark = pytest.mark.skipif(not native_conv_available(), reason="native kernels unavailable here")
+
+
+class Weighted(nn.Cell):
+    def __init__(self, pool: nn.Cell) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def construct(self, x):
+        y = self.pool(x)
+        weights = ops.arange(y.size, dtype=ms.float32).reshape(y.shape) / y.size
+        return (y * weights).sum(), y
+
+
+@pytest.mark.parametrize("pad_mode", ["pad", "same"])
+@pytest.mark.parametrize("stride, size", [(2, (12, 12)), (2, (11, 9)), (1, (7, 8))], ids=["even", "odd", "stride1"])
+def test_matches_mindspore_pool(pad_mode, stride, size, exec_mode):
+    native = pool3x3("max", stride, pad_mode)
+    assert isinstance(native, MaxPool3x3)
+    x = ms.Tensor(np.random.RandomState(stride + size[1]).randn(2, 3, *size).astype(np.float32))
+    results = []
+    for pool in (native, native.fallback):
+        (_, y), dx = ms.value_and_grad(Weighted(pool), grad_position=0, has_aux=True)(x)
+        results.append((y.asnumpy(), dx.asnumpy()))
+    (y, dx), (y_ref, dx_ref) = results
+    assert y.shape == y_ref.shape
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("pad_mode", ["pad", "same"])
+def test_ties_go_where_mindspore_sends_them(pad_mode):
+    # post-ReLU maps are full of equal values (zeros): the gradient goes to the first in window order
+    x = ms.Tensor(np.maximum(np.random.RandomState(0).randn(2, 3, 12, 12), 0).round().astype(np.float32))
+    native = pool3x3("max", 2, pad_mode)
+    grads = [ms.value_and_grad(Weighted(pool), grad_position=0, has_aux=True)(x)[1].asnumpy()
+             for pool in (native, native.fallback)]
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6, atol=1e-6)  # overlapping windows: sum order
+
+
+def test_models_use_it():
+    for name in ("resnet50", "res2net50"):
+        assert isinstance(models.create_model(name, num_classes=10).max_pool, MaxPool3x3), name
