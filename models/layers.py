@@ -176,13 +176,22 @@ class ConvBnSequence(nn.SequentialCell):
         self.steps = tuple(steps)
 
     def construct(self, x: Tensor) -> Tensor:
+        return self.run(x, self.steps)
+
+    def run(self, x: Tensor, steps: tuple[tuple[int, int], ...]) -> Tensor:
         cells = self.cell_list
-        for index, kind in self.steps:
+        for index, kind in steps:
             if kind == 0:
                 x = cells[index](x)
             else:
                 x = conv_bn(cells[index], cells[index + 1], x, kind == 2)
         return x
+
+    def then_bn(self, x: Tensor, bn: nn.Cell, relu: bool) -> Tensor:
+        """``[relu](bn(self(x)))`` for a sequence ending in a convolution (the deep stem), that
+        convolution and ``bn`` computed by :func:`models.conv.conv_bn`."""
+        x = self.run(x, self.steps[:-1])
+        return conv_bn(self.cell_list[self.steps[-1][0]], bn, x, relu)
 
 
 class ResidualBlock(nn.Cell):

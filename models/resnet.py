@@ -203,7 +203,7 @@ class ResNet(nn.Cell):
     def stem(self, x: Tensor) -> Tensor:
         """The stem's activation (stride 2): conv1 (a conv or the deep stem), bn1, ReLU."""
         if self.deep_stem:
-            return self.relu(self.bn1(self.conv1(x)))
+            return self.conv1.then_bn(x, self.bn1, True)
         return conv_bn(self.conv1, self.bn1, x, True)
 
     def forward_maps(self, x: Tensor) -> tuple[Tensor, ...]:
