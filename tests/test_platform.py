@@ -67,7 +67,7 @@ def test_native_build_failures_are_reported_not_raised(tmp_path, monkeypatch):
     broken = tmp_path / "broken.cc"
     broken.write_text("this is not C++\n")
     monkeypatch.setenv("CXX", "g++")
-    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "SOURCES", (broken,))
     with pytest.raises(native.NativeUnavailable, match="compiling broken.cc failed: .*error"):
         native.build_conv_library()
     assert list(tmp_path.glob("native/*")) == []  # no partial library left behind

@@ -1,11 +1,13 @@
-"""Native CPU kernels for MindSpore (convolutions, training-mode BatchNorm), compiled on first use and cached.
+"""Native CPU kernels for MindSpore, compiled on first use into one library and cached.
 
 ``onednn_conv.cc`` runs 2-D convolutions (forward and both gradients) through the oneDNN library
 that MindSpore itself bundles, but lets oneDNN pick blocked memory layouts, which MindSpore's own
 CPU convolution does not: on AVX-512 CPUs that is the difference between oneDNN's direct AVX-512
 kernels and, with MindSpore 2.9/2.10, a reference path ~150x slower (see README, "CPU speed").
 The library is built with the system C++ compiler against the oneDNN headers from the
-``onednn-devel-cpu-gomp`` wheel and linked to MindSpore's own ``libdnnl.so.3``.
+``onednn-devel-cpu-gomp`` wheel and linked to MindSpore's own ``libdnnl.so.3``. Beside it, on the
+same thread pool (``runtime.h``): training-mode BatchNorm with its ReLU (``batchnorm.cc``),
+ResNeSt's radix reductions (``split_attention.cc``) and the 3x3 max pool (``max_pool.cc``).
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from pathlib import Path
 
 from resgarden.atomic import atomic_path
 
-SOURCE = Path(__file__).with_name("onednn_conv.cc")
+SOURCES = tuple(Path(__file__).with_name(name) for name in
+                ("onednn_conv.cc", "batchnorm.cc", "split_attention.cc", "max_pool.cc"))
+HEADERS = (Path(__file__).with_name("runtime.h"),)
 SWITCH_VARIABLE = "RESGARDEN_NATIVE_CONV"  # "0" turns the native convolutions off
 CACHE_VARIABLE = "RESGARDEN_CACHE"  # shared with the downloaded weights
 BUILD_TIMEOUT_S = 300
@@ -68,10 +72,14 @@ def _compiler() -> str:
     return compiler
 
 
-def build_conv_library() -> Path:
-    """Path of the compiled convolution library, building it if this setup has none cached yet.
+def _names() -> str:
+    return ", ".join(path.name for path in SOURCES)
 
-    The cache key covers the source, the compiler, the headers and MindSpore's version, so an
+
+def build_conv_library() -> Path:
+    """Path of the compiled native library, building it if this setup has none cached yet.
+
+    The cache key covers the sources, the compiler, the headers and MindSpore's version, so an
     upgrade of any of them rebuilds. Concurrent builds (every rank of a job) are safe: each
     compiles to its own temporary file and renames it into place.
     """
@@ -80,23 +88,24 @@ def build_conv_library() -> Path:
     lib_dir, include_dir, compiler = mindspore_lib_dir(), onednn_include_dir(), _compiler()
     version_header = include_dir / "oneapi" / "dnnl" / "dnnl_version.h"
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(), str(lib_dir).encode(),
+    for part in (*(path.read_bytes() for path in SOURCES + HEADERS), " ".join(FLAGS).encode(),
+                 compiler.encode(), str(lib_dir).encode(),
                  importlib.metadata.version("mindspore").encode(), version_header.read_bytes()):
         key.update(part)
-    target = cache_dir() / f"onednn_conv-{key.hexdigest()[:16]}.so"
+    target = cache_dir() / f"resgarden_native-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     try:
         with atomic_path(str(target), suffix=".so") as partial:
-            command = [compiler, *FLAGS, f"-I{include_dir}", str(SOURCE), "-o",
+            command = [compiler, *FLAGS, f"-I{include_dir}", *map(str, SOURCES), "-o",
                        partial, f"-L{lib_dir}", "-l:libdnnl.so.3", f"-Wl,-rpath,{lib_dir}", "-pthread"]
             result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
             if result.returncode != 0:
                 first_error = next((line for line in result.stderr.splitlines() if "error" in line),
                                    result.stderr.strip())
-                raise NativeUnavailable(f"compiling {SOURCE.name} failed: {first_error[:300]}")
+                raise NativeUnavailable(f"compiling {_names()} failed: {first_error[:300]}")
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise NativeUnavailable(f"compiling {SOURCE.name} failed: {exc}") from None
+        raise NativeUnavailable(f"compiling {_names()} failed: {exc}") from None
     return target
 
 
