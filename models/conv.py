@@ -49,7 +49,8 @@ def _output_shape(kernel: tuple[int, int], stride: tuple[int, int], pads: tuple[
     return infer
 
 
-def _first_dtype(*dtypes):
+def first_dtype(*dtypes):
+    """A custom op's output dtype: its first input's."""
     return dtypes[0]
 
 
@@ -62,7 +63,7 @@ def _native_ops(kernel: tuple[int, int], stride: tuple[int, int], pads: tuple[in
         config = Tensor(np.array([*stride, *pads, *dilation, groups], np.int64))
 
         grad_input = ops.Custom(f"{library}:ConvBackwardData", out_shape=lambda x, dy, w, cfg: x,
-                                out_dtype=_first_dtype, func_type="aot")
+                                out_dtype=first_dtype, func_type="aot")
         grad_weight = ops.Custom(f"{library}:ConvBackwardWeights", out_shape=lambda x, dy, w, cfg: w,
                                  out_dtype=lambda x, dy, w, cfg: w, func_type="aot")
 
@@ -72,7 +73,7 @@ def _native_ops(kernel: tuple[int, int], stride: tuple[int, int], pads: tuple[in
         _grad_ops[key] = (grad_input, grad_weight, config)
 
         forward = ops.Custom(f"{library}:ConvForward", out_shape=_output_shape(kernel, stride, pads, dilation),
-                             out_dtype=_first_dtype, func_type="aot", bprop=bprop)
+                             out_dtype=first_dtype, func_type="aot", bprop=bprop)
         # PyNative caches shape inference by primitive and input shapes: the geometry must be part of it.
         for op in (forward, grad_input, grad_weight):
             op.add_prim_attr("conv_geometry", repr(key))
@@ -108,7 +109,7 @@ def _native_fused_ops(kernel: tuple[int, int], stride: tuple[int, int], pads: tu
             else:
                 def bprop(x, w, scale, shift, cfg, out, dout):
                     return backward(x, w, scale, out, dout) + (ops.zeros_like(cfg),)
-            op = ops.Custom(f"{library}:ConvBnForward", out_shape=out_shape, out_dtype=_first_dtype,
+            op = ops.Custom(f"{library}:ConvBnForward", out_shape=out_shape, out_dtype=first_dtype,
                             func_type="aot", bprop=bprop)
             op.add_prim_attr("conv_geometry", f"{key!r} relu={relu} residual={residual}")
             return op, Tensor(np.array([*stride, *pads, *dilation, groups, int(relu)], np.int64))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from .conv import native_conv_available
+from .conv import first_dtype, native_conv_available
 
 _native: dict[int, tuple[ops.Custom, ops.Custom]] = {}
 
@@ -21,9 +21,6 @@ def _native_ops(radix: int) -> tuple[ops.Custom, ops.Custom]:
         def merged(x, *_):
             return [x[0], x[1] // radix, 1, 1]
 
-        def first(*dtypes):
-            return dtypes[0]
-
         pool_backward = ops.Custom(f"{library}:RadixPoolBackward", out_shape=lambda dgap, x: x,
                                    out_dtype=lambda dgap, x: x, func_type="aot")
         combine_backward = ops.Custom(f"{library}:RadixCombineBackward", out_shape=lambda dout, x, a: (x, a),
@@ -35,10 +32,10 @@ def _native_ops(radix: int) -> tuple[ops.Custom, ops.Custom]:
         def combine_bprop(x, attn, out, dout):
             return combine_backward(dout, x, attn)
 
-        pool = ops.Custom(f"{library}:RadixPool", out_shape=merged, out_dtype=first, func_type="aot",
+        pool = ops.Custom(f"{library}:RadixPool", out_shape=merged, out_dtype=first_dtype, func_type="aot",
                           bprop=pool_bprop)
         combine = ops.Custom(f"{library}:RadixCombine",
-                             out_shape=lambda x, a: [x[0], x[1] // radix, x[2], x[3]], out_dtype=first,
+                             out_shape=lambda x, a: [x[0], x[1] // radix, x[2], x[3]], out_dtype=first_dtype,
                              func_type="aot", bprop=combine_bprop)
         # PyNative caches shape inference by primitive and input shapes: the radix must be part of it.
         for op in (pool, combine, pool_backward, combine_backward):

@@ -35,10 +35,10 @@ class SplitAttn(nn.Cell):
     def construct(self, x: Tensor) -> Tensor:
         x = conv_bn(self.conv, self.bn0, x, True)
         channels = x.shape[1]
+        pooled = self.pool(x) if self.radix == 1 else self.radix_reduce.pool(x)
+        attn = self.fc2(conv_bn(self.fc1, self.bn1, pooled, True))
         if self.radix == 1:
-            attn = self.fc2(conv_bn(self.fc1, self.bn1, self.pool(x), True))
             return x * ops.reshape(ops.sigmoid(attn), (-1, channels, 1, 1))
-        attn = self.fc2(conv_bn(self.fc1, self.bn1, self.radix_reduce.pool(x), True))
         # softmax over the radix within each group; the batch stays -1 (exports take any batch size)
         attn = ops.reshape(attn, (-1, self.groups, self.radix, channels // (self.groups * self.radix)))
         attn = ops.softmax(ops.transpose(attn, (0, 2, 1, 3)), axis=1)

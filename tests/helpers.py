@@ -1,4 +1,4 @@
-"""Tiny data sets written by the tests themselves."""
+"""Tiny data sets written by the tests themselves, and one training step's gradients."""
 from __future__ import annotations
 
 import os
@@ -48,3 +48,14 @@ def inference_job_of(args: list[str]):
     from config import inference_job, parse_config
 
     return inference_job(parse_config(args))
+
+
+def step_gradients(net, x, labels) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(loss, gradients of net's trainable parameters) of one training-mode cross-entropy step."""
+    import mindspore as ms
+    from mindspore import nn
+
+    loss_net = nn.WithLossCell(net, nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean"))
+    loss_net.set_train(True)
+    loss, grads = ms.value_and_grad(loss_net, None, net.trainable_params())(x, labels)
+    return loss.asnumpy(), [g.asnumpy() for g in grads]

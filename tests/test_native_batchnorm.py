@@ -9,6 +9,7 @@ import pytest
 from mindspore import nn, ops
 
 import models
+from tests.helpers import step_gradients
 from models.batchnorm import BatchNorm2d
 from models.conv import native_conv_available
 
@@ -66,11 +67,9 @@ def test_model_training_step_matches_mindspore_batchnorm(pynative_mode):
             for _, cell in net.cells_and_names():
                 if isinstance(cell, BatchNorm2d):
                     cell.native = None
-        loss_net = nn.WithLossCell(net, nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean"))
-        loss_net.set_train(True)
-        loss, grads = ms.value_and_grad(loss_net, None, net.trainable_params())(x, labels)
+        loss, grads = step_gradients(net, x, labels)
         stats = [p.asnumpy() for p in net.get_parameters() if "moving" in p.name]
-        results.append((loss.asnumpy(), [g.asnumpy() for g in grads], stats))
+        results.append((loss, grads, stats))
     (loss, grads, stats), (loss_ref, grads_ref, stats_ref) = results
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     for g, g_ref in zip(grads, grads_ref):

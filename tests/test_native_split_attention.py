@@ -9,6 +9,7 @@ import pytest
 from mindspore import nn, ops
 
 import models
+from tests.helpers import step_gradients
 from models.conv import native_conv_available
 from models.radix import RadixReduce
 
@@ -81,11 +82,9 @@ def test_resnest_step_matches_mindspore_ops(pynative_mode):
         for _, cell in net.cells_and_names():
             if isinstance(cell, nn.BatchNorm2d):
                 cell.use_batch_statistics = False
-        loss_net = nn.WithLossCell(net, nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean"))
-        loss_net.set_train(True)
-        loss, grads = ms.value_and_grad(loss_net, None, net.trainable_params())(x, labels)
+        loss, grads = step_gradients(net, x, labels)
         net.set_train(False)
-        results.append((loss.asnumpy(), [g.asnumpy() for g in grads], net(x).asnumpy()))
+        results.append((loss, grads, net(x).asnumpy()))
     (loss, grads, logits), (loss_ref, grads_ref, logits_ref) = results
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     for g, g_ref in zip(grads, grads_ref):

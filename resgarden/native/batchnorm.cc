@@ -5,15 +5,12 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
-#include <mutex>
 
 #include "runtime.h"
 
 namespace {
 
-using resgarden::GetRuntime;
 using resgarden::IsFloat32;
-using resgarden::Runtime;
 
 // Training-mode batch normalization over (N, H, W) per channel of an NCHW float32 tensor, with
 // ReLU fused: forward y = [relu]((x - mean) * invstd * gamma + beta) returning the batch mean and
@@ -125,9 +122,7 @@ int RunNorm(bool backward, int nparam, void **params, int *ndims, int64_t **shap
   } else {
     task = [&](int ch, int) { NormForwardChannel(g, ch, f(0), f(1)[ch], f(2)[ch], eps, relu, f(4), f(5), f(6)); };
   }
-  Runtime &rt = GetRuntime();
-  std::lock_guard<std::mutex> lock(rt.mutex);
-  rt.pool.parallel_for(static_cast<int>(g.c), task);
+  resgarden::ParallelFor(static_cast<int>(g.c), task);
   return 0;
 }
 

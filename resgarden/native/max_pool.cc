@@ -5,15 +5,12 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
-#include <mutex>
 
 #include "runtime.h"
 
 namespace {
 
-using resgarden::GetRuntime;
 using resgarden::IsFloat32;
-using resgarden::Runtime;
 
 // 3x3 max pooling of NCHW float32 planes at stride s, padded as models/layers.py: pool3x3 pads:
 // "pad" (a pixel of zeros on every side, which can be the max) or "same" (MindSpore's: out =
@@ -111,9 +108,7 @@ int RunMaxPool(bool backward, int nparam, void **params, int *ndims, int64_t **s
     task = [&](int p, int) { MaxPoolBackwardPlane(g, f(0) + p * out_plane, index + p * out_plane, f(4) + p * in_plane); };
   else
     task = [&](int p, int) { MaxPoolPlane(g, f(0) + p * in_plane, f(2) + p * out_plane, index + p * out_plane); };
-  Runtime &rt = GetRuntime();
-  std::lock_guard<std::mutex> lock(rt.mutex);
-  rt.pool.parallel_for(static_cast<int>(xs[0] * xs[1]), task);
+  resgarden::ParallelFor(static_cast<int>(xs[0] * xs[1]), task);
   return 0;
 }
 

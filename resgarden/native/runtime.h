@@ -151,6 +151,13 @@ inline Runtime &GetRuntime() {
   return *runtime;
 }
 
+// Runs task(0..n-1) on the shared pool, one native call at a time.
+inline void ParallelFor(int n, const std::function<void(int, int)> &task) {
+  Runtime &rt = GetRuntime();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  rt.pool.parallel_for(n, task);
+}
+
 inline bool IsFloat32(int ndim, int want, const char *dtype) { return ndim == want && std::strcmp(dtype, "float32") == 0; }
 
 }  // namespace resgarden

@@ -5,15 +5,12 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
-#include <mutex>
 
 #include "runtime.h"
 
 namespace {
 
-using resgarden::GetRuntime;
 using resgarden::IsFloat32;
-using resgarden::Runtime;
 
 // ResNeSt's split attention over an NCHW float32 tensor x of radix * C channels, radix-major
 // (channel r * C + c is split r of channel c), per (image, channel c) task:
@@ -118,9 +115,7 @@ int RunRadix(RadixOp op, int nparam, void **params, int *ndims, int64_t **shapes
       break;
   }
   std::function<void(int, int)> task = [&](int i, int) { work(i / g.c, i % g.c); };
-  Runtime &rt = GetRuntime();
-  std::lock_guard<std::mutex> lock(rt.mutex);
-  rt.pool.parallel_for(static_cast<int>(g.batch * g.c), task);
+  resgarden::ParallelFor(static_cast<int>(g.batch * g.c), task);
   return 0;
 }
 
