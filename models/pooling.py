@@ -52,6 +52,7 @@ class MaxPool3x3(nn.Cell):
     def __init__(self, stride: int, pad_mode: str, fallback: nn.Cell) -> None:
         super().__init__()
         same = pad_mode == "same"
+        self.pad_mode = pad_mode
         self.native = _native_op(stride, same)
         self.config = Tensor(np.array([stride, int(same)], np.int64))
         self.fallback = fallback  # MindSpore's pool of the same geometry, for other dtypes
