@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -337,9 +338,11 @@ def test_killed_rank_ends_the_job(launcher, tiny_imagenet, tmp_path):
 def test_a_stop_signal_under_mpirun_stops_every_rank_at_one_step_and_resumes_exactly(tiny_imagenet, tmp_path,
                                                                                      stop_signal):
     """mpirun forwards the signal to both ranks; they stop at the same log point, rank 0 writes one
-    mid-epoch checkpoint, the job exits 75, and the resumed job ends with the uninterrupted weights."""
-    args = ["train.py", *TRAIN_ARGS, f"--data_dir={tiny_imagenet}", "--run_distribute=1", "--epoch_size=2",
-            "--val_while_train=False"]
+    mid-epoch checkpoint, the job exits 75, and the resumed job ends with the uninterrupted weights.
+    Batch 2 makes 10 steps an epoch, logged every 2: however late mpirun delivers the signal after
+    step 2, the ranks agree on a later log point of epoch 1 (the log names it; the checkpoint must match)."""
+    args = ["train.py", *TRAIN_ARGS, "--batch_size=2", f"--data_dir={tiny_imagenet}", "--run_distribute=1",
+            "--epoch_size=2", "--val_while_train=False"]
     whole = subprocess.run(_launch("mpirun", [*args, f"--output_path={tmp_path}/whole"], ""), cwd=ROOT, env=_env(),
                            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert whole.returncode == 0, (whole.stdout + whole.stderr)[-3000:]
@@ -347,14 +350,17 @@ def test_a_stop_signal_under_mpirun_stops_every_rank_at_one_step_and_resumes_exa
     with open(log, "w", encoding="utf-8") as out:
         job = subprocess.Popen(_launch("mpirun", [*args, f"--output_path={tmp_path}/cut"], ""), cwd=ROOT, env=_env(),
                                stdout=out, stderr=subprocess.STDOUT)
-        _wait_for(str(log), "epoch 1/2 step 2/5", job, LAUNCH_TIMEOUT)
+        _wait_for(str(log), "epoch 1/2 step 2/10", job, LAUNCH_TIMEOUT)
         job.send_signal(stop_signal)
         assert job.wait(timeout=LAUNCH_TIMEOUT) == 75
     text = log.read_text(errors="replace")
-    assert text.count(f"train.py: stopped by {stop_signal.name} at epoch 1 step 4/5") == 1  # rank 0 speaks
+    stops = re.findall(rf"train\.py: stopped by {stop_signal.name} at epoch 1 step (\d+)/10", text)
+    assert len(stops) == 1, text[-3000:]  # rank 0 speaks, once
+    step = int(stops[0])
+    assert step in (4, 6, 8), f"stopped at step {step}/10"  # a later log point of epoch 1, before its end
     (run_dir,) = os.listdir(tmp_path / "cut")
     ckpt_dir = tmp_path / "cut" / run_dir / "ckpt_0"
-    assert [f for f in os.listdir(ckpt_dir) if f.endswith(".ckpt")] == ["resnet18-e001-step000004.ckpt"]
+    assert [f for f in os.listdir(ckpt_dir) if f.endswith(".ckpt")] == [f"resnet18-e001-step{step:06d}.ckpt"]
     resumed = subprocess.run(_launch("mpirun", ["train.py", f"--resume={tmp_path / 'cut' / run_dir}"], ""), cwd=ROOT,
                              env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
