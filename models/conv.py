@@ -160,13 +160,13 @@ def conv_bn(conv: Conv2d, bn: nn.Cell, x: Tensor, relu: bool, residual: Tensor |
     weights as they are reordered, its shift as the bias, the sum and ReLU as post-ops, so that a
     plain ``create_model(name).set_train(False)`` Cell runs as fast as a folded one; the parameters
     and checkpoints are those of the separate cells. Elsewhere (training, GPU / Ascend, export) the
-    separate cells run (``bn`` a :class:`models.batchnorm.BatchNorm2d`, which fuses the ReLU in
-    training), or ``nn.Identity`` after :func:`models.fold.fold_batchnorm`. The fused call is not a
+    separate cells run (``bn`` a :class:`models.batchnorm.BatchNorm2d`, which fuses the sum and
+    ReLU in training), or ``nn.Identity`` after :func:`models.fold.fold_batchnorm`. The fused call is not a
     call of ``conv``: forward hooks on it fire in training only (or with ``conv.native = None``).
     """
     if conv.training or conv.native is None:
-        if relu and residual is None and not conv.folded:
-            return bn(conv(x), True)  # models.batchnorm.BatchNorm2d: with the ReLU fused in training
+        if not conv.folded:  # models.batchnorm.BatchNorm2d: with the sum and ReLU fused in training
+            return bn(conv(x), relu, residual)
         out = bn(conv(x))
         if residual is not None:
             out = out + residual

@@ -1,5 +1,6 @@
-"""The native training-mode BatchNorm (with and without the fused ReLU) against MindSpore's own:
-loss, gradients of the input and both parameters, and the running statistics after two steps;
+"""The native training-mode BatchNorm (plain, with the fused ReLU, with the fused residual sum and
+ReLU) against MindSpore's own: loss, gradients of the inputs and both parameters, and the running
+statistics after two steps;
 and a whole model's training step with and without it."""
 from __future__ import annotations
 
@@ -17,40 +18,47 @@ pytestmark = pytest.mark.skipif(not native_conv_available(), reason="native kern
 
 
 class Weighted(nn.Cell):
-    """A loss that weighs every output differently, so that every gradient term matters."""
+    """A loss that weighs every output differently, so that every gradient term matters; ``kind``
+    "plain", "relu" or "add_relu" (``relu(bn(x) + residual)``), fused into ``bn`` or not."""
 
-    def __init__(self, bn: nn.Cell, relu: bool, fused: bool) -> None:
+    def __init__(self, bn: nn.Cell, kind: str, fused: bool) -> None:
         super().__init__()
-        self.bn, self.relu, self.fused = bn, relu, fused
+        self.bn, self.kind, self.fused = bn, kind, fused
 
-    def construct(self, x):
-        if self.fused:
-            y = self.bn(x, True) if self.relu else self.bn(x)
+    def construct(self, x, residual):
+        if self.kind == "plain":
+            y = self.bn(x)
+        elif self.fused:
+            y = self.bn(x, True, residual if self.kind == "add_relu" else None)
         else:
-            y = ops.relu(self.bn(x)) if self.relu else self.bn(x)
+            y = ops.relu(self.bn(x) + residual) if self.kind == "add_relu" else ops.relu(self.bn(x))
         weights = ops.arange(y.size, dtype=ms.float32).reshape(y.shape) / y.size
         return (y * y * weights).sum()
 
 
-def _train_twice(net: nn.Cell, x):
+def _train_twice(net: nn.Cell, x, residual):
     net.set_train(True)
-    grad = ms.value_and_grad(net, grad_position=0, weights=net.trainable_params())
+    grad = ms.value_and_grad(net, grad_position=(0, 1), weights=net.trainable_params())
     for _ in range(2):
-        loss, (dx, dweights) = grad(x)
-    return [loss.asnumpy(), dx.asnumpy(), *(d.asnumpy() for d in dweights),
+        loss, ((dx, dresidual), dweights) = grad(x, residual)
+    return [loss.asnumpy(), dx.asnumpy(), dresidual.asnumpy(), *(d.asnumpy() for d in dweights),
             net.bn.moving_mean.asnumpy(), net.bn.moving_variance.asnumpy()]
 
 
-@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-def test_matches_mindspore_batchnorm(relu, exec_mode):
-    x = ms.Tensor((np.random.RandomState(0).randn(3, 6, 7, 5) * 2 + 1).astype(np.float32))
+@pytest.mark.parametrize("kind", ["plain", "relu", "add_relu"])
+def test_matches_mindspore_batchnorm(kind, exec_mode):
+    rng = np.random.RandomState(0)
+    x = ms.Tensor((rng.randn(3, 6, 7, 5) * 2 + 1).astype(np.float32))
+    residual = ms.Tensor(rng.randn(3, 6, 7, 5).astype(np.float32))
     native = BatchNorm2d(6, momentum=0.8)
     assert native.native is not None
-    ours = _train_twice(Weighted(native, relu, fused=True), x)
-    expected = _train_twice(Weighted(nn.BatchNorm2d(6, momentum=0.8), relu, fused=False), x)
-    names = ["loss", "dx", "dgamma", "dbeta", "moving_mean", "moving_variance"]
+    ours = _train_twice(Weighted(native, kind, fused=True), x, residual)
+    expected = _train_twice(Weighted(nn.BatchNorm2d(6, momentum=0.8), kind, fused=False), x, residual)
+    names = ["loss", "dx", "dresidual", "dgamma", "dbeta", "moving_mean", "moving_variance"]
     for name, a, b in zip(names, ours, expected):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(b).max()), err_msg=name)
+    if kind == "add_relu":  # the ReLU masks part of the sum's gradient, and not all of it
+        assert 0 < np.count_nonzero(ours[2]) < ours[2].size
 
 
 def test_model_training_step_matches_mindspore_batchnorm(pynative_mode):
