@@ -23,6 +23,7 @@ GEOMETRIES = {  # in, out, kernel, stride, padding, dilation, groups, bias
     "7x7 stem": (3, 16, 7, 2, 3, 1, 1, False),
     "dilated": (8, 16, 3, 1, 2, 2, 1, False),
     "grouped": (16, 32, 3, 2, 1, 1, 4, False),
+    "4 channels per group": (16, 16, 3, 1, 1, 1, 4, False),  # gradients in NHWC (ResNeXt 32x4d's first stage)
     "odd channels": (13, 26, 3, 1, 1, 1, 1, False),
     "32 channels": (32, 32, 3, 1, 1, 1, 1, False),
     "with bias": (8, 16, 1, 1, 0, 1, 1, True),

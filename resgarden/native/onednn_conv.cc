@@ -4,8 +4,8 @@
 // MindSpore's own CPU convolution hands oneDNN plain NCHW tensors; oneDNN 3.10 then takes a
 // reference path when AVX-512 is allowed (about 150x slower) and im2col+gemm under an AVX2 cap.
 // Here the activations and weights are reordered to the layout oneDNN prefers, so it runs its
-// direct AVX-512 kernels; stride-1 1x1 convolutions stay in NCHW, where oneDNN runs them as a
-// matrix product per image with no reorder at all. ConvBnForward is the eval-mode fusion of
+// direct AVX-512 / AVX2 kernels; a few passes run faster in another layout (ActivationLayout:
+// stride-1 1x1 convolutions on large maps stay in NCHW, a matrix product per image with no reorder). ConvBnForward is the eval-mode fusion of
 // conv -> BatchNorm -> [+ residual] -> [ReLU] (see models/conv.py: conv_bn). The functions follow MindSpore's AOT custom-op calling convention:
 // params = inputs then outputs, NCHW float32 or float16 (mixed precision: converted on the way in
 // and out, computed in float32) except `cfg`, an int64 vector
@@ -32,15 +32,18 @@ using tag = dnnl::memory::format_tag;
 
 using dtype = memory::data_type;
 
+enum Kind { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+
 struct ConvShape {
   memory::dims src, weights, dst, strides, dilates, pad_l, pad_r;
   bool grouped = false;
+  // The activations' layout for oneDNN (see ActivationLayout): any = the blocked one it prefers.
+  tag activations = tag::any;
 
-  // The layout oneDNN may choose (float32), or the caller's plain NCHW / (G)OIHW one in `type`.
+  // The layout oneDNN computes in (float32): the weights' its choice, the activations' `activations`.
   memory::desc Chosen(const memory::dims &dims) const {
-    return memory::desc(dims, dtype::f32, plain_activations && dims.size() == 4 && &dims != &weights ? tag::nchw : tag::any);
+    return memory::desc(dims, dtype::f32, &dims == &weights ? tag::any : activations);
   }
-  bool plain_activations = false;
   memory::desc Plain(const memory::dims &dims, dtype type, bool is_weights) const {
     return memory::desc(dims, type, is_weights ? (grouped ? tag::goihw : tag::oihw) : tag::nchw);
   }
@@ -60,16 +63,43 @@ ConvShape MakeShape(const int64_t *x, const int64_t *w, const int64_t *y, const 
   s.pad_l = {cfg[2], cfg[4]};
   s.pad_r = {cfg[3], cfg[5]};
   s.dilates = {cfg[6] - 1, cfg[7] - 1};
-  // A 1x1 convolution at stride 1 is a matrix product per image in NCHW: oneDNN runs it as one
-  // without reordering the activations (about 4x faster than via the blocked layout).
+  return s;
+}
+
+bool IsPointwise(const ConvShape &s) {
+  const auto &w = s.weights;
+  return !s.grouped && w[2] == 1 && w[3] == 1 && s.strides[0] == 1 && s.strides[1] == 1 && s.pad_l[0] == 0 &&
+         s.pad_l[1] == 0 && s.pad_r[0] == 0 && s.pad_r[1] == 0;
+}
+
+bool HasAvx512() {
+  static const bool has = [] {
+    const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa()),
+               avx512 = static_cast<unsigned>(dnnl::cpu_isa::avx512_core);
+    return (isa & avx512) == avx512;
+  }();
+  return has;
+}
+
+// Which activation layout each pass of this convolution runs in:
+// - NCHW for a stride-1 1x1 convolution: one matrix product per image, with no reorder (up to 4x
+//   faster than through the blocked layout, the reorders counted);
+// - NHWC for the weight gradient of a grouped convolution whose groups hold a number of channels
+//   that is not a multiple of 8 (ResNeXt 32x4d's first stage: 4), and without AVX-512 for its data
+//   gradient too: no blocked layout fits such groups, and oneDNN then falls back to im2col + gemm,
+//   2-3x slower than its direct NHWC kernels;
+// - otherwise the blocked layout oneDNN prefers.
+tag ActivationLayout(Kind kind, const ConvShape &s) {
   static const bool plain_1x1 = [] {
-    const char *value = std::getenv("RESGARDEN_PLAIN_1X1");  // "0": through the blocked layout too
+    const char *value = std::getenv("RESGARDEN_PLAIN_1X1");  // "0": 1x1 convolutions blocked too
     return !(value && value[0] == '0');
   }();
-  s.plain_activations = plain_1x1 && s.weights[s.weights.size() - 1] == 1 &&
-                        s.weights[s.weights.size() - 2] == 1 && cfg[0] == 1 && cfg[1] == 1 &&
-                        cfg[2] == 0 && cfg[3] == 0 && cfg[4] == 0 && cfg[5] == 0 && !s.grouped;
-  return s;
+  const auto &w = s.weights;
+  if (plain_1x1 && IsPointwise(s)) return tag::nchw;
+  const int64_t group_channels = s.grouped ? w[2] : 0;  // (g, o, i, h, w): input channels per group
+  if (s.grouped && group_channels % 8 != 0 && (kind == kBackwardWeights || (kind == kBackwardData && !HasAvx512())))
+    return tag::nhwc;
+  return tag::any;
 }
 
 dnnl::primitive_attr UserScratchpad() {
@@ -109,20 +139,10 @@ Operand MakeOperand(const dnnl::engine &engine, const memory::desc &plain, const
   return op;
 }
 
-enum Kind { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
-
-bool HasAvx512() {
-  static const bool has = [] {
-    const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa()),
-               avx512 = static_cast<unsigned>(dnnl::cpu_isa::avx512_core);
-    return (isa & avx512) == avx512;
-  }();
-  return has;
-}
-
 // types: the caller's data types of the activations, weights and output-side activations.
-std::shared_ptr<Plan> BuildPlan(const dnnl::engine &engine, Kind kind, const ConvShape &s, const dtype types[3]) {
+std::shared_ptr<Plan> BuildPlan(const dnnl::engine &engine, Kind kind, ConvShape s, const dtype types[3]) {
   auto plan = std::make_shared<Plan>();
+  s.activations = ActivationLayout(kind, s);
   auto fwd = ForwardDesc(engine, s);
   const auto src = s.Plain(s.src, types[0], false), weights = s.Plain(s.weights, types[1], true),
              dst = s.Plain(s.dst, types[2], false);
@@ -132,7 +152,7 @@ std::shared_ptr<Plan> BuildPlan(const dnnl::engine &engine, Kind kind, const Con
                       MakeOperand(engine, weights, fwd.weights_desc(), DNNL_ARG_WEIGHTS, true),
                       MakeOperand(engine, dst, fwd.dst_desc(), DNNL_ARG_DST, false)};
     plan->scratchpad_bytes = fwd.scratchpad_desc().get_size();
-  } else if (kind == kBackwardData && s.plain_activations && !HasAvx512()) {
+  } else if (kind == kBackwardData && s.activations == tag::nchw && !HasAvx512()) {
     // A stride-1 1x1 convolution's input gradient is the forward 1x1 convolution of dy with the
     // transposed weights (the caller's OIHW buffer read as IOHW). Without AVX-512 oneDNN runs both
     // as gemm, and the forward one is up to 1.3x faster (large C_in, small maps); with AVX-512 its
@@ -283,12 +303,13 @@ struct FusedPlan {
   size_t scratchpad_bytes = 0;
 };
 
-std::shared_ptr<FusedPlan> BuildFusedPlan(const dnnl::engine &engine, const ConvShape &s, const dtype types[3],
+std::shared_ptr<FusedPlan> BuildFusedPlan(const dnnl::engine &engine, ConvShape s, const dtype types[3],
                                           bool residual, bool relu) {
   auto plan = std::make_shared<FusedPlan>();
+  s.activations = ActivationLayout(kForward, s);
   dnnl::primitive_attr attr = UserScratchpad();
   // oneDNN's NCHW matrix-product path takes no post-ops: with them it reorders to NHWC, 5x slower.
-  plan->separate = s.plain_activations && (residual || relu);
+  plan->separate = s.activations == tag::nchw && (residual || relu);
   dnnl::post_ops post;
   if (residual) post.append_sum(1.f);
   if (relu) post.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
