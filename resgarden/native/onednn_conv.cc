@@ -4,9 +4,10 @@
 // MindSpore's own CPU convolution hands oneDNN plain NCHW tensors; oneDNN 3.10 then takes a
 // reference path when AVX-512 is allowed (about 150x slower) and im2col+gemm under an AVX2 cap.
 // Here the activations and weights are reordered to the layout oneDNN prefers, so it runs its
-// direct AVX-512 / AVX2 kernels; a few passes run faster in another layout (ActivationLayout:
-// stride-1 1x1 convolutions on large maps stay in NCHW, a matrix product per image with no reorder). ConvBnForward is the eval-mode fusion of
-// conv -> BatchNorm -> [+ residual] -> [ReLU] (see models/conv.py: conv_bn). The functions follow MindSpore's AOT custom-op calling convention:
+// direct AVX-512 / AVX2 kernels; some passes run faster in another layout (ActivationLayout:
+// stride-1 1x1 convolutions stay in NCHW, a matrix product per image with no reorder at all).
+// ConvBnForward is the eval-mode fusion of conv -> BatchNorm -> [+ residual] -> [ReLU] (see
+// models/conv.py: conv_bn). The functions follow MindSpore's AOT custom-op calling convention:
 // params = inputs then outputs, NCHW float32 or float16 (mixed precision: converted on the way in
 // and out, computed in float32) except `cfg`, an int64 vector
 // [stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, dilation_h, dilation_w, groups].
@@ -94,11 +95,9 @@ tag ActivationLayout(Kind kind, const ConvShape &s) {
     const char *value = std::getenv("RESGARDEN_PLAIN_1X1");  // "0": 1x1 convolutions blocked too
     return !(value && value[0] == '0');
   }();
-  const auto &w = s.weights;
   if (plain_1x1 && IsPointwise(s)) return tag::nchw;
-  const int64_t group_channels = s.grouped ? w[2] : 0;  // (g, o, i, h, w): input channels per group
-  if (s.grouped && group_channels % 8 != 0 && (kind == kBackwardWeights || (kind == kBackwardData && !HasAvx512())))
-    return tag::nhwc;
+  const bool unblockable_groups = s.grouped && s.weights[2] % 8 != 0;  // (g, o, i, h, w): i per group
+  if (unblockable_groups && (kind == kBackwardWeights || (kind == kBackwardData && !HasAvx512()))) return tag::nhwc;
   return tag::any;
 }
 
