@@ -5,8 +5,11 @@ or the input pipeline's, against mindcv's loader.
     python benchmark.py --models resnet50 --compare-timm --isa avx2   # an AVX2-only CPU, simulated
     python benchmark.py --pipeline --compare-mindcv --workers 1 2 --repeats 3 --seconds 5 --json pipeline.json
 
-Every measurement runs in a fresh subprocess; with --compare-timm / --compare-mindcv the two sides
-alternate (--repeats times each) and the table shows medians and their ratio. ``--isa avx2`` caps
+Each side runs in fresh subprocesses. With --compare-timm, --repeats pairs of processes (one
+MindSpore, one timm) are started; each compiles once, then the two take turns, --rounds rounds of
+--steps steps each, so that the adjacent turns of a round see the same machine; the table shows
+medians and the median of the per-round ratios with its range. With --compare-mindcv the two
+loaders alternate fresh processes (--repeats times each). ``--isa avx2`` caps
 both frameworks at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2`` for both, ``ATEN_CPU_CAPABILITY=avx2`` for
 PyTorch), to measure an AVX2-only processor on an AVX-512 one.
 """
@@ -18,26 +21,57 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 
-from resgarden.bench import TIMM_NAMES, run_worker
+from resgarden.bench import TIMM_NAMES, serve
 from resgarden.bench_pipeline import TRANSFORMS, write_photo_folder
 
 
+# Seconds between one side's turn and the other's: long enough for the idle side's spin-waiting
+# threads (OpenMP's, MindSpore's kernel threads) to go to sleep.
+SETTLE_S = 0.3
 ISA_CAPS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
 
 
-def _measure(python: str, framework: str, model: str, task: str, mode: str, batch: int, size: int,
-             steps: int, isa: str = "native") -> dict:
-    cmd = [python, os.path.abspath(__file__), "--worker", framework, "--models", model, "--tasks", task,
-           "--modes", mode, "--train-batch", str(batch), "--infer-batch", str(batch), "--image-size", str(size),
-           "--steps", str(steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ISA_CAPS[isa]},
-                          cwd=os.path.dirname(os.path.abspath(__file__)))
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    raise RuntimeError(f"{framework} {model} {task} {mode} failed: {tail}")
+class _Worker:
+    """One side of a comparison in its own process (resgarden.bench.serve): compiled once, then timed
+    round by round on request, so that the two frameworks' rounds can interleave."""
+
+    def __init__(self, python: str, framework: str, model: str, task: str, mode: str, batch: int, size: int,
+                 isa: str) -> None:
+        self.label = f"{framework} {model} {task} {mode}"
+        cmd = [python, os.path.abspath(__file__), "--worker", framework, "--models", model, "--tasks", task,
+               "--modes", mode, "--train-batch", str(batch), "--infer-batch", str(batch), "--image-size", str(size)]
+        self._log = tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                                      text=True, env={**os.environ, **ISA_CAPS[isa]},
+                                      cwd=os.path.dirname(os.path.abspath(__file__)))
+        self.ready = json.loads(self._reply("READY"))
+
+    def _reply(self, word: str) -> str:
+        for line in self._proc.stdout:
+            if line.startswith(word + " "):
+                return line[len(word) + 1:]
+        self._proc.wait()
+        self._log.seek(0)
+        tail = (self._log.read().strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{self.label} failed: {tail}")
+
+    def seconds(self, steps: int) -> float:
+        """Wall time of ``steps`` more steps."""
+        self._proc.stdin.write(f"RUN {steps}\n")
+        self._proc.stdin.flush()
+        return float(self._reply("TIME"))
+
+    def close(self) -> dict:
+        """Ends the process; its peak resident memory."""
+        self._proc.stdin.write("END\n")
+        self._proc.stdin.flush()
+        result = json.loads(self._reply("RESULT"))
+        self._proc.wait()
+        self._log.close()
+        return result
 
 
 def _measure_loader(loader: str, photos: str, transform: str, workers: int, args) -> float:
@@ -53,8 +87,6 @@ def _measure_loader(loader: str, photos: str, transform: str, workers: int, args
 
 def _pipeline(args) -> int:
     """Medians of alternating project / mindcv runs per (transform, workers); table and JSON rows."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as scratch:
         photos = args.photos or write_photo_folder(scratch)
         rows = []
@@ -83,35 +115,56 @@ def _pipeline(args) -> int:
     return 0
 
 
+def _rounds(args, model: str, task: str, mode: str, batch: int) -> dict:
+    """``--repeats`` fresh process pairs; in each, ``--rounds`` rounds of ``--steps`` steps per side,
+    the sides taking turns (and turns in which goes first), a pause between turns so that the idle
+    side's spinning threads settle. Per-round rates, per-round ratios, compile times, peak memory."""
+    ms_rates, timm_rates, ratios, compile_s, peak_mb, notes = [], [], [], [], [], set()
+    for _ in range(args.repeats):
+        sides: list[_Worker] = []
+        try:
+            sides.append(_Worker(sys.executable, "mindspore", model, task, mode, batch, args.image_size, args.isa))
+            if args.compare_timm:
+                sides.append(_Worker(args.torch_python, "timm", model, task, mode, batch, args.image_size, args.isa))
+            for turn in range(args.rounds):
+                rates = {}
+                for side in (sides if turn % 2 == 0 else sides[::-1]):
+                    time.sleep(SETTLE_S)
+                    rates[side] = args.steps * batch / side.seconds(args.steps)
+                ms_rates.append(rates[sides[0]])
+                if args.compare_timm:
+                    timm_rates.append(rates[sides[1]])
+                    ratios.append(rates[sides[0]] / rates[sides[1]])
+        finally:
+            results = [side.close() for side in sides]
+        compile_s.append(sides[0].ready["first_call_s"])
+        peak_mb.append(results[0]["peak_rss_mb"])
+        notes.update(side.ready["note"] for side in sides)
+    return dict(ms_rates=ms_rates, timm_rates=timm_rates, ratios=ratios, compile_s=compile_s, peak_mb=peak_mb,
+                notes=notes)
+
+
 def _models(args) -> int:
-    """Medians of alternating MindSpore / timm runs per (model, task, mode); one table row each."""
+    """One table row per (model, task, mode): medians over all rounds, the ratio's the median of the
+    per-round ratios (each from adjacent turns), with its lowest and highest."""
     print(f"{'model':18s} {'task':5s} {'mode':8s} {'batch':>5s} {'MS img/s':>9s} {'compile s':>9s} "
-          f"{'peak MB':>8s}" + (f" {'timm img/s':>10s} {'MS/timm':>7s}" if args.compare_timm else ""))
+          f"{'peak MB':>8s}" + (f" {'timm img/s':>10s} {'MS/timm':>7s} {'range':>9s}" if args.compare_timm else ""))
     notes = set()
     for model in args.models:
         for task in args.tasks:
             batch = args.train_batch if task == "train" else args.infer_batch
-            timm_runs = []
             for mode in args.modes:
-                ms_runs = []
-                for _ in range(args.repeats):
-                    ms_runs.append(_measure(sys.executable, "mindspore", model, task, mode, batch,
-                                            args.image_size, args.steps, args.isa))
-                    if args.compare_timm and len(timm_runs) < args.repeats:
-                        timm_runs.append(_measure(args.torch_python, "timm", model, task, mode, batch,
-                                                  args.image_size, args.steps, args.isa))
-                ms_rate = statistics.median(r["img_s"] for r in ms_runs)
-                line = (f"{model:18s} {task:5s} {mode:8s} {batch:5d} {ms_rate:9.2f} "
-                        f"{statistics.median(r['first_call_s'] for r in ms_runs):9.1f} "
-                        f"{max(r['peak_rss_mb'] for r in ms_runs):8.0f}")
-                notes.add(ms_runs[0]["note"])
+                row = _rounds(args, model, task, mode, batch)
+                notes |= row["notes"]
+                line = (f"{model:18s} {task:5s} {mode:8s} {batch:5d} {statistics.median(row['ms_rates']):9.2f} "
+                        f"{statistics.median(row['compile_s']):9.1f} {max(row['peak_mb']):8.0f}")
                 if args.compare_timm:
-                    timm_rate = statistics.median(r["img_s"] for r in timm_runs)
-                    notes.add(timm_runs[0]["note"])
-                    line += f" {timm_rate:10.2f} {ms_rate / timm_rate:7.2f}"
+                    line += (f" {statistics.median(row['timm_rates']):10.2f} {statistics.median(row['ratios']):7.2f} "
+                             f"{min(row['ratios']):4.2f}-{max(row['ratios']):4.2f}")
                 print(line, flush=True)
     for note in sorted(notes):
         print(f"# {note}")
+    print(f"# {args.repeats} process pair(s) x {args.rounds} interleaved rounds of {args.steps} steps per side")
     if args.isa != "native":
         print("# capped: " + " ".join(f"{k}={v}" for k, v in ISA_CAPS[args.isa].items()))
     return 0
@@ -125,8 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--infer-batch", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps after compile + one warm-up step")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per framework")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed steps per round (after compile + one warm-up step); --pipeline: unused")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds per process, the two frameworks' interleaved")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="fresh processes per framework (--pipeline: alternating runs)")
     parser.add_argument("--isa", choices=sorted(ISA_CAPS), default="native",
                         help="avx2: cap oneDNN (both frameworks) and PyTorch's kernels at AVX2")
     parser.add_argument("--compare-timm", action="store_true", help="also measure timm's model (needs torch, timm)")
@@ -152,15 +209,16 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     if args.worker:
-        run_worker(args.worker, args.models[0], args.tasks[0], args.modes[0], args.train_batch,
-                   args.image_size, args.steps)
+        serve(args.worker, args.models[0], args.tasks[0], args.modes[0], args.train_batch, args.image_size)
         return 0
-    if args.pipeline:
-        return _pipeline(args)
     unknown = [m for m in args.models if m not in TIMM_NAMES]
-    if unknown:
+    if unknown and not args.pipeline:
         parser.error(f"unknown model(s) {unknown}; choose from {sorted(TIMM_NAMES)}")
-    return _models(args)
+    try:
+        return _pipeline(args) if args.pipeline else _models(args)
+    except (RuntimeError, OSError) as error:
+        print(f"benchmark.py: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,14 +1,21 @@
-"""Throughput measurement of one (framework, model, task, mode) in a fresh process.
+"""Throughput of one (framework, model, task, mode) in its own process, served step by step.
 
-Each measurement runs in its own subprocess so that compile caches, allocator pools and peak
-memory of one cannot leak into the next, and MindSpore and PyTorch never share a process.
+Each side runs in its own subprocess so that compile caches, allocator pools and peak memory of
+one cannot leak into the next, and MindSpore and PyTorch never share a process. The process
+compiles and warms up once, then times as many rounds of steps as its parent asks for over a
+line protocol on stdin/stdout, so that the parent can interleave the two frameworks' rounds:
+on a machine whose speed drifts (a shared VM), adjacent rounds see the same conditions.
+
+    parent -> worker: "RUN <steps>" (time that many steps) | "END"
+    worker -> parent: "READY <json: first_call_s, note>" | "TIME <seconds>" | "RESULT <json: peak_rss_mb>"
 """
 from __future__ import annotations
 
 import json
 import resource
+import sys
 import time
-from typing import Callable
+from typing import Callable, TextIO
 
 # Our registry names -> the same architecture in timm.
 TIMM_NAMES = {
@@ -21,24 +28,15 @@ TIMM_NAMES = {
     "resnest50": "resnest50d", "resnest101": "resnest101e",
 }
 
+Step = Callable[[], None]
+
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _time_steps(step: Callable[[], None], steps: int, batch: int) -> tuple[float, float]:
-    """(first call seconds = compile + one step, images/second over the next ``steps`` calls)."""
-    start = time.perf_counter()
-    step()
-    first = time.perf_counter() - start
-    step()  # one warm-up call after compilation
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return first, steps * batch / (time.perf_counter() - start)
-
-
-def measure_mindspore(model_name: str, task: str, mode: str, batch: int, size: int, steps: int) -> dict:
+def mindspore_step(model_name: str, task: str, mode: str, batch: int, size: int) -> tuple[Step, str]:
+    """One training step (Momentum) or one inference call of our model, and a note on the build."""
     from resgarden.platform import apply_cpu_speed_guard
 
     guard = apply_cpu_speed_guard()
@@ -65,11 +63,11 @@ def measure_mindspore(model_name: str, task: str, mode: str, batch: int, size: i
 
         def step() -> None:
             train(images, labels).asnumpy()
-    first, img_s = _time_steps(step, steps, batch)
-    return dict(first_call_s=first, img_s=img_s, peak_rss_mb=_peak_rss_mb(), note=guard)
+    return step, guard
 
 
-def measure_timm(model_name: str, task: str, mode: str, batch: int, size: int, steps: int) -> dict:
+def timm_step(model_name: str, task: str, mode: str, batch: int, size: int) -> tuple[Step, str]:
+    """timm's same architecture, eager PyTorch: one SGD-momentum step or one inference call."""
     import timm
     import torch
 
@@ -91,12 +89,27 @@ def measure_timm(model_name: str, task: str, mode: str, batch: int, size: int, s
             optimizer.zero_grad(set_to_none=True)
             criterion(net(images), labels).backward()
             optimizer.step()
-    first, img_s = _time_steps(step, steps, batch)
-    return dict(first_call_s=first, img_s=img_s, peak_rss_mb=_peak_rss_mb(),
-                note=f"torch {torch.__version__} eager, timm {timm.__version__} {TIMM_NAMES[model_name]}, "
-                     f"{torch.get_num_threads()} threads")
+    note = (f"torch {torch.__version__} eager, timm {timm.__version__} {TIMM_NAMES[model_name]}, "
+            f"{torch.get_num_threads()} threads")
+    return step, note
 
 
-def run_worker(framework: str, model_name: str, task: str, mode: str, batch: int, size: int, steps: int) -> None:
-    measure = measure_mindspore if framework == "mindspore" else measure_timm
-    print("RESULT " + json.dumps(measure(model_name, task, mode, batch, size, steps)), flush=True)
+def serve(framework: str, model_name: str, task: str, mode: str, batch: int, size: int,
+          commands: TextIO = sys.stdin, replies: TextIO = sys.stdout) -> None:
+    """Build the step, time the first call (compile + one step) and one warm-up, then serve rounds."""
+    build = mindspore_step if framework == "mindspore" else timm_step
+    step, note = build(model_name, task, mode, batch, size)
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    step()
+    print("READY " + json.dumps(dict(first_call_s=first, note=note)), file=replies, flush=True)
+    for line in commands:
+        word, *rest = line.split()
+        if word == "END":
+            break
+        start = time.perf_counter()
+        for _ in range(int(rest[0])):
+            step()
+        print(f"TIME {time.perf_counter() - start:.6f}", file=replies, flush=True)
+    print("RESULT " + json.dumps(dict(peak_rss_mb=_peak_rss_mb())), file=replies, flush=True)
