@@ -55,8 +55,7 @@ class _Worker:
                 return line[len(word) + 1:]
         self._proc.wait()
         self._log.seek(0)
-        tail = (self._log.read().strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"{self.label} failed: {tail}")
+        raise RuntimeError(f"{self.label} failed: {_last_line(self._log.read())}")
 
     def seconds(self, steps: int) -> float:
         """Wall time of ``steps`` more steps."""
@@ -73,6 +72,17 @@ class _Worker:
         self._log.close()
         return result
 
+    def kill(self) -> None:
+        """Ends the process at once (after a failure: it may be gone, or mid-round)."""
+        self._proc.kill()
+        self._proc.wait()
+        self._log.close()
+
+
+def _last_line(stderr: str) -> str:
+    """A failed worker's last stderr line: its error, for a one-line message."""
+    return (stderr.strip().splitlines() or ["no output"])[-1]
+
 
 def _measure_loader(loader: str, photos: str, transform: str, workers: int, args) -> float:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", loader, "--photos", photos, "--transforms", transform,
@@ -81,8 +91,7 @@ def _measure_loader(loader: str, photos: str, transform: str, workers: int, args
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])["img_s"]
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    raise RuntimeError(f"{loader} {transform} loader with {workers} workers failed: {tail}")
+    raise RuntimeError(f"{loader} {transform} loader with {workers} workers failed: {_last_line(proc.stderr)}")
 
 
 def _pipeline(args) -> int:
@@ -135,8 +144,11 @@ def _rounds(args, model: str, task: str, mode: str, batch: int) -> dict:
                 if args.compare_timm:
                     timm_rates.append(rates[sides[1]])
                     ratios.append(rates[sides[0]] / rates[sides[1]])
-        finally:
             results = [side.close() for side in sides]
+        except BaseException:
+            for side in sides:
+                side.kill()
+            raise
         compile_s.append(sides[0].ready["first_call_s"])
         peak_mb.append(results[0]["peak_rss_mb"])
         notes.update(side.ready["note"] for side in sides)

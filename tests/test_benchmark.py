@@ -47,3 +47,16 @@ def test_the_table_reports_the_median_of_per_round_ratios(monkeypatch, capsys):
     row = capsys.readouterr().out.splitlines()[1].split()
     # 4 steps x 8 images / 2 s = 16 img/s; timm 32 and 8 img/s (median 20); ratios 0.5 and 2 (median 1.25)
     assert row[4:] == ["16.00", "1.5", "123", "20.00", "1.25", "0.50-2.00"]
+
+
+def test_a_worker_that_dies_mid_round_is_one_error_line(tmp_path, monkeypatch, capsys):
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\necho 'READY {\"first_call_s\": 1.0, \"note\": \"fake\"}'\nread line\n"
+                      "echo 'Fatal: worker crashed mid-round' >&2\nexit 3\n")
+    python.chmod(0o755)
+    monkeypatch.setattr(benchmark.sys, "executable", str(python))
+    monkeypatch.setattr(benchmark, "SETTLE_S", 0)
+    assert benchmark.main(["--models", "resnet50", "--tasks", "train", "--repeats", "1", "--rounds", "1",
+                           "--steps", "1"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "benchmark.py: mindspore resnet50 train graph failed: Fatal: worker crashed mid-round")
