@@ -8,6 +8,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from .blocked import layout_ops
 from .conv import native_conv_available
 
 _norm_ops: list[tuple[ops.Custom, ops.Custom, ops.Custom]] = []
@@ -51,14 +52,15 @@ def _native_norm() -> tuple[ops.Custom, ops.Custom, ops.Custom]:
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d``; ``bn(x, True)`` adds the ReLU after it, ``bn(x, True, residual)`` computes
     ``relu(bn(x) + residual)``. Batch statistics in training, on the native kernels for float32 on
-    CPU; MindSpore's own BatchNorm otherwise (eval mode, ``use_batch_statistics`` set, other dtypes,
-    GPU / Ascend)."""
+    CPU, which also take blocked activations (models.blocked); MindSpore's own BatchNorm otherwise
+    (eval mode, ``use_batch_statistics`` set, other dtypes, GPU / Ascend)."""
 
     def __init__(self, num_features: int, **kwargs) -> None:
         super().__init__(num_features, **kwargs)
         self.native = None
         if native_conv_available():
             self.native, self.native_add_relu, self.native_statistics = _native_norm()
+            self.to_blocked, self.to_plain = layout_ops()
             self.native_config = Tensor(np.array([self.eps, 0.0], np.float32))
             self.native_relu_config = Tensor(np.array([self.eps, 1.0], np.float32))
             # nn.BatchNorm2d keeps 1 - its momentum argument: the weight of the batch statistics
@@ -68,11 +70,11 @@ class BatchNorm2d(nn.BatchNorm2d):
         native = (self.native is not None and self.training and self.use_batch_statistics is None
                   and x.dtype == ms.float32
                   and (residual is None or (relu and residual.dtype == ms.float32 and residual.shape == x.shape)))
+        if not native and x.ndim == 5:  # blocked, e.g. a frozen BN inside a native training trunk
+            plain_residual = None if residual is None else self.to_plain(residual)
+            return self.to_blocked(self.unfused(self.to_plain(x), relu, plain_residual))
         if not native:
-            out = self.mindspore_batchnorm(x)
-            if residual is not None:
-                out = out + residual
-            return ops.relu(out) if relu else out
+            return self.unfused(x, relu, residual)
         if residual is None:
             out, mean, variance = self.native(x, self.gamma, self.beta,
                                               self.native_relu_config if relu else self.native_config)
@@ -84,6 +86,13 @@ class BatchNorm2d(nn.BatchNorm2d):
         ops.assign(self.moving_mean, moving_mean)
         ops.assign(self.moving_variance, moving_variance)
         return out
+
+    def unfused(self, x: Tensor, relu: bool, residual: Tensor | None) -> Tensor:
+        """MindSpore's BatchNorm, then the sum and ReLU as their own ops."""
+        out = self.mindspore_batchnorm(x)
+        if residual is not None:
+            out = out + residual
+        return ops.relu(out) if relu else out
 
     def mindspore_batchnorm(self, x: Tensor) -> Tensor:
         """MindSpore's BatchNorm computation (4-D input)."""

@@ -13,9 +13,11 @@ from mindspore import Tensor, nn, ops
 from resgarden.native import conv_library
 from resgarden.platform import native_kernels_wanted
 
+from .blocked import blocked_width, layout_ops
+
 _disabled = False
-_ops: dict[tuple, tuple[ops.Custom, Tensor]] = {}
-_grad_ops: dict[tuple, tuple[ops.Custom, ops.Custom, Tensor]] = {}
+_ops: dict[tuple, tuple[ops.Custom, ops.Custom, ops.Custom, Tensor]] = {}
+_grad_ops: dict[tuple, tuple[ops.Custom, ops.Custom, ops.Custom, Tensor]] = {}
 _fused_ops: dict[tuple, dict[tuple[bool, bool], tuple[ops.Custom, Tensor]]] = {}
 
 
@@ -41,11 +43,16 @@ def _out_size(size: int, kernel: int, stride: int, pad_total: int, dilation: int
 
 
 def _output_shape(kernel: tuple[int, int], stride: tuple[int, int], pads: tuple[int, int, int, int],
-                  dilation: tuple[int, int]):
-    """Shape inference of a convolution op of this geometry whose first inputs are x and w."""
+                  dilation: tuple[int, int], blocked: bool | None = None):
+    """Shape inference of a convolution op of this geometry whose first inputs are x and w: its
+    output blocked (5-D, see models.blocked) if ``blocked``, NCHW if not, in x's layout if None."""
     def infer(x, w, *_):
-        return [x[0], w[0], _out_size(x[2], kernel[0], stride[0], pads[0] + pads[1], dilation[0]),
-                _out_size(x[3], kernel[1], stride[1], pads[2] + pads[3], dilation[1])]
+        height = _out_size(x[2], kernel[0], stride[0], pads[0] + pads[1], dilation[0])
+        width = _out_size(x[3], kernel[1], stride[1], pads[2] + pads[3], dilation[1])
+        if blocked or (blocked is None and len(x) == 5):
+            block = x[4] if len(x) == 5 else blocked_width()
+            return [x[0], w[0] // block, height, width, block]
+        return [x[0], w[0], height, width]
     return infer
 
 
@@ -55,8 +62,10 @@ def first_dtype(*dtypes):
 
 
 def _native_ops(kernel: tuple[int, int], stride: tuple[int, int], pads: tuple[int, int, int, int],
-                dilation: tuple[int, int], groups: int) -> tuple[ops.Custom, Tensor]:
-    """The forward op (its bprop calls the two gradient ops) and its config tensor, one per geometry."""
+                dilation: tuple[int, int], groups: int) -> tuple[ops.Custom, ops.Custom, ops.Custom, Tensor]:
+    """The forward ops (their bprop calls the two gradient ops) and their config tensor, one set per
+    geometry. They take plain or blocked activations (models.blocked); the first answers in the
+    input's layout, the second in NCHW, the third blocked."""
     key = (kernel, stride, pads, dilation, groups)
     if key not in _ops:
         library = str(conv_library()[0])
@@ -72,12 +81,16 @@ def _native_ops(kernel: tuple[int, int], stride: tuple[int, int], pads: tuple[in
 
         _grad_ops[key] = (grad_input, grad_weight, config)
 
-        forward = ops.Custom(f"{library}:ConvForward", out_shape=_output_shape(kernel, stride, pads, dilation),
-                             out_dtype=first_dtype, func_type="aot", bprop=bprop)
-        # PyNative caches shape inference by primitive and input shapes: the geometry must be part of it.
-        for op in (forward, grad_input, grad_weight):
+        forwards = tuple(ops.Custom(f"{library}:ConvForward", out_shape=_output_shape(kernel, stride, pads, dilation,
+                                                                                      blocked),
+                                    out_dtype=first_dtype, func_type="aot", bprop=bprop) for blocked in (None, False, True))
+        # PyNative caches shape inference by primitive and input shapes: the geometry and the output
+        # layout must be part of it.
+        for op in (grad_input, grad_weight):
             op.add_prim_attr("conv_geometry", repr(key))
-        _ops[key] = (forward, config)
+        for op, layout in zip(forwards, ("same", "plain", "blocked")):
+            op.add_prim_attr("conv_geometry", f"{key!r} {layout}")
+        _ops[key] = (*forwards, config)
     return _ops[key]
 
 
@@ -136,7 +149,8 @@ class Conv2d(nn.Conv2d):
             pad = self.padding if self.pad_mode == "pad" else 0
             pads = (pad,) * 4 if isinstance(pad, int) else tuple(pad)
             geometry = (_pair(self.kernel_size), _pair(self.stride), pads, _pair(self.dilation), self.group)
-            self.native, self.native_config = _native_ops(*geometry)
+            self.native, self.native_to_plain, self.native_to_blocked, self.native_config = _native_ops(*geometry)
+            self.to_blocked, self.to_plain = layout_ops()
             fused = _native_fused_ops(*geometry)
             self.fused, self.fused_config = fused[(False, False)]
             self.fused_relu, self.fused_relu_config = fused[(True, False)]
@@ -144,6 +158,26 @@ class Conv2d(nn.Conv2d):
             self.fused_add_relu, self.fused_add_relu_config = fused[(True, True)]
 
     def construct(self, x: Tensor) -> Tensor:
+        if x.ndim == 5:  # blocked (models.blocked): a native training trunk
+            if self.native is not None and not self.has_bias:
+                return self.native(x, self.weight, self.native_config)
+            return self.to_blocked(self.plain(self.to_plain(x)))
+        return self.plain(x)
+
+    def relayout(self, x: Tensor) -> Tensor:
+        """The convolution with its output in the other layout than ``x``'s: NCHW for a blocked
+        ``x`` (models.blocked), blocked for an NCHW one."""
+        blocked = x.ndim == 4
+        if self.native is not None and not self.has_bias:
+            if blocked:
+                return self.native_to_blocked(x, self.weight, self.native_config)
+            return self.native_to_plain(x, self.weight, self.native_config)
+        if blocked:
+            return self.to_blocked(self.plain(x))
+        return self.plain(self.to_plain(x))
+
+    def plain(self, x: Tensor) -> Tensor:
+        """The convolution of an NCHW ``x``."""
         if self.native is None:
             output = self.conv2d(x, self.weight)
         else:
@@ -153,8 +187,17 @@ class Conv2d(nn.Conv2d):
         return output
 
 
-def conv_bn(conv: Conv2d, bn: nn.Cell, x: Tensor, relu: bool, residual: Tensor | None = None) -> Tensor:
-    """``relu(bn(conv(x)) + residual)`` (ReLU if ``relu``, the sum if ``residual`` is given).
+def conv_in_layout(conv: Conv2d, x: Tensor, blocked: bool | None) -> Tensor:
+    """``conv(x)``, its output blocked (models.blocked) if ``blocked``, NCHW if not, in x's layout if None."""
+    if blocked is None or (x.ndim == 5) == blocked:
+        return conv(x)
+    return conv.relayout(x)
+
+
+def conv_bn(conv: Conv2d, bn: nn.Cell, x: Tensor, relu: bool, residual: Tensor | None = None,
+            blocked: bool | None = None) -> Tensor:
+    """``relu(bn(conv(x)) + residual)`` (ReLU if ``relu``, the sum if ``residual`` is given); in
+    training, the output blocked (models.blocked) if ``blocked``, NCHW if not, in x's layout if None.
 
     In eval mode on the native kernels this is one oneDNN primitive: the BN's scale folded into the
     weights as they are reordered, its shift as the bias, the sum and ReLU as post-ops, so that a
@@ -166,7 +209,7 @@ def conv_bn(conv: Conv2d, bn: nn.Cell, x: Tensor, relu: bool, residual: Tensor |
     """
     if conv.training or conv.native is None:
         if not conv.folded:  # models.batchnorm.BatchNorm2d: with the sum and ReLU fused in training
-            return bn(conv(x), relu, residual)
+            return bn(conv_in_layout(conv, x, blocked), relu, residual)
         out = bn(conv(x))
         if residual is not None:
             out = out + residual

@@ -9,7 +9,8 @@ import mindspore.common.initializer as init
 from mindspore import Tensor, nn, ops
 
 from .batchnorm import BatchNorm2d
-from .conv import Conv2d, conv_bn, native_conv_available, native_conv_disabled
+from .blocked import layout_ops
+from .conv import Conv2d, conv_bn, conv_in_layout, native_conv_available, native_conv_disabled
 from .pooling import MaxPool3x3
 
 POOL_PAD_MODES = ("same", "pad")
@@ -123,7 +124,7 @@ class DropPath(nn.Cell):
     def construct(self, x: Tensor) -> Tensor:
         if not self.training or self.keep_prob == 1.0:
             return x
-        return x * self.dropout(ops.ones((x.shape[0], 1, 1, 1), x.dtype))
+        return x * self.dropout(ops.ones((x.shape[0],) + (1,) * (x.ndim - 1), x.dtype))
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -163,7 +164,8 @@ def init_weights(net: nn.Cell, zero_init_last: bool = False) -> None:
 
 class ConvBnSequence(nn.SequentialCell):
     """A ``SequentialCell`` (same parameter names) whose conv -> BN [-> ReLU] runs are computed by
-    :func:`models.conv.conv_bn`, one native primitive each in eval mode; other cells run as they are."""
+    :func:`models.conv.conv_bn`, one native primitive each in eval mode; other cells run as they are.
+    A blocked input (models.blocked) gives a blocked output; the other cells see it in NCHW."""
 
     def __init__(self, cells: list[nn.Cell]) -> None:
         super().__init__(cells)
@@ -174,17 +176,20 @@ class ConvBnSequence(nn.SequentialCell):
             steps.append((i, 2 if relu else 1 if pair else 0))
             i += 3 if relu else 2 if pair else 1
         self.steps = tuple(steps)
+        if native_conv_available():
+            self.to_plain = layout_ops()[1]
 
     def construct(self, x: Tensor) -> Tensor:
         return self.run(x, self.steps)
 
     def run(self, x: Tensor, steps: tuple[tuple[int, int], ...]) -> Tensor:
         cells = self.cell_list
+        blocked = x.ndim == 5
         for index, kind in steps:
             if kind == 0:
-                x = cells[index](x)
+                x = cells[index](self.to_plain(x) if x.ndim == 5 else x)
             else:
-                x = conv_bn(cells[index], cells[index + 1], x, kind == 2)
+                x = conv_bn(cells[index], cells[index + 1], x, kind == 2, None, blocked)
         return x
 
     def then_bn(self, x: Tensor, bn: nn.Cell, relu: bool) -> Tensor:
@@ -198,17 +203,40 @@ class ResidualBlock(nn.Cell):
     """What every residual block shares: the shortcut (identity or projection), stochastic depth
     on the residual branch, the addition and the final ReLU. Subclasses build the branch."""
 
+    # Which convolutions take or give blocked activations (models.blocked) when the block's input
+    # is blocked: "all" (every op of the block takes them), "edges" (conv1 takes them and answers
+    # in NCHW, the branch runs in NCHW, conv3 answers blocked again), or "none" (NCHW input only).
+    blocked_layout = "none"
+
     def __init__(self, down_sample: nn.Cell | None, drop_path: float) -> None:
         super().__init__()
         self.relu = nn.ReLU()
         self.down_sample = down_sample
         self.drop_path = DropPath(drop_path) if drop_path > 0 else None
 
+    def blockable(self, width: int) -> bool:
+        """Whether this block can run on blocked activations of ``width``-channel blocks: its
+        convolutions that see them native and their channels whole blocks."""
+        if self.blocked_layout == "none":
+            return False
+        convs = [cell for _, cell in self.cells_and_names() if isinstance(cell, nn.Conv2d)]
+        if self.blocked_layout == "edges":
+            shortcut = [] if self.down_sample is None else [
+                cell for _, cell in self.down_sample.cells_and_names() if isinstance(cell, nn.Conv2d)]
+            edges = [(self.conv1, self.conv1.in_channels), (self.conv3, self.conv3.out_channels)]
+            edges += [(conv, channels) for conv in shortcut for channels in (conv.in_channels, conv.out_channels)]
+        else:
+            edges = [(conv, channels) for conv in convs for channels in (conv.in_channels, conv.out_channels)]
+        return all(isinstance(conv, Conv2d) and conv.native is not None and not conv.has_bias
+                   and channels % width == 0 for conv, channels in edges)
+
     def shortcut(self, x: Tensor) -> Tensor:
         return x if self.down_sample is None else self.down_sample(x)
 
     def merge(self, conv: Conv2d, bn: nn.Cell, x: Tensor, shortcut: Tensor) -> Tensor:
-        """``relu(drop_path(bn(conv(x))) + shortcut)``: the branch's last conv and BN, and the merge."""
+        """``relu(drop_path(bn(conv(x))) + shortcut)``: the branch's last conv and BN, and the merge;
+        in the shortcut's layout."""
+        blocked = shortcut.ndim == 5
         if self.training and self.drop_path is not None:
-            return self.relu(self.drop_path(bn(conv(x))) + shortcut)
-        return conv_bn(conv, bn, x, True, shortcut)
+            return self.relu(self.drop_path(bn(conv_in_layout(conv, x, blocked))) + shortcut)
+        return conv_bn(conv, bn, x, True, shortcut, blocked)

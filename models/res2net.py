@@ -24,6 +24,7 @@ class Bottle2neck(ResidualBlock):
     expansion = 4
     last_bn_name = "bn3"
     uses_pool_pad = True
+    blocked_layout = "edges"
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1,
                  down_sample: nn.Cell | None = None, drop_path: float = 0.0,
@@ -46,7 +47,7 @@ class Bottle2neck(ResidualBlock):
 
     def construct(self, x: Tensor) -> Tensor:
         shortcut = self.shortcut(x)
-        out = conv_bn(self.conv1, self.bn1, x, True)
+        out = conv_bn(self.conv1, self.bn1, x, True, blocked=False)
         splits = ops.split(out, self.width, axis=1)
         sp = splits[0]
         outs = []

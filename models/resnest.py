@@ -51,6 +51,7 @@ class ResNestBottleneck(ResidualBlock):
     expansion = 4
     last_bn_name = "bn3"
     uses_pool_pad = True
+    blocked_layout = "edges"
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1,
                  down_sample: nn.Cell | None = None, drop_path: float = 0.0,
@@ -70,7 +71,7 @@ class ResNestBottleneck(ResidualBlock):
 
     def construct(self, x: Tensor) -> Tensor:
         shortcut = self.shortcut(x)
-        out = conv_bn(self.conv1, self.bn1, x, True)
+        out = conv_bn(self.conv1, self.bn1, x, True, blocked=False)
         if self.avd_layer is not None and self.avd_first:
             out = self.avd_layer(out)
         out = self.conv2(out)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
+import mindspore as ms
 from mindspore import Tensor, nn
 
 from .batchnorm import BatchNorm2d
-from .conv import conv_bn
+from .blocked import blocked_width, layout_ops
+from .conv import conv_bn, native_conv_available
 from .features import FeatureInfo, FeatureMap, check_frozen_stages, check_out_indices, freeze
 from .layers import ConvBnSequence, GlobalAvgPool, ResidualBlock, conv2d, conv_padding, init_weights, pool3x3
 from .registry import register_model
@@ -26,6 +28,7 @@ class BasicBlock(ResidualBlock):
 
     expansion = 1
     last_bn_name = "bn2"
+    blocked_layout = "all"
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1,
                  down_sample: nn.Cell | None = None, drop_path: float = 0.0) -> None:
@@ -46,6 +49,7 @@ class Bottleneck(ResidualBlock):
 
     expansion = 4
     last_bn_name = "bn3"
+    blocked_layout = "all"
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1,
                  down_sample: nn.Cell | None = None, drop_path: float = 0.0,
@@ -141,6 +145,22 @@ class ResNet(nn.Cell):
         if frozen_stages >= 0:
             freeze([self.conv1, self.bn1] + [getattr(self, f"layer{i}") for i in range(1, frozen_stages + 1)
                                              if getattr(self, f"layer{i}") is not None])
+        self.blocked = frozen_stages < 0 and self._blockable()
+        if self.blocked:
+            self.to_blocked, self.to_plain = layout_ops()
+
+    def _blockable(self) -> bool:
+        """Whether the stages can train on blocked activations (models.blocked): native kernels, and
+        every block able to (see ResidualBlock.blockable)."""
+        if not native_conv_available() or not blocked_width():
+            return False
+        stages = [getattr(self, f"layer{i}") for i in range(1, 5) if getattr(self, f"layer{i}") is not None]
+        return all(getattr(block, "blockable", lambda width: False)(blocked_width())
+                   for stage in stages for block in stage)
+
+    def use_blocked(self, x: Tensor) -> bool:
+        """Whether this call runs the stages on blocked activations: in float32 training."""
+        return self.blocked and self.training and x.dtype == ms.float32
 
     def _keep_maps(self, out_indices: tuple[int, ...]) -> None:
         """Drop what the maps of ``out_indices`` do not need: the head and the later stages."""
@@ -210,17 +230,21 @@ class ResNet(nn.Cell):
         """The feature maps of ``out_indices``: 0 the stem's activation (stride 2), 1-4 the stages'."""
         x = self.stem(x)
         maps = (x,)
-        x = self.layer1(self.max_pool(x))
-        maps = maps + (x,)
+        x = self.max_pool(x)
+        blocked = self.use_blocked(x)
+        if blocked:
+            x = self.to_blocked(x)
+        x = self.layer1(x)
+        maps = maps + (self.to_plain(x) if blocked else x,)
         if self.layer2 is not None:
             x = self.layer2(x)
-            maps = maps + (x,)
+            maps = maps + (self.to_plain(x) if blocked else x,)
         if self.layer3 is not None:
             x = self.layer3(x)
-            maps = maps + (x,)
+            maps = maps + (self.to_plain(x) if blocked else x,)
         if self.layer4 is not None:
             x = self.layer4(x)
-            maps = maps + (x,)
+            maps = maps + (self.to_plain(x) if blocked else x,)
         out = ()
         for i in self.out_indices:
             out = out + (maps[i],)
@@ -229,10 +253,14 @@ class ResNet(nn.Cell):
     def forward_features(self, x: Tensor) -> Tensor:
         """The last feature map (N, num_features, H/32, W/32)."""
         x = self.forward_stem(x)
+        blocked = self.use_blocked(x)
+        if blocked:
+            x = self.to_blocked(x)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
-        return self.layer4(x)
+        x = self.layer4(x)
+        return self.to_plain(x) if blocked else x
 
     def forward_head(self, x: Tensor) -> Tensor:
         """Global pool, dropout, classifier; pooled features when there is no classifier."""

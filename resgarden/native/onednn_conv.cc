@@ -38,6 +38,8 @@ enum Kind { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 struct ConvShape {
   memory::dims src, weights, dst, strides, dilates, pad_l, pad_r;
   bool grouped = false;
+  // The caller's layouts of the activations: nchw, or blocked (aBcd16b / aBcd8b, a 5-D tensor).
+  tag src_layout = tag::nchw, dst_layout = tag::nchw;
   // The activations' layout for oneDNN (see ActivationLayout): any = the blocked one it prefers.
   tag activations = tag::any;
 
@@ -45,16 +47,34 @@ struct ConvShape {
   memory::desc Chosen(const memory::dims &dims) const {
     return memory::desc(dims, dtype::f32, &dims == &weights ? tag::any : activations);
   }
-  memory::desc Plain(const memory::dims &dims, dtype type, bool is_weights) const {
-    return memory::desc(dims, type, is_weights ? (grouped ? tag::goihw : tag::oihw) : tag::nchw);
+  // The caller's buffers: activations in their layout, weights (g)oihw.
+  memory::desc Caller(const memory::dims &dims, dtype type) const {
+    if (&dims == &weights) return memory::desc(dims, type, grouped ? tag::goihw : tag::oihw);
+    return memory::desc(dims, type, &dims == &src ? src_layout : dst_layout);
   }
 };
 
-ConvShape MakeShape(const int64_t *x, const int64_t *w, const int64_t *y, const int64_t *cfg) {
+// A blocked activation is the 5-D tensor (N, C / block, H, W, block): oneDNN's nChw16c or nChw8c.
+tag BlockedLayout(int64_t block) { return block == 16 ? tag::aBcd16b : tag::aBcd8b; }
+
+bool ValidActivation(int ndim, const int64_t *shape) {
+  return ndim == 4 || (ndim == 5 && (shape[4] == 8 || shape[4] == 16));
+}
+
+memory::dims ActivationDims(int ndim, const int64_t *a) {
+  return {a[0], ndim == 5 ? a[1] * a[4] : a[1], a[2], a[3]};
+}
+
+tag ActivationTag(int ndim, const int64_t *a) { return ndim == 5 ? BlockedLayout(a[4]) : tag::nchw; }
+
+ConvShape MakeShape(const int64_t *x, int x_ndim, const int64_t *w, const int64_t *y, int y_ndim,
+                    const int64_t *cfg) {
   ConvShape s;
   const int64_t groups = cfg[8];
-  s.src = {x[0], x[1], x[2], x[3]};
-  s.dst = {y[0], y[1], y[2], y[3]};
+  s.src = ActivationDims(x_ndim, x);
+  s.dst = ActivationDims(y_ndim, y);
+  s.src_layout = ActivationTag(x_ndim, x);
+  s.dst_layout = ActivationTag(y_ndim, y);
   s.grouped = groups > 1;
   if (s.grouped)
     s.weights = {groups, w[0] / groups, w[1], w[2], w[3]};
@@ -83,7 +103,8 @@ bool HasAvx512() {
 }
 
 // Which activation layout each pass of this convolution runs in:
-// - NCHW for a stride-1 1x1 convolution: one matrix product per image, with no reorder (up to 4x
+// - for a stride-1 1x1 convolution, the caller's blocked layout if it hands one over (oneDNN's
+//   1x1 kernels, no reorder), else NCHW: one matrix product per image, with no reorder (up to 4x
 //   faster than through the blocked layout, the reorders counted);
 // - NHWC for the weight gradient of a grouped convolution whose groups hold a number of channels
 //   that is not a multiple of 8 (ResNeXt 32x4d's first stage: 4), and without AVX-512 for its data
@@ -95,6 +116,8 @@ tag ActivationLayout(Kind kind, const ConvShape &s) {
     const char *value = std::getenv("RESGARDEN_PLAIN_1X1");  // "0": 1x1 convolutions blocked too
     return !(value && value[0] == '0');
   }();
+  if (IsPointwise(s) && s.src_layout != tag::nchw) return s.src_layout;
+  if (IsPointwise(s) && s.dst_layout != tag::nchw) return s.dst_layout;
   if (plain_1x1 && IsPointwise(s)) return tag::nchw;
   const bool unblockable_groups = s.grouped && s.weights[2] % 8 != 0;  // (g, o, i, h, w): i per group
   if (unblockable_groups && (kind == kBackwardWeights || (kind == kBackwardData && !HasAvx512()))) return tag::nhwc;
@@ -143,8 +166,8 @@ std::shared_ptr<Plan> BuildPlan(const dnnl::engine &engine, Kind kind, ConvShape
   auto plan = std::make_shared<Plan>();
   s.activations = ActivationLayout(kind, s);
   auto fwd = ForwardDesc(engine, s);
-  const auto src = s.Plain(s.src, types[0], false), weights = s.Plain(s.weights, types[1], true),
-             dst = s.Plain(s.dst, types[2], false);
+  const auto src = s.Caller(s.src, types[0]), weights = s.Caller(s.weights, types[1]),
+             dst = s.Caller(s.dst, types[2]);
   if (kind == kForward) {
     plan->compute = dnnl::convolution_forward(fwd);
     plan->operands = {MakeOperand(engine, src, fwd.src_desc(), DNNL_ARG_SRC, true),
@@ -191,7 +214,8 @@ std::shared_ptr<Plan> BuildPlan(const dnnl::engine &engine, Kind kind, ConvShape
 
 std::string PlanKey(Kind kind, const ConvShape &s, const dtype types[3]) {
   std::ostringstream key;
-  key << kind << '|' << static_cast<int>(types[0]) << static_cast<int>(types[1]) << static_cast<int>(types[2]);
+  key << kind << '|' << static_cast<int>(types[0]) << static_cast<int>(types[1]) << static_cast<int>(types[2]) << '|'
+      << static_cast<int>(s.src_layout) << ',' << static_cast<int>(s.dst_layout);
   for (const auto *dims : {&s.src, &s.weights, &s.dst, &s.strides, &s.dilates, &s.pad_l, &s.pad_r}) {
     key << '|';
     for (auto d : *dims) key << d << ',';
@@ -252,15 +276,18 @@ int Run(Kind kind, int nparam, void **params, int *ndims, int64_t **shapes, cons
   const int x = 0, w = kind == kForward ? 1 : 2, cfg = w + 1, y = kind == kForward ? 3 : 1, out = nparam - 1;
   dtype type[5];
   for (int i = 0; i < nparam; ++i) {
+    const bool weights = i == w || (kind == kBackwardWeights && i == out);
     const bool ok = i == cfg ? ndims[i] == 1 && shapes[i][0] == 9 && std::strcmp(dtypes[i], "int64") == 0
-                             : ndims[i] == 4 && TensorType(dtypes[i], &type[i]);
+                             : (weights ? ndims[i] == 4 : ValidActivation(ndims[i], shapes[i])) &&
+                                   TensorType(dtypes[i], &type[i]);
     if (!ok) {
       std::fprintf(stderr, "resgarden native conv: parameter %d has an unexpected shape or dtype (%s)\n", i, dtypes[i]);
       return 1;
     }
   }
   try {
-    const ConvShape s = MakeShape(shapes[x], shapes[w], shapes[y], static_cast<const int64_t *>(params[cfg]));
+    const ConvShape s = MakeShape(shapes[x], ndims[x], shapes[w], shapes[y], ndims[y],
+                                  static_cast<const int64_t *>(params[cfg]));
     // Operands in plan order, with their data types (activations, weights, output-side activations).
     void *data[3];
     dtype types[3];
@@ -318,9 +345,9 @@ std::shared_ptr<FusedPlan> BuildFusedPlan(const dnnl::engine &engine, ConvShape 
       engine, dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, s.Chosen(s.src),
       s.Chosen(s.weights), plan->bias, s.Chosen(s.dst), s.strides, s.dilates, s.pad_l, s.pad_r, attr);
   plan->compute = dnnl::convolution_forward(pd);
-  plan->src = MakeOperand(engine, s.Plain(s.src, types[0], false), pd.src_desc(), DNNL_ARG_SRC, true);
-  plan->dst = MakeOperand(engine, s.Plain(s.dst, types[2], false), pd.dst_desc(), DNNL_ARG_DST, false);
-  plan->weights_plain = s.Plain(s.weights, types[1], true);
+  plan->src = MakeOperand(engine, s.Caller(s.src, types[0]), pd.src_desc(), DNNL_ARG_SRC, true);
+  plan->dst = MakeOperand(engine, s.Caller(s.dst, types[2]), pd.dst_desc(), DNNL_ARG_DST, false);
+  plan->weights_plain = s.Caller(s.weights, types[1]);
   plan->weights_chosen = pd.weights_desc();
   dnnl::primitive_attr scaled;
   scaled.set_scales_mask(DNNL_ARG_SRC, s.grouped ? 3 : 1);  // per output channel: (g, o) or o
@@ -413,7 +440,7 @@ int RunFused(int nparam, void **params, int *ndims, int64_t **shapes, const char
   }
   try {
     const int64_t *config = static_cast<const int64_t *>(params[cfg]);
-    const ConvShape s = MakeShape(shapes[0], shapes[1], shapes[out], config);
+    const ConvShape s = MakeShape(shapes[0], 4, shapes[1], shapes[out], 4, config);
     const bool relu = config[9] != 0;
     const dtype types[3] = {type[0], type[1], type[out]};
     void *data[6] = {params[0], params[1], params[2], params[3], residual ? params[4] : nullptr, params[out]};
@@ -431,9 +458,51 @@ int RunFused(int nparam, void **params, int *ndims, int64_t **shapes, const char
   return 0;
 }
 
+// Layout conversion of a float32 activation between NCHW (4-D) and the blocked layout (5-D), either
+// way: x, y.
+int RunConvertLayout(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  const bool ok = nparam == 2 && ValidActivation(ndims[0], shapes[0]) && ValidActivation(ndims[1], shapes[1]) &&
+                  ndims[0] != ndims[1] && ActivationDims(ndims[0], shapes[0]) == ActivationDims(ndims[1], shapes[1]) &&
+                  std::strcmp(dtypes[0], "float32") == 0 && std::strcmp(dtypes[1], "float32") == 0;
+  if (!ok) {
+    std::fprintf(stderr, "resgarden native layout conversion: unexpected parameters\n");
+    return 1;
+  }
+  try {
+    const memory::dims dims = ActivationDims(ndims[0], shapes[0]);
+    const memory::desc from(dims, dtype::f32, ActivationTag(ndims[0], shapes[0])),
+        to(dims, dtype::f32, ActivationTag(ndims[1], shapes[1]));
+    Runtime &rt = GetRuntime();
+    std::lock_guard<std::mutex> lock(rt.mutex);
+    static auto &reorders = *new std::unordered_map<std::string, dnnl::reorder>;  // never destroyed, as the runtime
+    std::ostringstream key;
+    key << ndims[0];
+    for (auto d : dims) key << ',' << d;
+    key << ',' << static_cast<int>(ActivationTag(ndims[0], shapes[0])) << ',' << static_cast<int>(ActivationTag(ndims[1], shapes[1]));
+    auto found = reorders.find(key.str());
+    if (found == reorders.end()) {
+      memory a(from, rt.engine, DNNL_MEMORY_NONE), b(to, rt.engine, DNNL_MEMORY_NONE);
+      found = reorders.emplace(key.str(), dnnl::reorder(a, b)).first;
+    }
+    memory source(from, rt.engine, params[0]), target(to, rt.engine, params[1]);
+    found->second.execute(rt.stream, source, target);
+    rt.stream.wait();
+  } catch (const std::exception &e) {
+    std::fprintf(stderr, "resgarden native layout conversion: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
+// The channel block of the blocked activation layout oneDNN's direct kernels use on this CPU (with
+// the ISA cap in force): 16 with AVX-512, else 8.
+int BlockedLayoutWidth() { return HasAvx512() ? 16 : 8; }
+int ConvertLayout(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  return RunConvertLayout(nparam, params, ndims, shapes, dtypes);
+}
 int ConvForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   return Run(kForward, nparam, params, ndims, shapes, dtypes);
 }
