@@ -59,3 +59,32 @@ def step_gradients(net, x, labels) -> tuple[np.ndarray, list[np.ndarray]]:
     loss_net.set_train(True)
     loss, grads = ms.value_and_grad(loss_net, None, net.trainable_params())(x, labels)
     return loss.asnumpy(), [g.asnumpy() for g in grads]
+
+
+def step_results(net, x, labels) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """(loss, gradients, BatchNorm running statistics after it) of one training step of ``net``."""
+    loss, grads = step_gradients(net, x, labels)
+    return loss, grads, [p.asnumpy() for p in net.get_parameters() if "moving" in p.name]
+
+
+def assert_same_step(ours, reference) -> None:
+    """Two :func:`step_results` agree: loss, every gradient, every running statistic."""
+    (loss, grads, stats), (loss_ref, grads_ref, stats_ref) = ours, reference
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-4 * max(1e-3, np.abs(g_ref).max()))
+    for s, s_ref in zip(stats, stats_ref):
+        np.testing.assert_allclose(s, s_ref, rtol=1e-4, atol=1e-5)
+
+
+def pytest_under_avx2_cap(path: str, selection: str) -> str:
+    """Runs the tests of ``path`` matching ``-k selection`` in a process capped at AVX2 (oneDNN then
+    wants other layouts: 8-channel blocks); asserts they pass and returns pytest's output."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path, "-k", selection]
+    result = subprocess.run(command, env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True,
+                            text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:]
+    return result.stdout

@@ -10,7 +10,7 @@ import pytest
 from mindspore import nn, ops
 
 import models
-from tests.helpers import step_gradients
+from tests.helpers import assert_same_step, step_results
 from models.batchnorm import BatchNorm2d
 from models.conv import native_conv_available
 
@@ -75,12 +75,5 @@ def test_model_training_step_matches_mindspore_batchnorm(pynative_mode):
             for _, cell in net.cells_and_names():
                 if isinstance(cell, BatchNorm2d):
                     cell.native = None
-        loss, grads = step_gradients(net, x, labels)
-        stats = [p.asnumpy() for p in net.get_parameters() if "moving" in p.name]
-        results.append((loss, grads, stats))
-    (loss, grads, stats), (loss_ref, grads_ref, stats_ref) = results
-    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
-    for g, g_ref in zip(grads, grads_ref):
-        np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-4 * max(1e-3, np.abs(g_ref).max()))
-    for s, s_ref in zip(stats, stats_ref):
-        np.testing.assert_allclose(s, s_ref, rtol=1e-4, atol=1e-5)
+        results.append(step_results(net, x, labels))
+    assert_same_step(*results)

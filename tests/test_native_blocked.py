@@ -5,8 +5,6 @@ trunk."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import mindspore as ms
 import numpy as np
@@ -21,7 +19,7 @@ from models.layers import DropPath
 from models.res2net import Bottle2neck
 from models.resnest import ResNestBottleneck
 from models.resnet import BasicBlock, Bottleneck, ResNet, make_shortcut
-from tests.helpers import step_gradients
+from tests.helpers import assert_same_step, pytest_under_avx2_cap, step_results
 
 pytestmark = pytest.mark.skipif(not native_conv_available(), reason="native kernels unavailable here")
 
@@ -188,14 +186,8 @@ def test_training_step_matches_nchw_trunk(pynative_mode):
         net = ResNet(Bottleneck, (2, 1, 1, 1), num_classes=10)
         assert net.blocked
         net.blocked = blocked
-        loss, grads = step_gradients(net, x, labels)
-        results.append((loss, grads, [p.asnumpy() for p in net.get_parameters() if "moving" in p.name]))
-    (loss, grads, stats), (loss_ref, grads_ref, stats_ref) = results
-    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
-    for g, g_ref in zip(grads, grads_ref):
-        np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-4 * max(1e-3, np.abs(g_ref).max()))
-    for s, s_ref in zip(stats, stats_ref):
-        np.testing.assert_allclose(s, s_ref, rtol=1e-4, atol=1e-5)
+        results.append(step_results(net, x, labels))
+    assert_same_step(*results)
 
 
 def test_feature_maps_are_nchw(pynative_mode):
@@ -223,9 +215,5 @@ def test_used_by_the_seed_models_unless_frozen():
 
 @pytest.mark.skipif(os.environ.get("ONEDNN_MAX_CPU_ISA") == "AVX2", reason="already capped")
 def test_blocks_of_8_channels_under_avx2_cap():
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-               "graph or round_trip"]
-    result = subprocess.run(command, env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True,
-                            text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert " failed" not in result.stdout and " passed" in result.stdout
+    output = pytest_under_avx2_cap(__file__, "graph or round_trip")
+    assert " failed" not in output and " passed" in output

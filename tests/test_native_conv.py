@@ -3,8 +3,6 @@ the model zoo uses, graph and PyNative; and the fallbacks."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import mindspore as ms
 import numpy as np
@@ -13,6 +11,7 @@ from mindspore import nn
 
 from models.conv import Conv2d, native_conv_available, native_conv_disabled
 from models.layers import ZeroPad1
+from tests.helpers import pytest_under_avx2_cap
 
 pytestmark = pytest.mark.skipif(not native_conv_available(), reason="native convolutions unavailable here")
 
@@ -73,13 +72,8 @@ def test_matches_mindspore_convolution(geometry, exec_mode):
 
 @pytest.mark.skipif(os.environ.get("ONEDNN_MAX_CPU_ISA") == "AVX2", reason="already capped")
 def test_matches_mindspore_convolution_under_avx2_cap():
-    # AVX2 kernels want other layouts (8-channel blocks): the same comparison in a capped process
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-               "test_matches_mindspore_convolution and graph and not avx2"]
-    result = subprocess.run(command, env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True,
-                            text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert f"{len(GEOMETRIES)} passed" in result.stdout
+    output = pytest_under_avx2_cap(__file__, "test_matches_mindspore_convolution and graph and not avx2")
+    assert f"{len(GEOMETRIES)} passed" in output
 
 
 def test_same_input_shape_different_geometry_in_pynative():
