@@ -17,7 +17,7 @@ from .blocked import blocked_width, layout_ops
 
 _disabled = False
 _ops: dict[tuple, tuple[ops.Custom, ops.Custom, ops.Custom, Tensor]] = {}
-_grad_ops: dict[tuple, tuple[ops.Custom, ops.Custom, ops.Custom, Tensor]] = {}
+_grad_ops: dict[tuple, tuple[ops.Custom, ops.Custom, Tensor]] = {}
 _fused_ops: dict[tuple, dict[tuple[bool, bool], tuple[ops.Custom, Tensor]]] = {}
 
 

@@ -219,14 +219,11 @@ class ResidualBlock(nn.Cell):
         convolutions that see them native and their channels whole blocks."""
         if self.blocked_layout == "none":
             return False
-        convs = [cell for _, cell in self.cells_and_names() if isinstance(cell, nn.Conv2d)]
+        whole = self if self.blocked_layout == "all" else self.down_sample  # every channel count of these
+        convs = [] if whole is None else [cell for _, cell in whole.cells_and_names() if isinstance(cell, nn.Conv2d)]
+        edges = [(conv, channels) for conv in convs for channels in (conv.in_channels, conv.out_channels)]
         if self.blocked_layout == "edges":
-            shortcut = [] if self.down_sample is None else [
-                cell for _, cell in self.down_sample.cells_and_names() if isinstance(cell, nn.Conv2d)]
-            edges = [(self.conv1, self.conv1.in_channels), (self.conv3, self.conv3.out_channels)]
-            edges += [(conv, channels) for conv in shortcut for channels in (conv.in_channels, conv.out_channels)]
-        else:
-            edges = [(conv, channels) for conv in convs for channels in (conv.in_channels, conv.out_channels)]
+            edges += [(self.conv1, self.conv1.in_channels), (self.conv3, self.conv3.out_channels)]
         return all(isinstance(conv, Conv2d) and conv.native is not None and not conv.has_bias
                    and channels % width == 0 for conv, channels in edges)
 

@@ -470,15 +470,14 @@ int RunConvertLayout(int nparam, void **params, int *ndims, int64_t **shapes, co
   }
   try {
     const memory::dims dims = ActivationDims(ndims[0], shapes[0]);
-    const memory::desc from(dims, dtype::f32, ActivationTag(ndims[0], shapes[0])),
-        to(dims, dtype::f32, ActivationTag(ndims[1], shapes[1]));
+    const tag from_layout = ActivationTag(ndims[0], shapes[0]), to_layout = ActivationTag(ndims[1], shapes[1]);
+    const memory::desc from(dims, dtype::f32, from_layout), to(dims, dtype::f32, to_layout);
     Runtime &rt = GetRuntime();
     std::lock_guard<std::mutex> lock(rt.mutex);
     static auto &reorders = *new std::unordered_map<std::string, dnnl::reorder>;  // never destroyed, as the runtime
     std::ostringstream key;
-    key << ndims[0];
+    key << static_cast<int>(from_layout) << ',' << static_cast<int>(to_layout);
     for (auto d : dims) key << ',' << d;
-    key << ',' << static_cast<int>(ActivationTag(ndims[0], shapes[0])) << ',' << static_cast<int>(ActivationTag(ndims[1], shapes[1]));
     auto found = reorders.find(key.str());
     if (found == reorders.end()) {
       memory a(from, rt.engine, DNNL_MEMORY_NONE), b(to, rt.engine, DNNL_MEMORY_NONE);
