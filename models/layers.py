@@ -11,7 +11,7 @@ from mindspore import Tensor, nn, ops
 from .batchnorm import BatchNorm2d
 from .blocked import layout_ops
 from .conv import Conv2d, conv_bn, conv_in_layout, native_conv_available, native_conv_disabled
-from .pooling import MaxPool3x3
+from .pooling import AvgPool, MaxPool3x3
 
 POOL_PAD_MODES = ("same", "pad")
 CONV_PAD_MODES = ("pad", "same")
@@ -81,8 +81,8 @@ def pool3x3(kind: str, stride: int, pad_mode: str) -> nn.Cell:
     else:
         pad = nn.Pad(((0, 0), (0, 0), (1, 1), (1, 1))) if _portable[0] else ZeroPad1()
         pool = nn.SequentialCell([pad, pool_cls(kernel_size=3, stride=stride)])
-    if kind == "max" and native_conv_available():
-        return MaxPool3x3(stride, pad_mode, fallback=pool)
+    if native_conv_available():
+        return MaxPool3x3(stride, pad_mode, fallback=pool) if kind == "max" else AvgPool(3, stride, pad_mode, pool)
     return pool
 
 
@@ -165,15 +165,19 @@ def init_weights(net: nn.Cell, zero_init_last: bool = False) -> None:
 class ConvBnSequence(nn.SequentialCell):
     """A ``SequentialCell`` (same parameter names) whose conv -> BN [-> ReLU] runs are computed by
     :func:`models.conv.conv_bn`, one native primitive each in eval mode; other cells run as they are.
-    A blocked input (models.blocked) gives a blocked output; the other cells see it in NCHW."""
+    A blocked input (models.blocked) gives a blocked output; the other cells see it in NCHW, but for
+    the native average pools and identities."""
 
     def __init__(self, cells: list[nn.Cell]) -> None:
         super().__init__(cells)
         steps, i = [], 0
-        while i < len(cells):  # (index, 0) a cell by itself; (index, 1 or 2) conv_bn from it, with ReLU if 2
+        # (index, 0) a cell by itself on NCHW, (index, 3) one that takes either layout; (index, 1 or 2)
+        # conv_bn from it, with ReLU if 2
+        while i < len(cells):
             pair = i + 1 < len(cells) and isinstance(cells[i], Conv2d) and isinstance(cells[i + 1], BatchNorm2d)
             relu = pair and i + 2 < len(cells) and isinstance(cells[i + 2], nn.ReLU)
-            steps.append((i, 2 if relu else 1 if pair else 0))
+            any_layout = isinstance(cells[i], (AvgPool, nn.Identity))
+            steps.append((i, 2 if relu else 1 if pair else 3 if any_layout else 0))
             i += 3 if relu else 2 if pair else 1
         self.steps = tuple(steps)
         if native_conv_available():
@@ -188,6 +192,8 @@ class ConvBnSequence(nn.SequentialCell):
         for index, kind in steps:
             if kind == 0:
                 x = cells[index](self.to_plain(x) if x.ndim == 5 else x)
+            elif kind == 3:
+                x = cells[index](x)
             else:
                 x = conv_bn(cells[index], cells[index + 1], x, kind == 2, None, blocked)
         return x

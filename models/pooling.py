@@ -1,15 +1,17 @@
 """``MaxPool3x3``: the 3x3 max pool of :func:`models.layers.pool3x3` ("pad" or "same" padding) as
 one native pass forward and one backward (the forward keeps each output's argmax); MindSpore's
 ``MaxPoolGrad`` on CPU runs oneDNN's reference kernel under an AVX2 cap (~35 ms per ResNet stem at
-batch 8). Used where the native convolutions run; :func:`models.layers.pool3x3` builds MindSpore's
-pools elsewhere."""
+batch 8). ``AvgPool``: an average pool that pools blocked activations (models.blocked) natively,
+NCHW ones with MindSpore's pool. Used where the native convolutions run;
+:func:`models.layers.pool3x3` and :func:`models.resnet.make_shortcut` build MindSpore's pools elsewhere."""
 from __future__ import annotations
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-_ops: dict[int, ops.Custom] = {}
+_ops: dict[tuple[int, bool], ops.Custom] = {}
+_avg_ops: dict[tuple[int, int, bool], ops.Custom] = {}
 
 
 def _pool_size(size: int, stride: int, same: bool) -> int:
@@ -61,3 +63,52 @@ class MaxPool3x3(nn.Cell):
         if x.dtype != ms.float32:
             return self.fallback(x)
         return self.native(x, self.config)[0]
+
+
+def _native_avg_op(kernel: int, stride: int, same: bool) -> ops.Custom:
+    """(x blocked, cfg=[kernel, stride, same]) -> y blocked; its gradient is native too."""
+    key = (kernel, stride, same)
+    if key not in _avg_ops:
+        from resgarden.native import conv_library
+
+        library = str(conv_library()[0])
+        pad = 0 if same else (kernel - 1) // 2
+
+        def out_shape(x, cfg):
+            def size(length: int) -> int:
+                if length < 0:
+                    return -1
+                return -(-length // stride) if same else (length + 2 * pad - kernel) // stride + 1
+            return [x[0], x[1], size(x[2]), size(x[3]), x[4]]
+
+        backward = ops.Custom(f"{library}:AvgPoolBackward", out_shape=lambda dy, x, cfg: x,
+                              out_dtype=lambda dy, x, cfg: x, func_type="aot")
+
+        def bprop(x, cfg, out, dout):
+            return backward(dout, x, cfg), ops.zeros_like(cfg)
+
+        op = ops.Custom(f"{library}:AvgPool", out_shape=out_shape, out_dtype=lambda x, cfg: x, func_type="aot",
+                        bprop=bprop)
+        for primitive in (op, backward):  # PyNative caches shape inference by primitive and input shapes
+            primitive.add_prim_attr("pool_geometry", f"avg {key!r}")
+        _avg_ops[key] = op
+    return _avg_ops[key]
+
+
+class AvgPool(nn.Cell):
+    """``kernel`` x ``kernel`` average pool at ``stride``: ``pad_mode="same"`` is MindSpore's 'same'
+    padding, averaging over the pixels inside the map; ``"pad"`` pads (kernel - 1) / 2 pixels of zeros
+    on every side and counts them (timm's avd pool). Blocked activations (models.blocked) are pooled
+    natively, NCHW ones by ``fallback``, MindSpore's pool of the same geometry."""
+
+    def __init__(self, kernel: int, stride: int, pad_mode: str, fallback: nn.Cell) -> None:
+        super().__init__()
+        same = pad_mode == "same"
+        self.native = _native_avg_op(kernel, stride, same)
+        self.config = Tensor(np.array([kernel, stride, int(same)], np.int64))
+        self.fallback = fallback
+
+    def construct(self, x: Tensor) -> Tensor:
+        if x.ndim == 5:
+            return self.native(x, self.config)
+        return self.fallback(x)

@@ -18,8 +18,12 @@ def _native_ops(radix: int) -> tuple[ops.Custom, ops.Custom]:
 
         library = str(conv_library()[0])
 
-        def merged(x, *_):
-            return [x[0], x[1] // radix, 1, 1]
+        def pooled(x):
+            channels = x[1] * x[4] if len(x) == 5 else x[1]
+            return [x[0], channels // radix, 1, 1]
+
+        def combined(x, attn):
+            return [x[0], x[1] // radix, *x[2:]]
 
         pool_backward = ops.Custom(f"{library}:RadixPoolBackward", out_shape=lambda dgap, x: x,
                                    out_dtype=lambda dgap, x: x, func_type="aot")
@@ -32,10 +36,10 @@ def _native_ops(radix: int) -> tuple[ops.Custom, ops.Custom]:
         def combine_bprop(x, attn, out, dout):
             return combine_backward(dout, x, attn)
 
-        pool = ops.Custom(f"{library}:RadixPool", out_shape=merged, out_dtype=first_dtype, func_type="aot",
+        pool = ops.Custom(f"{library}:RadixPool", out_shape=pooled, out_dtype=first_dtype, func_type="aot",
                           bprop=pool_bprop)
         combine = ops.Custom(f"{library}:RadixCombine",
-                             out_shape=lambda x, a: [x[0], x[1] // radix, x[2], x[3]], out_dtype=first_dtype,
+                             out_shape=combined, out_dtype=first_dtype,
                              func_type="aot", bprop=combine_bprop)
         # PyNative caches shape inference by primitive and input shapes: the radix must be part of it.
         for op in (pool, combine, pool_backward, combine_backward):

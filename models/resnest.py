@@ -6,6 +6,7 @@ from typing import Any
 from mindspore import Tensor, nn, ops
 
 from .batchnorm import BatchNorm2d
+from .blocked import blocked_width
 from .conv import conv_bn
 from .layers import GlobalAvgPool, ResidualBlock, conv2d, make_divisible, pool3x3
 from .radix import RadixReduce
@@ -33,8 +34,9 @@ class SplitAttn(nn.Cell):
         self.fc2 = conv2d(attn_channels, mid_channels, 1, groups=groups, bias=True)
 
     def construct(self, x: Tensor) -> Tensor:
+        """In x's layout: NCHW, or blocked (models.blocked) for radix > 1 with whole-block splits."""
         x = conv_bn(self.conv, self.bn0, x, True)
-        channels = x.shape[1]
+        channels = x.shape[1] * x.shape[4] if x.ndim == 5 else x.shape[1]
         pooled = self.pool(x) if self.radix == 1 else self.radix_reduce.pool(x)
         attn = self.fc2(conv_bn(self.fc1, self.bn1, pooled, True))
         if self.radix == 1:
@@ -46,7 +48,11 @@ class SplitAttn(nn.Cell):
 
 
 class ResNestBottleneck(ResidualBlock):
-    """1x1 -> split-attention 3x3 -> (avg-pool for the stride, 'avd') -> 1x1 x4."""
+    """1x1 -> split-attention 3x3 -> (avg-pool for the stride, 'avd') -> 1x1 x4.
+
+    On blocked activations (models.blocked) the split attention runs blocked too when it has
+    radix > 1 and every split is whole blocks (its pooled attention vectors stay NCHW), else in NCHW
+    between conv1 and conv3."""
 
     expansion = 4
     last_bn_name = "bn3"
@@ -68,10 +74,12 @@ class ResNestBottleneck(ResidualBlock):
         self.avd_layer = pool3x3("avg", avd_stride, pool_pad) if avd_stride else None
         self.conv3 = conv2d(group_width, planes * self.expansion, 1)
         self.bn3 = BatchNorm2d(planes * self.expansion)
+        width = blocked_width() if self.conv2.conv.native is not None else 0
+        self.interior_blocked = radix > 1 and width > 0 and group_width % width == 0
 
     def construct(self, x: Tensor) -> Tensor:
         shortcut = self.shortcut(x)
-        out = conv_bn(self.conv1, self.bn1, x, True, blocked=False)
+        out = conv_bn(self.conv1, self.bn1, x, True, blocked=None if self.interior_blocked else False)
         if self.avd_layer is not None and self.avd_first:
             out = self.avd_layer(out)
         out = self.conv2(out)

@@ -18,6 +18,7 @@ from .blocked import blocked_width, layout_ops
 from .conv import conv_bn, native_conv_available
 from .features import FeatureInfo, FeatureMap, check_frozen_stages, check_out_indices, freeze
 from .layers import ConvBnSequence, GlobalAvgPool, ResidualBlock, conv2d, conv_padding, init_weights, pool3x3
+from .pooling import AvgPool
 from .registry import register_model
 
 STAGE_PLANES = (64, 128, 256, 512)
@@ -75,6 +76,8 @@ def make_shortcut(in_channels: int, out_channels: int, stride: int, avg_down: bo
     if not avg_down:
         return ConvBnSequence([conv2d(in_channels, out_channels, 1, stride), BatchNorm2d(out_channels)])
     pool = nn.AvgPool2d(kernel_size=stride, stride=stride, pad_mode="same") if stride > 1 else nn.Identity()
+    if stride > 1 and native_conv_available():
+        pool = AvgPool(stride, stride, "same", pool)
     return ConvBnSequence([pool, conv2d(in_channels, out_channels, 1), BatchNorm2d(out_channels)])
 
 

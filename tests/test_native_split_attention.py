@@ -1,6 +1,6 @@
 """The native radix pool / combine of ResNeSt's split attention against MindSpore's reshape / sum /
-mean / multiply: values and gradients per op (radix 2 and 4, both modes), and a ResNeSt training
-step and eval forward with and without them."""
+mean / multiply: values and gradients per op (radix 2 and 4, both modes, NCHW and the blocked
+layout), and a ResNeSt training step and eval forward with and without them."""
 from __future__ import annotations
 
 import mindspore as ms
@@ -10,6 +10,7 @@ from mindspore import nn, ops
 
 import models
 from tests.helpers import step_gradients
+from models.blocked import blocked_width, layout_ops
 from models.conv import native_conv_available
 from models.radix import RadixReduce
 
@@ -17,20 +18,27 @@ pytestmark = pytest.mark.skipif(not native_conv_available(), reason="native kern
 
 
 class Reductions(nn.Cell):
-    """A weighted loss of both reductions, so every element of both gradients matters."""
+    """A weighted loss of both reductions, so every element of both gradients matters; with
+    ``blocked``, the reductions see x in the blocked layout (models.blocked)."""
 
-    def __init__(self, reduce: RadixReduce) -> None:
+    def __init__(self, reduce: RadixReduce, blocked: bool = False) -> None:
         super().__init__()
         self.reduce = reduce
+        self.blocked = blocked
+        self.to_blocked, self.to_plain = layout_ops()
 
     def construct(self, x, attn):
+        if self.blocked:
+            x = self.to_blocked(x)
         pooled, combined = self.reduce.pool(x), self.reduce.combine(x, attn)
+        if self.blocked:
+            combined = self.to_plain(combined)
         weights = ops.arange(combined.size, dtype=ms.float32).reshape(combined.shape) / combined.size
         return (pooled * pooled).sum() + (combined * combined * weights).sum(), pooled, combined
 
 
-def _run(reduce: RadixReduce, x, attn):
-    net = Reductions(reduce)
+def _run(reduce: RadixReduce, x, attn, blocked: bool = False):
+    net = Reductions(reduce, blocked)
     (_, pooled, combined), grads = ms.value_and_grad(net, grad_position=(0, 1), has_aux=False)(x, attn)
     return [pooled.asnumpy(), combined.asnumpy(), grads[0].asnumpy(), grads[1].asnumpy()]
 
@@ -47,6 +55,24 @@ def test_matches_mindspore_ops(radix, shape, exec_mode):
     reference.native = None
     names = ["pool", "combine", "dx", "dattn"]
     for name, ours, expected in zip(names, _run(native, x, attn), _run(reference, x, attn)):
+        assert ours.shape == expected.shape, name
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(expected).max()),
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("radix, splits, size", [(2, 2, (5, 7)), (4, 1, (3, 3)), (2, 1, (1, 1))],
+                         ids=["radix2", "radix4", "1x1"])
+def test_blocked_layout_matches_mindspore_ops(radix, splits, size, exec_mode):
+    # every split `splits` whole blocks of the layout
+    shape = (3, radix * splits * blocked_width(), *size)
+    rng = np.random.RandomState(radix + splits)
+    x = ms.Tensor(rng.randn(*shape).astype(np.float32))
+    attn = ms.Tensor(rng.rand(shape[0], shape[1], 1, 1).astype(np.float32))
+    reference = RadixReduce(radix)
+    reference.native = None
+    names = ["pool", "combine", "dx", "dattn"]
+    for name, ours, expected in zip(names, _run(RadixReduce(radix), x, attn, blocked=True),
+                                    _run(reference, x, attn)):
         assert ours.shape == expected.shape, name
         np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(expected).max()),
                                    err_msg=name)
@@ -74,7 +100,8 @@ def test_resnest_step_matches_mindspore_ops(pynative_mode):
         net = _resnest_tiny()
         cells = _radix_cells(net)
         assert len(cells) == 4 and all(cell.native is not None for cell in cells)
-        if not native:
+        if not native:  # MindSpore's ops on an NCHW trunk
+            net.blocked = False
             for cell in cells:
                 cell.native = None
         # BatchNorm on running statistics: batch statistics of a random net on small maps amplify

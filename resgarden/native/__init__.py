@@ -7,7 +7,8 @@ kernels and, with MindSpore 2.9/2.10, a reference path ~150x slower (see README,
 The library is built with the system C++ compiler against the oneDNN headers from the
 ``onednn-devel-cpu-gomp`` wheel and linked to MindSpore's own ``libdnnl.so.3``. Beside it, on the
 same thread pool (``runtime.h``): training-mode BatchNorm with its ReLU (``batchnorm.cc``),
-ResNeSt's radix reductions (``split_attention.cc``) and the 3x3 max pool (``max_pool.cc``).
+ResNeSt's radix reductions (``split_attention.cc``), the 3x3 max pool (``max_pool.cc``) and the
+average pools of the blocked layout (``avg_pool.cc``).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pathlib import Path
 from resgarden.atomic import atomic_path
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in
-                ("onednn_conv.cc", "batchnorm.cc", "split_attention.cc", "max_pool.cc"))
+                ("onednn_conv.cc", "batchnorm.cc", "split_attention.cc", "max_pool.cc", "avg_pool.cc"))
 HEADERS = (Path(__file__).with_name("runtime.h"),)
 SWITCH_VARIABLE = "RESGARDEN_NATIVE_CONV"  # "0" turns the native convolutions off
 CACHE_VARIABLE = "RESGARDEN_CACHE"  # shared with the downloaded weights

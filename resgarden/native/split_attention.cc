@@ -79,43 +79,190 @@ void RadixCombineBackwardTask(const Splits &g, int64_t image, int64_t ch, const 
   }
 }
 
+// The same over the blocked layout of the native convolutions (models/blocked.py): x is the 5-D
+// tensor (B, radix * C / W, H, W, W), channel c lane c % W of block c / W; C is whole blocks, so
+// block cb of merged channels gathers block r * C / W + cb of every split r. One (image, merged
+// block) per task, vectorised across its W lanes; the per-split and per-channel vectors stay
+// [B, radix * C, 1, 1] and [B, C, 1, 1].
+struct BlockedSplits {
+  int64_t batch, radix, c, hw;  // c: channels per split
+  int64_t Block(int64_t image, int64_t r, int64_t cb, int width) const {
+    return ((image * radix + r) * (c / width) + cb) * hw * width;
+  }
+  int64_t Lane(int64_t image, int64_t r, int64_t cb, int width) const { return (image * radix + r) * c + cb * width; }
+};
+
+template <int W>
+inline __attribute__((always_inline)) void RadixPoolBlockOf(const BlockedSplits &g, int64_t image, int64_t cb,
+                                                             const float *x, float *gap) {
+  float total[W] = {};
+  for (int64_t r = 0; r < g.radix; ++r) {
+    const float *block = x + g.Block(image, r, cb, W);
+    float sum[W] = {};
+    for (int64_t p = 0; p < g.hw; ++p) {
+#pragma omp simd
+      for (int l = 0; l < W; ++l) sum[l] += block[p * W + l];
+    }
+    for (int l = 0; l < W; ++l) total[l] += sum[l];
+  }
+  for (int l = 0; l < W; ++l) gap[image * g.c + cb * W + l] = total[l] / static_cast<float>(g.hw);
+}
+
+template <int W>
+inline __attribute__((always_inline)) void RadixPoolBackwardBlockOf(const BlockedSplits &g, int64_t image,
+                                                                     int64_t cb, const float *dgap, float *dx) {
+  float value[W];
+  for (int l = 0; l < W; ++l) value[l] = dgap[image * g.c + cb * W + l] / static_cast<float>(g.hw);
+  for (int64_t r = 0; r < g.radix; ++r) {
+    float *block = dx + g.Block(image, r, cb, W);
+    for (int64_t p = 0; p < g.hw; ++p) {
+#pragma omp simd
+      for (int l = 0; l < W; ++l) block[p * W + l] = value[l];
+    }
+  }
+}
+
+template <int W>
+inline __attribute__((always_inline)) void RadixCombineBlockOf(const BlockedSplits &g, int64_t image, int64_t cb,
+                                                                const float *x, const float *attn, float *out) {
+  float *dst = out + (image * (g.c / W) + cb) * g.hw * W;
+  for (int64_t r = 0; r < g.radix; ++r) {
+    const float *block = x + g.Block(image, r, cb, W), *weight = attn + g.Lane(image, r, cb, W);
+    for (int64_t p = 0; p < g.hw; ++p) {
+      if (r == 0) {
+#pragma omp simd
+        for (int l = 0; l < W; ++l) dst[p * W + l] = block[p * W + l] * weight[l];
+      } else {
+#pragma omp simd
+        for (int l = 0; l < W; ++l) dst[p * W + l] += block[p * W + l] * weight[l];
+      }
+    }
+  }
+}
+
+template <int W>
+inline __attribute__((always_inline)) void RadixCombineBackwardBlockOf(const BlockedSplits &g, int64_t image,
+                                                                        int64_t cb, const float *dout,
+                                                                        const float *x, const float *attn, float *dx,
+                                                                        float *dattn) {
+  const float *grad = dout + (image * (g.c / W) + cb) * g.hw * W;
+  for (int64_t r = 0; r < g.radix; ++r) {
+    const int64_t at = g.Block(image, r, cb, W), lane = g.Lane(image, r, cb, W);
+    const float *block = x + at, *weight = attn + lane;
+    float *out = dx + at, sum[W] = {};
+    for (int64_t p = 0; p < g.hw; ++p) {
+#pragma omp simd
+      for (int l = 0; l < W; ++l) {
+        out[p * W + l] = grad[p * W + l] * weight[l];
+        sum[l] += grad[p * W + l] * block[p * W + l];
+      }
+    }
+    for (int l = 0; l < W; ++l) dattn[lane + l] = sum[l];
+  }
+}
+
+// The blocked tasks for a block width of 16 (AVX-512) or 8.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void RadixPoolBlock(const BlockedSplits &g, int width, int64_t image, int64_t cb, const float *x, float *gap) {
+  if (width == 16)
+    RadixPoolBlockOf<16>(g, image, cb, x, gap);
+  else
+    RadixPoolBlockOf<8>(g, image, cb, x, gap);
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void RadixPoolBackwardBlock(const BlockedSplits &g, int width, int64_t image, int64_t cb, const float *dgap,
+                            float *dx) {
+  if (width == 16)
+    RadixPoolBackwardBlockOf<16>(g, image, cb, dgap, dx);
+  else
+    RadixPoolBackwardBlockOf<8>(g, image, cb, dgap, dx);
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void RadixCombineBlock(const BlockedSplits &g, int width, int64_t image, int64_t cb, const float *x,
+                       const float *attn, float *out) {
+  if (width == 16)
+    RadixCombineBlockOf<16>(g, image, cb, x, attn, out);
+  else
+    RadixCombineBlockOf<8>(g, image, cb, x, attn, out);
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void RadixCombineBackwardBlock(const BlockedSplits &g, int width, int64_t image, int64_t cb, const float *dout,
+                               const float *x, const float *attn, float *dx, float *dattn) {
+  if (width == 16)
+    RadixCombineBackwardBlockOf<16>(g, image, cb, dout, x, attn, dx, dattn);
+  else
+    RadixCombineBackwardBlockOf<8>(g, image, cb, dout, x, attn, dx, dattn);
+}
+
 enum class RadixOp { kPool, kPoolBackward, kCombine, kCombineBackward };
 
-// Parameters (inputs then outputs; x is [B, radix * C, H, W], the per-split vectors [B, radix * C, 1, 1],
-// the per-channel ones [B, C, 1, 1] or [B, C, H, W]):
+// Parameters (inputs then outputs; x is [B, radix * C, H, W] or blocked (B, radix * C / W, H, W, W), the
+// merged full tensors [B, C, H, W] in x's layout, the per-split vectors [B, radix * C, 1, 1], the
+// per-channel ones [B, C, 1, 1]):
 // pool: x, gap | pool backward: dgap, x, dx | combine: x, attn, out | combine backward: dout, x, attn, dx, dattn.
 int RunRadix(RadixOp op, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   // Each parameter's role: x (split, full), a (split, 1x1), m (merged, full), g (merged, 1x1).
   static const char *kRoles[] = {"xg", "gxx", "xam", "mxaxa"};
   const std::string roles = kRoles[static_cast<int>(op)];
+  auto full = [&](int i) { return roles[i] == 'x' || roles[i] == 'm'; };
   bool ok = nparam == static_cast<int>(roles.size());
-  for (int i = 0; ok && i < nparam; ++i) ok = IsFloat32(ndims[i], 4, dtypes[i]);
-  const int64_t *xs = ok ? shapes[roles.find('x')] : nullptr;
-  const int64_t merged = ok ? shapes[roles.find_first_of("mg")][1] : 0;
-  ok = ok && merged > 0 && xs[1] % merged == 0;
+  const int x_index = static_cast<int>(roles.find('x'));
+  const bool blocked = ok && ndims[x_index] == 5;
+  const int64_t width = blocked ? shapes[x_index][4] : 1;
+  ok = ok && (width == 1 || width == 8 || width == 16);
+  for (int i = 0; ok && i < nparam; ++i) ok = IsFloat32(ndims[i], full(i) && blocked ? 5 : 4, dtypes[i]);
+  auto channels = [&](int i) { return shapes[i][1] * (ndims[i] == 5 ? shapes[i][4] : 1); };
+  const int64_t *xs = ok ? shapes[x_index] : nullptr;
+  const int64_t split_channels = ok ? channels(x_index) : 0;
+  const int64_t merged = ok ? channels(static_cast<int>(roles.find_first_of("mg"))) : 0;
+  ok = ok && merged > 0 && split_channels % merged == 0 && merged % width == 0;
   for (int i = 0; ok && i < nparam; ++i) {
-    const bool split = roles[i] == 'x' || roles[i] == 'a', full = roles[i] == 'x' || roles[i] == 'm';
+    const bool split = roles[i] == 'x' || roles[i] == 'a';
     const int64_t *shape = shapes[i];
-    ok = shape[0] == xs[0] && shape[1] == (split ? xs[1] : merged) && shape[2] == (full ? xs[2] : 1) &&
-         shape[3] == (full ? xs[3] : 1);
+    ok = shape[0] == xs[0] && channels(i) == (split ? split_channels : merged) &&
+         shape[2] == (full(i) ? xs[2] : 1) && shape[3] == (full(i) ? xs[3] : 1) &&
+         (ndims[i] == 4 || shape[4] == width);
   }
   if (!ok) {
-    std::fprintf(stderr, "resgarden native split attention: unexpected parameters (%d float32 NCHW)\n", nparam);
+    std::fprintf(stderr, "resgarden native split attention: unexpected parameters (%d float32, NCHW or blocked)\n",
+                 nparam);
     return 1;
   }
-  const Splits g{xs[0], xs[1] / merged, merged, xs[2] * xs[3]};
+  const int64_t radix = split_channels / merged, hw = xs[2] * xs[3];
+  const Splits g{xs[0], radix, merged, hw};
+  const BlockedSplits bg{xs[0], radix, merged, hw};
+  const int w = static_cast<int>(width);
   auto f = [&](int i) { return static_cast<float *>(params[i]); };
-  std::function<void(int64_t, int64_t)> work;
+  std::function<void(int64_t, int64_t)> work;  // (image, channel or block of merged channels)
   switch (op) {
-    case RadixOp::kPool: work = [&](int64_t b, int64_t c) { RadixPoolTask(g, b, c, f(0), f(1)); }; break;
-    case RadixOp::kPoolBackward: work = [&](int64_t b, int64_t c) { RadixPoolBackwardTask(g, b, c, f(0), f(2)); }; break;
-    case RadixOp::kCombine: work = [&](int64_t b, int64_t c) { RadixCombineTask(g, b, c, f(0), f(1), f(2)); }; break;
+    case RadixOp::kPool:
+      work = [&](int64_t b, int64_t c) {
+        blocked ? RadixPoolBlock(bg, w, b, c, f(0), f(1)) : RadixPoolTask(g, b, c, f(0), f(1));
+      };
+      break;
+    case RadixOp::kPoolBackward:
+      work = [&](int64_t b, int64_t c) {
+        blocked ? RadixPoolBackwardBlock(bg, w, b, c, f(0), f(2)) : RadixPoolBackwardTask(g, b, c, f(0), f(2));
+      };
+      break;
+    case RadixOp::kCombine:
+      work = [&](int64_t b, int64_t c) {
+        blocked ? RadixCombineBlock(bg, w, b, c, f(0), f(1), f(2)) : RadixCombineTask(g, b, c, f(0), f(1), f(2));
+      };
+      break;
     case RadixOp::kCombineBackward:
-      work = [&](int64_t b, int64_t c) { RadixCombineBackwardTask(g, b, c, f(0), f(1), f(2), f(3), f(4)); };
+      work = [&](int64_t b, int64_t c) {
+        blocked ? RadixCombineBackwardBlock(bg, w, b, c, f(0), f(1), f(2), f(3), f(4))
+                : RadixCombineBackwardTask(g, b, c, f(0), f(1), f(2), f(3), f(4));
+      };
       break;
   }
-  std::function<void(int, int)> task = [&](int i, int) { work(i / g.c, i % g.c); };
-  resgarden::ParallelFor(static_cast<int>(g.batch * g.c), task);
+  const int64_t units = merged / width;
+  std::function<void(int, int)> task = [&](int i, int) { work(i / units, i % units); };
+  resgarden::ParallelFor(static_cast<int>(g.batch * units), task);
   return 0;
 }
 
