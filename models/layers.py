@@ -162,6 +162,12 @@ def init_weights(net: nn.Cell, zero_init_last: bool = False) -> None:
                 last_bn.gamma.set_data(init.initializer("zeros", last_bn.gamma.shape, last_bn.gamma.dtype))
 
 
+def takes_blocked(conv: nn.Cell, channels: int, width: int) -> bool:
+    """Whether ``conv`` can take or give blocked activations (models.blocked) of ``width``-channel
+    blocks on its side of ``channels`` channels: native, without bias, the channels whole blocks."""
+    return isinstance(conv, Conv2d) and conv.native is not None and not conv.has_bias and channels % width == 0
+
+
 class ConvBnSequence(nn.SequentialCell):
     """A ``SequentialCell`` (same parameter names) whose conv -> BN [-> ReLU] runs are computed by
     :func:`models.conv.conv_bn`, one native primitive each in eval mode; other cells run as they are.
@@ -186,23 +192,25 @@ class ConvBnSequence(nn.SequentialCell):
     def construct(self, x: Tensor) -> Tensor:
         return self.run(x, self.steps)
 
-    def run(self, x: Tensor, steps: tuple[tuple[int, int], ...]) -> Tensor:
+    def run(self, x: Tensor, steps: tuple[tuple[int, int], ...], blocked: bool | None = None) -> Tensor:
+        """The cells of ``steps``; conv_bn answers blocked (models.blocked) if ``blocked``, NCHW if
+        not, in x's layout if None."""
         cells = self.cell_list
-        blocked = x.ndim == 5
+        out_blocked = x.ndim == 5 if blocked is None else blocked
         for index, kind in steps:
             if kind == 0:
                 x = cells[index](self.to_plain(x) if x.ndim == 5 else x)
             elif kind == 3:
                 x = cells[index](x)
             else:
-                x = conv_bn(cells[index], cells[index + 1], x, kind == 2, None, blocked)
+                x = conv_bn(cells[index], cells[index + 1], x, kind == 2, None, out_blocked)
         return x
 
-    def then_bn(self, x: Tensor, bn: nn.Cell, relu: bool) -> Tensor:
+    def then_bn(self, x: Tensor, bn: nn.Cell, relu: bool, blocked: bool | None = None) -> Tensor:
         """``[relu](bn(self(x)))`` for a sequence ending in a convolution (the deep stem), that
-        convolution and ``bn`` computed by :func:`models.conv.conv_bn`."""
-        x = self.run(x, self.steps[:-1])
-        return conv_bn(self.cell_list[self.steps[-1][0]], bn, x, relu)
+        convolution and ``bn`` computed by :func:`models.conv.conv_bn`, in the layout of ``run``."""
+        x = self.run(x, self.steps[:-1], blocked)
+        return conv_bn(self.cell_list[self.steps[-1][0]], bn, x, relu, None, blocked)
 
 
 class ResidualBlock(nn.Cell):
@@ -230,8 +238,7 @@ class ResidualBlock(nn.Cell):
         edges = [(conv, channels) for conv in convs for channels in (conv.in_channels, conv.out_channels)]
         if self.blocked_layout == "edges":
             edges += [(self.conv1, self.conv1.in_channels), (self.conv3, self.conv3.out_channels)]
-        return all(isinstance(conv, Conv2d) and conv.native is not None and not conv.has_bias
-                   and channels % width == 0 for conv, channels in edges)
+        return all(takes_blocked(conv, channels, width) for conv, channels in edges)
 
     def shortcut(self, x: Tensor) -> Tensor:
         return x if self.down_sample is None else self.down_sample(x)

@@ -21,7 +21,8 @@ def _pool_size(size: int, stride: int, same: bool) -> int:
 
 
 def _native_op(stride: int, same: bool) -> ops.Custom:
-    """(x, cfg=[stride, same]) -> (y, argmax offsets int32); its gradient is native too."""
+    """(x, cfg=[stride, same]) -> (y, argmax offsets int32), x NCHW or blocked (models.blocked) and y
+    in its layout; its gradient is native too."""
     key = (stride, same)
     if key not in _ops:
         from resgarden.native import conv_library
@@ -29,7 +30,7 @@ def _native_op(stride: int, same: bool) -> ops.Custom:
         library = str(conv_library()[0])
 
         def out_shape(x, cfg):
-            shape = [x[0], x[1], _pool_size(x[2], stride, same), _pool_size(x[3], stride, same)]
+            shape = [x[0], x[1], _pool_size(x[2], stride, same), _pool_size(x[3], stride, same), *x[4:]]
             return shape, shape
 
         backward = ops.Custom(f"{library}:MaxPoolBackward", out_shape=lambda dy, index, x, cfg: x,
@@ -49,7 +50,7 @@ def _native_op(stride: int, same: bool) -> ops.Custom:
 class MaxPool3x3(nn.Cell):
     """3x3 max pool at ``stride``: ``pad_mode="pad"`` pads a pixel of zeros on every side (timm),
     ``"same"`` is MindSpore's 'same' padding (mindcv), as :func:`models.layers.pool3x3`; float32
-    only natively (``fallback`` runs other dtypes)."""
+    only natively, NCHW or blocked (models.blocked) (``fallback`` runs other dtypes)."""
 
     def __init__(self, stride: int, pad_mode: str, fallback: nn.Cell) -> None:
         super().__init__()

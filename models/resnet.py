@@ -17,7 +17,8 @@ from .batchnorm import BatchNorm2d
 from .blocked import blocked_width, layout_ops
 from .conv import conv_bn, native_conv_available
 from .features import FeatureInfo, FeatureMap, check_frozen_stages, check_out_indices, freeze
-from .layers import ConvBnSequence, GlobalAvgPool, ResidualBlock, conv2d, conv_padding, init_weights, pool3x3
+from .layers import (ConvBnSequence, GlobalAvgPool, ResidualBlock, conv2d, conv_padding, init_weights, pool3x3,
+                     takes_blocked)
 from .pooling import AvgPool
 from .registry import register_model
 
@@ -150,19 +151,22 @@ class ResNet(nn.Cell):
                                              if getattr(self, f"layer{i}") is not None])
         self.blocked = frozen_stages < 0 and self._blockable()
         if self.blocked:
-            self.to_blocked, self.to_plain = layout_ops()
+            self.to_plain = layout_ops()[1]
 
     def _blockable(self) -> bool:
-        """Whether the stages can train on blocked activations (models.blocked): native kernels, and
-        every block able to (see ResidualBlock.blockable)."""
+        """Whether the stem and stages can train on blocked activations (models.blocked): native
+        kernels, the stem's outputs whole blocks, and every block able to (see ResidualBlock.blockable)."""
         if not native_conv_available() or not blocked_width():
+            return False
+        stem = [cell for _, cell in self.conv1.cells_and_names() if isinstance(cell, nn.Conv2d)]
+        if not all(takes_blocked(conv, conv.out_channels, blocked_width()) for conv in stem):
             return False
         stages = [getattr(self, f"layer{i}") for i in range(1, 5) if getattr(self, f"layer{i}") is not None]
         return all(getattr(block, "blockable", lambda width: False)(blocked_width())
                    for stage in stages for block in stage)
 
     def use_blocked(self, x: Tensor) -> bool:
-        """Whether this call runs the stages on blocked activations: in float32 training."""
+        """Whether this call runs the stem and stages on blocked activations: in float32 training."""
         return self.blocked and self.training and x.dtype == ms.float32
 
     def _keep_maps(self, out_indices: tuple[int, ...]) -> None:
@@ -220,23 +224,23 @@ class ResNet(nn.Cell):
         # already run in graph mode recompiles with the new head instead of reusing the old graph.
         object.__setattr__(self, "_create_time", time.time_ns())
 
-    def forward_stem(self, x: Tensor) -> Tensor:
-        return self.max_pool(self.stem(x))
+    def forward_stem(self, x: Tensor, blocked: bool = False) -> Tensor:
+        """The stem and its max pool (stride 4); blocked (models.blocked) if ``blocked``, else NCHW."""
+        return self.max_pool(self.stem(x, blocked))
 
-    def stem(self, x: Tensor) -> Tensor:
-        """The stem's activation (stride 2): conv1 (a conv or the deep stem), bn1, ReLU."""
+    def stem(self, x: Tensor, blocked: bool = False) -> Tensor:
+        """The stem's activation (stride 2): conv1 (a conv or the deep stem), bn1, ReLU; blocked
+        (models.blocked) if ``blocked``, else NCHW."""
         if self.deep_stem:
-            return self.conv1.then_bn(x, self.bn1, True)
-        return conv_bn(self.conv1, self.bn1, x, True)
+            return self.conv1.then_bn(x, self.bn1, True, blocked)
+        return conv_bn(self.conv1, self.bn1, x, True, None, blocked)
 
     def forward_maps(self, x: Tensor) -> tuple[Tensor, ...]:
         """The feature maps of ``out_indices``: 0 the stem's activation (stride 2), 1-4 the stages'."""
-        x = self.stem(x)
-        maps = (x,)
-        x = self.max_pool(x)
         blocked = self.use_blocked(x)
-        if blocked:
-            x = self.to_blocked(x)
+        x = self.stem(x, blocked)
+        maps = (self.to_plain(x) if blocked else x,)
+        x = self.max_pool(x)
         x = self.layer1(x)
         maps = maps + (self.to_plain(x) if blocked else x,)
         if self.layer2 is not None:
@@ -255,10 +259,8 @@ class ResNet(nn.Cell):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last feature map (N, num_features, H/32, W/32)."""
-        x = self.forward_stem(x)
         blocked = self.use_blocked(x)
-        if blocked:
-            x = self.to_blocked(x)
+        x = self.forward_stem(x, blocked)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)

@@ -1,7 +1,7 @@
-"""The native 3x3 max pool against MindSpore's pools of pool3x3 (both padding modes, strides 1 and
-2, even and odd sizes, both execution modes), and the native average pool of blocked activations
-against MindSpore's on NCHW (pool3x3's and the avg-pool shortcut's): values and input gradients; and
-that the models use them."""
+"""The native 3x3 max pool, on NCHW and blocked activations, against MindSpore's pools of pool3x3
+(both padding modes, strides 1 and 2, even and odd sizes, both execution modes), and the native
+average pool of blocked activations against MindSpore's on NCHW (pool3x3's and the avg-pool
+shortcut's): values and input gradients; and that the models use them."""
 from __future__ import annotations
 
 import mindspore as ms
@@ -33,15 +33,17 @@ class Weighted(nn.Cell):
         return (y * weights).sum(), y
 
 
+@pytest.mark.parametrize("blocked", [False, True], ids=["nchw", "blocked"])
 @pytest.mark.parametrize("pad_mode", ["pad", "same"])
 @pytest.mark.parametrize("stride, size", [(2, (12, 12)), (2, (11, 9)), (1, (7, 8))], ids=["even", "odd", "stride1"])
-def test_matches_mindspore_pool(pad_mode, stride, size, exec_mode):
+def test_matches_mindspore_pool(pad_mode, stride, size, blocked, exec_mode):
     native = pool3x3("max", stride, pad_mode)
     assert isinstance(native, MaxPool3x3)
-    x = ms.Tensor(np.random.RandomState(stride + size[1]).randn(2, 3, *size).astype(np.float32))
+    channels = 2 * blocked_width() if blocked else 3
+    x = ms.Tensor(np.random.RandomState(stride + size[1]).randn(2, channels, *size).astype(np.float32))
     results = []
-    for pool in (native, native.fallback):
-        (_, y), dx = ms.value_and_grad(Weighted(pool), grad_position=0, has_aux=True)(x)
+    for net in (Weighted(native, blocked), Weighted(native.fallback)):
+        (_, y), dx = ms.value_and_grad(net, grad_position=0, has_aux=True)(x)
         results.append((y.asnumpy(), dx.asnumpy()))
     (y, dx), (y_ref, dx_ref) = results
     assert y.shape == y_ref.shape
@@ -49,13 +51,15 @@ def test_matches_mindspore_pool(pad_mode, stride, size, exec_mode):
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("blocked", [False, True], ids=["nchw", "blocked"])
 @pytest.mark.parametrize("pad_mode", ["pad", "same"])
-def test_ties_go_where_mindspore_sends_them(pad_mode):
+def test_ties_go_where_mindspore_sends_them(pad_mode, blocked):
     # post-ReLU maps are full of equal values (zeros): the gradient goes to the first in window order
-    x = ms.Tensor(np.maximum(np.random.RandomState(0).randn(2, 3, 12, 12), 0).round().astype(np.float32))
+    channels = blocked_width() if blocked else 3
+    x = ms.Tensor(np.maximum(np.random.RandomState(0).randn(2, channels, 12, 12), 0).round().astype(np.float32))
     native = pool3x3("max", 2, pad_mode)
-    grads = [ms.value_and_grad(Weighted(pool), grad_position=0, has_aux=True)(x)[1].asnumpy()
-             for pool in (native, native.fallback)]
+    grads = [ms.value_and_grad(net, grad_position=0, has_aux=True)(x)[1].asnumpy()
+             for net in (Weighted(native, blocked), Weighted(native.fallback))]
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6, atol=1e-6)  # overlapping windows: sum order
 
 
