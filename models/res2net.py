@@ -7,6 +7,7 @@ from typing import Any
 from mindspore import Tensor, nn, ops
 
 from .batchnorm import BatchNorm2d
+from .blocked import blocked_width
 from .conv import conv_bn
 from .layers import ResidualBlock, conv2d, pool3x3
 from .registry import register_model
@@ -19,6 +20,10 @@ class Bottle2neck(ResidualBlock):
 
     The first block of a stage ('stage' type) convolves each split independently and avg-pools
     the last one instead of passing it through.
+
+    On blocked activations (models.blocked) the splits are blocked too when each is whole blocks
+    (26w x 4s from its third stage under an AVX2 cap, its fourth with 16-channel blocks), else
+    NCHW between conv1 and conv3.
     """
 
     expansion = 4
@@ -44,11 +49,14 @@ class Bottle2neck(ResidualBlock):
         self.pool = pool3x3("avg", stride, pool_pad) if self.is_stage else None
         self.conv3 = conv2d(width * scale, planes * self.expansion, 1)
         self.bn3 = BatchNorm2d(planes * self.expansion)
+        block = blocked_width() if all(conv.native is not None for conv in self.convs) else 0
+        self.interior_blocked = block > 0 and width % block == 0
 
     def construct(self, x: Tensor) -> Tensor:
         shortcut = self.shortcut(x)
-        out = conv_bn(self.conv1, self.bn1, x, True, blocked=False)
-        splits = ops.split(out, self.width, axis=1)
+        out = conv_bn(self.conv1, self.bn1, x, True, blocked=None if self.interior_blocked else False)
+        # a blocked split of `width` channels is width / block blocks along axis 1
+        splits = ops.split(out, self.width // out.shape[4] if out.ndim == 5 else self.width, axis=1)
         sp = splits[0]
         outs = []
         for i in range(self.num_convs):

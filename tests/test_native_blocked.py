@@ -152,6 +152,7 @@ BLOCKS = {
     "res2net": (Bottle2neck, dict(base_width=26, scale=4)),
     "res2net, average-pool shortcut, stochastic depth": (Bottle2neck, dict(base_width=14, scale=8, avg_down=True,
                                                                           drop_path=0.5)),
+    "res2net, splits of whole blocks": (Bottle2neck, dict(base_width=16, scale=4, avg_down=True)),
     "resnest, average-pool shortcut": (ResNestBottleneck, dict(radix=2, avd=True, avg_down=True)),
     "resnest, splits of 20 channels": (ResNestBottleneck, dict(radix=2, avd=True, base_width=10)),
 }
@@ -248,6 +249,9 @@ def test_used_by_the_seed_models_unless_frozen():
     assert not Bottleneck(256, 64, groups=2, base_width=52).blockable(16)  # 104 channels: no whole blocks
     assert Bottle2neck(256, 64, base_width=26).blockable(16)  # 104 channels inside, whole blocks at the edges
     assert all(block.interior_blocked for block in models.create_model("resnest50", num_classes=10).layer1)
+    res2net = models.create_model("res2net50", num_classes=10)  # splits of 26 / 52 / 104 / 208 channels
+    assert not any(block.interior_blocked for block in res2net.layer1)
+    assert all(block.interior_blocked for block in res2net.layer4)
     nchw_inside = ResNestBottleneck(256, 64, base_width=20)  # splits of 20 channels: NCHW between conv1 and conv3
     assert nchw_inside.blockable(blocked_width()) and not nchw_inside.interior_blocked
 
