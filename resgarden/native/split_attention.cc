@@ -161,43 +161,27 @@ inline __attribute__((always_inline)) void RadixCombineBackwardBlockOf(const Blo
   }
 }
 
-// The blocked tasks for a block width of 16 (AVX-512) or 8.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void RadixPoolBlock(const BlockedSplits &g, int width, int64_t image, int64_t cb, const float *x, float *gap) {
-  if (width == 16)
-    RadixPoolBlockOf<16>(g, image, cb, x, gap);
-  else
-    RadixPoolBlockOf<8>(g, image, cb, x, gap);
-}
-
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void RadixPoolBackwardBlock(const BlockedSplits &g, int width, int64_t image, int64_t cb, const float *dgap,
-                            float *dx) {
-  if (width == 16)
-    RadixPoolBackwardBlockOf<16>(g, image, cb, dgap, dx);
-  else
-    RadixPoolBackwardBlockOf<8>(g, image, cb, dgap, dx);
-}
-
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void RadixCombineBlock(const BlockedSplits &g, int width, int64_t image, int64_t cb, const float *x,
-                       const float *attn, float *out) {
-  if (width == 16)
-    RadixCombineBlockOf<16>(g, image, cb, x, attn, out);
-  else
-    RadixCombineBlockOf<8>(g, image, cb, x, attn, out);
-}
-
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void RadixCombineBackwardBlock(const BlockedSplits &g, int width, int64_t image, int64_t cb, const float *dout,
-                               const float *x, const float *attn, float *dx, float *dattn) {
-  if (width == 16)
-    RadixCombineBackwardBlockOf<16>(g, image, cb, dout, x, attn, dx, dattn);
-  else
-    RadixCombineBackwardBlockOf<8>(g, image, cb, dout, x, attn, dx, dattn);
-}
-
 enum class RadixOp { kPool, kPoolBackward, kCombine, kCombineBackward };
+
+// One blocked task of `op` for a block width of 16 (AVX-512) or 8; f: the parameters as RunRadix has them.
+template <int W>
+inline __attribute__((always_inline)) void RadixBlockOf(RadixOp op, const BlockedSplits &g, int64_t image,
+                                                         int64_t cb, float *const *f) {
+  switch (op) {
+    case RadixOp::kPool: RadixPoolBlockOf<W>(g, image, cb, f[0], f[1]); break;
+    case RadixOp::kPoolBackward: RadixPoolBackwardBlockOf<W>(g, image, cb, f[0], f[2]); break;
+    case RadixOp::kCombine: RadixCombineBlockOf<W>(g, image, cb, f[0], f[1], f[2]); break;
+    case RadixOp::kCombineBackward: RadixCombineBackwardBlockOf<W>(g, image, cb, f[0], f[1], f[2], f[3], f[4]); break;
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void RadixBlock(RadixOp op, const BlockedSplits &g, int width, int64_t image, int64_t cb, float *const *f) {
+  if (width == 16)
+    RadixBlockOf<16>(op, g, image, cb, f);
+  else
+    RadixBlockOf<8>(op, g, image, cb, f);
+}
 
 // Parameters (inputs then outputs; x is [B, radix * C, H, W] or blocked (B, radix * C / W, H, W, W), the
 // merged full tensors [B, C, H, W] in x's layout, the per-split vectors [B, radix * C, 1, 1], the
@@ -232,37 +216,30 @@ int RunRadix(RadixOp op, int nparam, void **params, int *ndims, int64_t **shapes
     return 1;
   }
   const int64_t radix = split_channels / merged, hw = xs[2] * xs[3];
-  const Splits g{xs[0], radix, merged, hw};
-  const BlockedSplits bg{xs[0], radix, merged, hw};
   const int w = static_cast<int>(width);
   auto f = [&](int i) { return static_cast<float *>(params[i]); };
+  float *buffers[5] = {};
+  for (int i = 0; i < nparam; ++i) buffers[i] = f(i);
+  const Splits g{xs[0], radix, merged, hw};
+  const BlockedSplits bg{xs[0], radix, merged, hw};
   std::function<void(int64_t, int64_t)> work;  // (image, channel or block of merged channels)
-  switch (op) {
-    case RadixOp::kPool:
-      work = [&](int64_t b, int64_t c) {
-        blocked ? RadixPoolBlock(bg, w, b, c, f(0), f(1)) : RadixPoolTask(g, b, c, f(0), f(1));
-      };
-      break;
-    case RadixOp::kPoolBackward:
-      work = [&](int64_t b, int64_t c) {
-        blocked ? RadixPoolBackwardBlock(bg, w, b, c, f(0), f(2)) : RadixPoolBackwardTask(g, b, c, f(0), f(2));
-      };
-      break;
-    case RadixOp::kCombine:
-      work = [&](int64_t b, int64_t c) {
-        blocked ? RadixCombineBlock(bg, w, b, c, f(0), f(1), f(2)) : RadixCombineTask(g, b, c, f(0), f(1), f(2));
-      };
-      break;
-    case RadixOp::kCombineBackward:
-      work = [&](int64_t b, int64_t c) {
-        blocked ? RadixCombineBackwardBlock(bg, w, b, c, f(0), f(1), f(2), f(3), f(4))
-                : RadixCombineBackwardTask(g, b, c, f(0), f(1), f(2), f(3), f(4));
-      };
-      break;
+  if (blocked) {
+    work = [&](int64_t b, int64_t cb) { RadixBlock(op, bg, w, b, cb, buffers); };
+  } else {
+    switch (op) {
+      case RadixOp::kPool: work = [&](int64_t b, int64_t c) { RadixPoolTask(g, b, c, f(0), f(1)); }; break;
+      case RadixOp::kPoolBackward:
+        work = [&](int64_t b, int64_t c) { RadixPoolBackwardTask(g, b, c, f(0), f(2)); };
+        break;
+      case RadixOp::kCombine: work = [&](int64_t b, int64_t c) { RadixCombineTask(g, b, c, f(0), f(1), f(2)); }; break;
+      case RadixOp::kCombineBackward:
+        work = [&](int64_t b, int64_t c) { RadixCombineBackwardTask(g, b, c, f(0), f(1), f(2), f(3), f(4)); };
+        break;
+    }
   }
   const int64_t units = merged / width;
   std::function<void(int, int)> task = [&](int i, int) { work(i / units, i % units); };
-  resgarden::ParallelFor(static_cast<int>(g.batch * units), task);
+  resgarden::ParallelFor(static_cast<int>(xs[0] * units), task);
   return 0;
 }
 
