@@ -29,6 +29,11 @@ def blocked_width() -> int:
     return _width[0]
 
 
+def channel_count(shape) -> int:
+    """The channels of an activation of this shape, NCHW or blocked."""
+    return shape[1] * shape[4] if len(shape) == 5 else shape[1]
+
+
 def _blocked_shape(x):
     width = blocked_width()
     return [x[0], x[1] // width, x[2], x[3], width]

@@ -9,7 +9,7 @@ import mindspore.common.initializer as init
 from mindspore import Tensor, nn, ops
 
 from .batchnorm import BatchNorm2d
-from .blocked import layout_ops
+from .blocked import blocked_width, layout_ops
 from .conv import Conv2d, conv_bn, conv_in_layout, native_conv_available, native_conv_disabled
 from .pooling import AvgPool, MaxPool3x3
 
@@ -239,6 +239,14 @@ class ResidualBlock(nn.Cell):
         if self.blocked_layout == "edges":
             edges += [(self.conv1, self.conv1.in_channels), (self.conv3, self.conv3.out_channels)]
         return all(takes_blocked(conv, channels, width) for conv, channels in edges)
+
+    @staticmethod
+    def splits_blockable(convs: list[nn.Cell], channels: int) -> bool:
+        """Whether a block's splits of ``channels`` channels, through ``convs``, can stay blocked
+        (models.blocked) inside it: those convolutions native and every split whole blocks."""
+        if not all(isinstance(conv, Conv2d) and conv.native is not None for conv in convs):
+            return False
+        return all(takes_blocked(conv, channels, blocked_width()) for conv in convs)
 
     def shortcut(self, x: Tensor) -> Tensor:
         return x if self.down_sample is None else self.down_sample(x)

@@ -14,10 +14,12 @@ _ops: dict[tuple[int, bool], ops.Custom] = {}
 _avg_ops: dict[tuple[int, int, bool], ops.Custom] = {}
 
 
-def _pool_size(size: int, stride: int, same: bool) -> int:
+def _pool_size(size: int, stride: int, same: bool, kernel: int = 3) -> int:
+    """Output rows of a ``kernel`` pool at ``stride``: 'same' (ceil), or (kernel - 1) / 2 rows of
+    padding on each side; -1 for an unknown size."""
     if size < 0:
         return -1
-    return -(-size // stride) if same else (size - 1) // stride + 1
+    return -(-size // stride) if same else (size + 2 * ((kernel - 1) // 2) - kernel) // stride + 1
 
 
 def _native_op(stride: int, same: bool) -> ops.Custom:
@@ -73,14 +75,9 @@ def _native_avg_op(kernel: int, stride: int, same: bool) -> ops.Custom:
         from resgarden.native import conv_library
 
         library = str(conv_library()[0])
-        pad = 0 if same else (kernel - 1) // 2
 
         def out_shape(x, cfg):
-            def size(length: int) -> int:
-                if length < 0:
-                    return -1
-                return -(-length // stride) if same else (length + 2 * pad - kernel) // stride + 1
-            return [x[0], x[1], size(x[2]), size(x[3]), x[4]]
+            return [x[0], x[1], _pool_size(x[2], stride, same, kernel), _pool_size(x[3], stride, same, kernel), x[4]]
 
         backward = ops.Custom(f"{library}:AvgPoolBackward", out_shape=lambda dy, x, cfg: x,
                               out_dtype=lambda dy, x, cfg: x, func_type="aot")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from .blocked import channel_count
 from .conv import first_dtype, native_conv_available
 
 _native: dict[int, tuple[ops.Custom, ops.Custom]] = {}
@@ -19,8 +20,7 @@ def _native_ops(radix: int) -> tuple[ops.Custom, ops.Custom]:
         library = str(conv_library()[0])
 
         def pooled(x):
-            channels = x[1] * x[4] if len(x) == 5 else x[1]
-            return [x[0], channels // radix, 1, 1]
+            return [x[0], channel_count(x) // radix, 1, 1]
 
         def combined(x, attn):
             return [x[0], x[1] // radix, *x[2:]]

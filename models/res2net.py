@@ -7,7 +7,6 @@ from typing import Any
 from mindspore import Tensor, nn, ops
 
 from .batchnorm import BatchNorm2d
-from .blocked import blocked_width
 from .conv import conv_bn
 from .layers import ResidualBlock, conv2d, pool3x3
 from .registry import register_model
@@ -49,8 +48,7 @@ class Bottle2neck(ResidualBlock):
         self.pool = pool3x3("avg", stride, pool_pad) if self.is_stage else None
         self.conv3 = conv2d(width * scale, planes * self.expansion, 1)
         self.bn3 = BatchNorm2d(planes * self.expansion)
-        block = blocked_width() if all(conv.native is not None for conv in self.convs) else 0
-        self.interior_blocked = block > 0 and width % block == 0
+        self.interior_blocked = self.splits_blockable(list(self.convs), width)
 
     def construct(self, x: Tensor) -> Tensor:
         shortcut = self.shortcut(x)

@@ -6,7 +6,7 @@ from typing import Any
 from mindspore import Tensor, nn, ops
 
 from .batchnorm import BatchNorm2d
-from .blocked import blocked_width
+from .blocked import channel_count
 from .conv import conv_bn
 from .layers import GlobalAvgPool, ResidualBlock, conv2d, make_divisible, pool3x3
 from .radix import RadixReduce
@@ -36,7 +36,7 @@ class SplitAttn(nn.Cell):
     def construct(self, x: Tensor) -> Tensor:
         """In x's layout: NCHW, or blocked (models.blocked) for radix > 1 with whole-block splits."""
         x = conv_bn(self.conv, self.bn0, x, True)
-        channels = x.shape[1] * x.shape[4] if x.ndim == 5 else x.shape[1]
+        channels = channel_count(x.shape)
         pooled = self.pool(x) if self.radix == 1 else self.radix_reduce.pool(x)
         attn = self.fc2(conv_bn(self.fc1, self.bn1, pooled, True))
         if self.radix == 1:
@@ -74,8 +74,7 @@ class ResNestBottleneck(ResidualBlock):
         self.avd_layer = pool3x3("avg", avd_stride, pool_pad) if avd_stride else None
         self.conv3 = conv2d(group_width, planes * self.expansion, 1)
         self.bn3 = BatchNorm2d(planes * self.expansion)
-        width = blocked_width() if self.conv2.conv.native is not None else 0
-        self.interior_blocked = radix > 1 and width > 0 and group_width % width == 0
+        self.interior_blocked = radix > 1 and self.splits_blockable([self.conv2.conv], group_width)
 
     def construct(self, x: Tensor) -> Tensor:
         shortcut = self.shortcut(x)

@@ -1,6 +1,5 @@
 // Average pooling of the blocked layout (models/blocked.py) for models/pooling.py: ResNeSt's avd pool
 // and the avg-pool shortcuts (ResNet-D), which MindSpore would pool in NCHW only.
-#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -107,8 +106,8 @@ int RunAvgPool(bool backward, int nparam, void **params, int *ndims, int64_t **s
   }
   PoolShape g{xs[2], xs[3], ys[2], ys[3], cfg[0], cfg[1], (cfg[0] - 1) / 2, (cfg[0] - 1) / 2, cfg[2] != 0};
   if (g.same) {
-    g.top = std::max<int64_t>((g.oh - 1) * g.stride + g.kernel - g.h, 0) / 2;
-    g.left = std::max<int64_t>((g.ow - 1) * g.stride + g.kernel - g.w, 0) / 2;
+    g.top = resgarden::SamePaddingBefore(g.h, g.oh, g.kernel, g.stride);
+    g.left = resgarden::SamePaddingBefore(g.w, g.ow, g.kernel, g.stride);
   }
   const int width = static_cast<int>(xs[4]);
   const int64_t in_plane = g.h * g.w * width, out_plane = g.oh * g.ow * width;

@@ -124,8 +124,8 @@ int RunMaxPool(bool backward, int nparam, void **params, int *ndims, int64_t **s
   const int64_t *cfg = static_cast<int64_t *>(params[cfg_at]);
   PoolShape g{xs[2], xs[3], ys[2], ys[3], cfg[0], 1, 1, cfg[1] == 0};
   if (!g.zeros) {
-    g.top = std::max<int64_t>((g.oh - 1) * g.stride + 3 - g.h, 0) / 2;
-    g.left = std::max<int64_t>((g.ow - 1) * g.stride + 3 - g.w, 0) / 2;
+    g.top = resgarden::SamePaddingBefore(g.h, g.oh, 3, g.stride);
+    g.left = resgarden::SamePaddingBefore(g.w, g.ow, 3, g.stride);
   }
   const int w = static_cast<int>(width);
   const int64_t in_plane = g.h * g.w * w, out_plane = g.oh * g.ow * w;

@@ -158,6 +158,13 @@ inline void ParallelFor(int n, const std::function<void(int, int)> &task) {
   rt.pool.parallel_for(n, task);
 }
 
+// MindSpore's 'same' padding of a pooling window: the rows (columns) before the map, for `in` rows
+// pooled to `out` by a window of `kernel` at `stride`; the odd extra one goes after it.
+inline int64_t SamePaddingBefore(int64_t in, int64_t out, int64_t kernel, int64_t stride) {
+  const int64_t total = (out - 1) * stride + kernel - in;
+  return total > 0 ? total / 2 : 0;
+}
+
 inline bool IsFloat32(int ndim, int want, const char *dtype) { return ndim == want && std::strcmp(dtype, "float32") == 0; }
 
 }  // namespace resgarden
