@@ -7,7 +7,10 @@ exactly.
 
 Overflow is detected by MindSpore's ``mindspore.amp.all_finite``: on Ascend 910A (and 910B in
 saturation mode) float16 overflow saturates to the largest finite value instead of inf, which only
-the NPU's float status (read by ``all_finite`` there) reveals; elsewhere it checks the values.
+the NPU's float status (read by ``all_finite`` there) reveals; elsewhere it checks the values. That
+status is each card's own, and saturated gradients stay finite through the all-reduce, so in a
+data-parallel job the ranks' verdicts are summed (as MindSpore's ``TrainOneStepWithLossScaleCell``
+does): one rank's overflow skips the step on every rank.
 """
 from __future__ import annotations
 
@@ -92,15 +95,23 @@ class TrainStep(nn.Cell):
         if self.data_parallel:
             self.ranks = ms.get_auto_parallel_context("device_num")
             self.grad_reducer = nn.DistributedGradReducer(self.weights, mean=True, degree=self.ranks)
-            self.loss_reducer = ops.AllReduce()
+            self.all_reduce = ops.AllReduce()  # sums: the loss, and the ranks' overflow verdicts
         self.ema_decay = ema_decay
         if ema_decay > 0:
             self.model_params = ParameterTuple(list(network.get_parameters()))
             self.ema_params = self.model_params.clone(prefix="ema", init="same")
             self.ema_updates = Parameter(Tensor(0.0, ms.float32), name="ema_updates", requires_grad=False)
 
-    def _apply(self, grads: tuple) -> Tensor:
+    def _all_finite(self, grads: tuple) -> Tensor:
+        """Whether every rank's gradients are finite (this rank's verdict in a single process)."""
         finite = all_finite(grads)
+        if not self.data_parallel:
+            return finite
+        overflowed = self.all_reduce(ops.reshape(ops.cast(ops.logical_not(finite), ms.float32), (1,)))
+        return ops.reshape(overflowed < 0.5, ())
+
+    def _apply(self, grads: tuple) -> Tensor:
+        finite = self._all_finite(grads)
         ops.assign(self.skipped_steps, ops.select(finite, self.skipped_steps, self.skipped_steps + 1))
         if self.dynamic_loss_scale:
             good = ops.select(finite, self.good_steps + 1, ops.zeros_like(self.good_steps))
@@ -127,7 +138,7 @@ class TrainStep(nn.Cell):
         grads = self.hyper_map(ops.partial(_unscale, self.loss_scale), grads)
         if self.data_parallel:
             grads = self.grad_reducer(grads)
-            loss = self.loss_reducer(loss) / self.ranks
+            loss = self.all_reduce(loss) / self.ranks
         if self.accumulation_steps > 1:
             self.hyper_map(_accumulate, self.accumulated, grads)
             step = self.micro_step + 1

@@ -5,7 +5,11 @@ shard of it (``shard_order``), otherwise one process trains on all 8. Each proce
 weights and per-step losses to ``<out>/rank<r>.npz``. BN is left out on purpose: BN normalises with
 per-rank batch statistics, so only a BN-free net can equal the single-process run exactly.
 
-    python tests/dist_worker.py --out DIR [--distribute --port P] [--pynative]
+``--overflow_rank R`` makes rank R's overflow check report an overflow at every step (as a 910A's
+float status would for saturated float16 gradients that are finite values), with a dynamic loss
+scale: every rank must then skip every step.
+
+    python tests/dist_worker.py --out DIR [--distribute --port P] [--pynative] [--overflow_rank R]
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from mindspore import nn  # noqa: E402
 from resgarden.data import epoch_order, shard_order  # noqa: E402
 from resgarden.distributed import broadcast_parameters, init_cluster  # noqa: E402
 from resgarden.specs import ClusterSpec  # noqa: E402
+from resgarden import train_step  # noqa: E402
 from resgarden.train_step import TrainStep  # noqa: E402
 
 GLOBAL_BATCH, SAMPLES, STEPS = 8, 24, 3
@@ -50,6 +55,7 @@ def main() -> None:
     parser.add_argument("--distribute", action="store_true")
     parser.add_argument("--port", type=int, default=8118)
     parser.add_argument("--pynative", action="store_true")
+    parser.add_argument("--overflow_rank", type=int, default=None)
     args = parser.parse_args()
     ms.set_context(mode=ms.PYNATIVE_MODE if args.pynative else ms.GRAPH_MODE)
     cfg = ClusterSpec(distribute=args.distribute, dist_init="auto", dist_host=None, dist_port=args.port,
@@ -63,7 +69,15 @@ def main() -> None:
     broadcast_parameters(net, cluster)  # ... made equal to rank 0's, as train.py does
     optimizer = nn.Momentum(net.trainable_params(), learning_rate=0.5, momentum=0.9, weight_decay=1e-3)
     # a small clip norm so clipping acts: it must see the global (reduced) gradient
-    step = TrainStep(nn.WithLossCell(net, nn.CrossEntropyLoss()), optimizer, clip_norm=0.5)
+    scaling = {}
+    if args.overflow_rank is not None:
+        scaling = dict(loss_scale=1024.0, dynamic_loss_scale=True)
+        if cluster.rank == args.overflow_rank:
+            # after the real check (which waits for every reduced gradient, keeping the collectives in
+            # the same order on both ranks), always False but data-dependent: not folded away
+            real = train_step.all_finite
+            train_step.all_finite = lambda grads: ms.ops.logical_and(real(grads), ms.ops.abs(grads[0]).sum() < -1.0)
+    step = TrainStep(nn.WithLossCell(net, nn.CrossEntropyLoss()), optimizer, clip_norm=0.5, **scaling)
     step.set_train(True)
     order = epoch_order(SAMPLES, seed=3, epoch=0, shuffle=True)
     losses = []
@@ -72,7 +86,8 @@ def main() -> None:
         mine = shard_order(batch, cluster.rank, cluster.size, equal=True)
         losses.append(float(step(ms.Tensor(images[mine]), ms.Tensor(labels[mine])).asnumpy()))
     weights = {p.name: p.asnumpy() for p in net.get_parameters()}
-    np.savez(os.path.join(args.out, f"rank{cluster.rank}.npz"), losses=np.array(losses), **weights)
+    np.savez(os.path.join(args.out, f"rank{cluster.rank}.npz"), losses=np.array(losses),
+             skipped_steps=step.skipped_steps.asnumpy(), loss_scale=step.loss_scale.asnumpy(), **weights)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,24 @@ def test_two_ranks_equal_one_process_on_the_full_batch(launcher, mode, single_pr
     assert not np.allclose(rank0["head.weight"], _initial_head()), "the weights did not move"
 
 
+@needs_mpirun
+@pytest.mark.parametrize("launcher", ["msrun", "mpirun"])
+def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(launcher, tmp_path):
+    """Rank 1's overflow check fires at every step, rank 0's never (a 910A whose float16 gradients
+    saturated on one card): both ranks skip all 3 steps, halve the loss scale each time and keep
+    their initial weights, identical to each other."""
+    script = ["tests/dist_worker.py", "--out", str(tmp_path), "--distribute", "--overflow_rank", "1"]
+    done = subprocess.run(_launch(launcher, script, str(tmp_path / "logs")),
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rank0, rank1 = (dict(np.load(tmp_path / f"rank{r}.npz")) for r in (0, 1))
+    for rank in (rank0, rank1):
+        assert int(rank["skipped_steps"]) == 3 and float(rank["loss_scale"]) == 1024.0 / 8
+        np.testing.assert_array_equal(rank["head.weight"], _initial_head().astype(np.float32))
+    for name in rank0:
+        np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
+
+
 def _initial_head() -> np.ndarray:
     rs = np.random.RandomState(0)
     rs.normal(0, 0.3, (8, 3, 3, 3))
