@@ -16,6 +16,12 @@ class DistributedError(RuntimeError):
     (one line, exit code 1)."""
 
 
+class StepCountError(RuntimeError):
+    """The device ran another number of optimizer steps than the training loop counted (a sink call
+    that ran fewer steps than its sink size): LR, checkpoints and the resume point would be wrong
+    from here on, so the run stops (one line, exit code 1)."""
+
+
 class ConfigError(UserError):
     """A bad flag, YAML key or value, or settings that do not go together."""
 

@@ -6,13 +6,14 @@ import os
 import sys
 from typing import Callable
 
-from .errors import EXIT_PREEMPTED, DistributedError, Preempted, UserError
+from .errors import EXIT_PREEMPTED, DistributedError, Preempted, StepCountError, UserError
 from .logs import setup_logging
 
 
 def run(prog: str, action: Callable[[], str | None], on_interrupt: str = "interrupted") -> int:
     """Run ``action``; print what it returns. A user error is one line on stderr and exit code 2,
-    a lost rank of a data-parallel job one line and exit code 1, a training stopped on request
+    a lost rank of a data-parallel job or a device that ran other steps than counted one line and
+    exit code 1, a training stopped on request
     (checkpoint written) one line and EXIT_PREEMPTED, an immediate Ctrl-C exit code 130."""
     setup_logging()
     try:
@@ -20,6 +21,9 @@ def run(prog: str, action: Callable[[], str | None], on_interrupt: str = "interr
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except StepCountError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
     except DistributedError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         # MindSpore's teardown waits for the lost ranks (until its own watchdog SIGTERMs us): skip it

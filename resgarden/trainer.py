@@ -28,7 +28,7 @@ from .context import check_model, set_context, with_data_workers
 from .data import Split, load_splits, make_loader
 from .distributed import (Cluster, average_buffers, broadcast_parameters, describe_failure,
                           init_cluster, is_collective_failure, ranks_out_of_sync, seed_random_ops)
-from .errors import ConfigError, DistributedError, Preempted, TrainingDiverged, WriteError
+from .errors import ConfigError, DistributedError, Preempted, StepCountError, TrainingDiverged, WriteError
 from .logs import setup_logging
 from .optim import create_optimizer, freeze_backbone, lr_per_step
 from .platform import apply_cpu_speed_guard
@@ -264,7 +264,10 @@ def _sink_steps(run: Run) -> SinkSteps | None:
     job = run.job
     if not use_sink_mode(job.run.sink_mode, job.context.device_target, run.loader.mixing.off_epoch):
         return None
-    sink_size = sink_size_for(run.steps_per_epoch, job.run.log_interval)
+    sink_size = sink_size_for(run.steps_per_epoch, job.run.log_interval, run.resume_step)
+    if run.resume_step and sink_size < sink_size_for(run.steps_per_epoch, job.run.log_interval):
+        logger.info("dataset sink mode: resumed at step %d of %d, so %d steps per call (a divisor of both) for "
+                    "the rest of the run", run.resume_step, run.steps_per_epoch, sink_size)
     dataset, run.sink_source = make_loader(run.train_split, run.loader, training=True, epoch=run.start_epoch,
                                            num_classes=run.num_classes, shard=run.cluster.shard,
                                            epochs=job.run.epochs - run.start_epoch, first_batch=run.resume_step)
@@ -398,6 +401,7 @@ def _run_epoch(steps: Iterator[tuple[int, ms.Tensor]], run: Run, clock: RunClock
         logger.info("epoch %d/%d step %d/%d loss %.4f lr %.6f %.1f img/s eta %s", epoch + 1, epochs, done,
                     steps_per_epoch, losses[-1][1], _lr(run.lrs, clock.step, accumulation), images_per_s, clock.eta())
         skipped = int(train_cell.skipped_steps.asnumpy())
+        _check_device_steps(run, clock.step, skipped)
         if skipped > skipped_logged:
             logger.warning("%d optimizer step(s) skipped since the last log: gradients overflowed (loss scale now "
                            "%g); %d this epoch", skipped - skipped_logged, float(train_cell.loss_scale.asnumpy()),
@@ -423,6 +427,23 @@ def _check_progress(run: Run, losses: list[float], step: int) -> bool:
             "lower --lr, add --warmup_epochs, --clip_grad or --loss_scale_type=dynamic"
             + (f"; the last good checkpoint is {os.path.join(run.ckpt_dir, last)}" if last else ""))
     return bool(stop)
+
+
+def _check_device_steps(run: Run, micro_steps: int, skipped: int) -> None:
+    """At a log point: the optimizer's own step count plus the steps skipped on overflow must be the
+    optimizer steps the loop counted; else (a sink call that ran fewer steps than its sink size)
+    StepCountError, before LR, checkpoints and the resume point go wrong."""
+    applied = int(run.train_cell.optimizer.global_step.asnumpy().reshape(-1)[0])
+    counted = micro_steps // run.job.step.accumulation
+    if applied + skipped == counted:
+        return
+    last = run.manager.entries[-1]["file"] if run.manager and run.manager.entries else None
+    raise StepCountError(
+        f"the device ran {applied + skipped} optimizer steps ({applied} applied, {skipped} skipped on overflow) "
+        f"where the training loop counted {counted}"
+        + (": dataset sink mode ran another number of steps per call than asked (--dataset_sink_mode=False "
+           "trains without it, or give --jit_level explicitly)" if run.job.run.sink_mode else "")
+        + (f"; the last good checkpoint is {os.path.join(run.ckpt_dir, last)}" if last else ""))
 
 
 def _log_devices(device_target: str, cluster: Cluster) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ import train as train_entry
 from config import ConfigError, inference_job, parse_config, train_job
 from resgarden import context, distributed, platform, steps, train_step, validation
 from resgarden.distributed import Cluster, ClusterPlan, init_cluster, local_device_id, plan_cluster
-from resgarden.errors import UserError
+from resgarden.errors import Preempted, StepCountError, UserError
 from resgarden.specs import ClusterSpec
 from resgarden.trainer import train
 from resgarden.train_step import TrainStep
@@ -318,9 +319,24 @@ def test_jit_level_is_mindspores_default_unless_given(monkeypatch):
     assert {"jit_config": {"jit_level": "O1"}} in calls
 
 
-def test_sink_size_divides_the_epoch():
+def test_sink_size_divides_the_epoch_and_a_resumed_epoch():
     assert steps.sink_size_for(625, 10) == 5 and steps.sink_size_for(40, 10) == 10
     assert steps.sink_size_for(7, 10) == 7 and steps.sink_size_for(13, 10) == 1 and steps.sink_size_for(4, 0) == 1
+    # the issue's case: resumed at step 4010 of 5004 (994 left): 9 would leave 4 batches in the queue
+    assert steps.sink_size_for(5004, 10) == 9 and steps.sink_size_for(5004, 10, first_step=4010) == 2
+    assert steps.sink_size_for(5004, 10, first_step=4014) == 9  # a call boundary: unchanged
+
+
+def test_sink_mode_compiles_at_the_targets_default_level(monkeypatch):
+    """--jit_level=auto is O0, and O2 on a 910A (MindSpore's default there); data_sink would turn an
+    empty level into O0, and on a 910A then run one step where sink_size were counted."""
+    levels = []
+    monkeypatch.setattr(ms, "data_sink", lambda fn, dataset, sink_size=1, jit_config=None: levels.append(
+        jit_config.jit_config_dict["jit_level"]))
+    for level, on_910a in [("auto", False), ("auto", True), ("O1", True), ("O0", False)]:
+        monkeypatch.setattr(steps, "ascend_910a", lambda: on_910a)
+        steps.SinkSteps(nn.Dense(2, 2), None, 2, level)
+    assert levels == ["O0", "O2", "O1", "O0"]
 
 
 def _fake_data_sink(fn, dataset, sink_size=1, jit_config=None, input_signature=None):
@@ -354,6 +370,7 @@ def test_dataset_sink_mode_trains_like_the_step_loop(tmp_path, monkeypatch, capl
     sunk = train(train_job_of(base + ["--dataset_sink_mode", "--log_interval=10"]))
     assert "dataset sink mode: 5 steps per call, epochs 1-2 in one device queue" in caplog.text
     assert sunk["global_step"] == plain["global_step"] == 10
+    assert sunk["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)  # every step's loss, not each call's last
     weights = [{k: v.asnumpy() for k, v in ms.load_checkpoint(os.path.join(r["run_dir"], "ckpt_0",
                                                                           "resnet18-e002.ckpt")).items()
                 if not k.startswith("meta.")} for r in (plain, sunk)]
@@ -361,3 +378,56 @@ def test_dataset_sink_mode_trains_like_the_step_loop(tmp_path, monkeypatch, capl
         np.testing.assert_allclose(weights[1][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
     with pytest.raises(ConfigError, match="mixup cannot stop at --mixup_off_epoch"):
         train(train_job_of(base + ["--dataset_sink_mode", "--mixup=0.2", "--mixup_off_epoch=1"]))
+
+
+def _stopping_after(n: int, real):
+    """steps.batch_steps that sends this process SIGUSR1 after ``n`` steps (a scheduler's warning)."""
+    def run(*args, **kwargs):
+        for done, item in enumerate(real(*args, **kwargs), 1):
+            if done == n:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            yield item
+    return run
+
+
+def _final_weights(run_dir: str) -> dict[str, np.ndarray]:
+    return {k: v.asnumpy() for k, v in ms.load_checkpoint(os.path.join(run_dir, "ckpt_0", "resnet18-e002.ckpt")).items()
+            if not k.startswith("meta.")}
+
+
+def test_sink_mode_resumed_mid_epoch_trains_every_batch_once(tmp_path, monkeypatch, caplog):
+    """Stopped at step 3 of 5, resumed in sink mode (5 steps per call would leave 2 batches of epoch 1
+    in the queue for epoch 2): the same weights as an uninterrupted run."""
+    root = tmp_path / "data"
+    write_imagenet_layout(str(root), per_class=5, size=32)
+    base = SINK_BASE + [f"--data_dir={root}", f"--output_path={tmp_path}", "--log_interval=1"]
+    plain = train(train_job_of(base))
+    monkeypatch.setattr(steps, "SINK_TARGETS", ("CPU",))
+    monkeypatch.setattr(ms, "data_sink", _fake_data_sink)
+    real_batch_steps = steps.batch_steps
+    monkeypatch.setattr("resgarden.trainer.batch_steps", _stopping_after(3, real_batch_steps))
+    with pytest.raises(Preempted):
+        train(train_job_of(base + [f"--output_path={tmp_path}/stopped"]))
+    (run_dir,) = [os.path.join(tmp_path, "stopped", d) for d in os.listdir(tmp_path / "stopped")]
+    monkeypatch.setattr("resgarden.trainer.batch_steps", real_batch_steps)
+    resumed = train(train_job_of([f"--resume={run_dir}", "--dataset_sink_mode", "--log_interval=10"]))
+    assert "resumed at step 3 of 5, so 1 steps per call" in caplog.text
+    assert resumed["global_step"] == plain["global_step"] == 10
+    reference = _final_weights(plain["run_dir"])
+    for name, value in _final_weights(resumed["run_dir"]).items():
+        np.testing.assert_allclose(value, reference[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def _one_step_per_call(fn, dataset, sink_size=1, jit_config=None, input_signature=None):
+    """data_sink as a compile that lost the device loop would run it: one step per call."""
+    return _fake_data_sink(fn, dataset, 1, jit_config, input_signature)
+
+
+def test_a_sink_call_that_runs_fewer_steps_than_counted_stops_the_run(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    write_imagenet_layout(str(root), per_class=5, size=32)
+    monkeypatch.setattr(steps, "SINK_TARGETS", ("CPU",))
+    monkeypatch.setattr(ms, "data_sink", _one_step_per_call)
+    with pytest.raises(StepCountError, match="the device ran 1 optimizer steps .* where the training loop counted 5"):
+        train(train_job_of(SINK_BASE + [f"--data_dir={root}", f"--output_path={tmp_path}", "--dataset_sink_mode",
+                                        "--log_interval=10"]))
