@@ -44,7 +44,8 @@ class BatchSource:
 
     def __init__(self, split: Split, order: np.ndarray, transform: ImageTransform, seed_key: tuple[int, ...],
                  batch_size: int, drop_remainder: bool, workers: int = 1, first_epoch: int = 0,
-                 epoch_length: int | None = None, first_batch: int = 0) -> None:
+                 epoch_length: int | None = None, first_batch: int = 0,
+                 worker_cpus: tuple[int, ...] | None = None) -> None:
         self.split = split
         self.order = order
         self.transform = transform
@@ -55,6 +56,7 @@ class BatchSource:
         self.samples = len(order) // batch_size * batch_size if drop_remainder else len(order)
         self.first_batch = first_batch  # a run resumed mid-epoch starts at its next batch
         self.workers = max(1, workers)
+        self.worker_cpus = worker_cpus  # the worker processes' CPU affinity (None: this process's)
         self.bad_files: set[str] = set()
         self.failure: DataError | None = None  # what ended the iteration, see :func:`batches`
         self._lock = threading.Lock()
@@ -217,6 +219,8 @@ def seed_global_streams(source: BatchSource, batch: int) -> None:
 def _set_worker_source(source: BatchSource) -> None:
     global _worker_source
     _worker_source = source
+    if source.worker_cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, source.worker_cpus)
 
 
 def _fill_slot(batch: int, slot_name: str) -> tuple[list[int], list[tuple[str, str]]]:

@@ -11,7 +11,7 @@ import mindspore as ms
 import models
 from models.pretrained import CACHE_ENV
 
-from .distributed import Cluster, place_device
+from .distributed import Cluster, nodes, place_device
 from .errors import ConfigError
 from .platform import default_data_workers
 from .specs import ContextSpec, LoaderSpec
@@ -38,12 +38,27 @@ def set_context(spec: ContextSpec) -> None:
 
 def with_data_workers(loader: LoaderSpec, cluster: Cluster) -> LoaderSpec:
     """``loader`` with its worker count decided when not given: this rank's share of its node's
-    CPUs (logged)."""
+    CPUs, and where its workers run (a collective in a data-parallel job; rank 0 logs each node)."""
     if loader.workers is not None:
         return loader
-    workers, why = default_data_workers(cluster.local_size)
-    logger.info("data loading: %d worker process(es) (%s; --num_parallel_workers sets it)", workers, why)
-    return dataclasses.replace(loader, workers=workers)
+    groups = nodes(cluster)
+    mine = next(group for group in groups if cluster.rank in group)
+    plan = default_data_workers(len(mine), launched=cluster.distributed)
+    counts = cluster.gather([plan.workers])[:, 0].astype(int)
+    for group in groups:
+        spread = sorted({int(counts[r]) for r in group})
+        who = "" if not cluster.distributed else f"node of rank{'s' if len(group) > 1 else ''} {_ranks(group)}: "
+        why = plan.reason if cluster.rank in group else f"{len(group)} rank(s) on it"
+        logger.info("data loading: %s%s worker process(es) per rank (%s; --num_parallel_workers sets it)", who,
+                    "-".join(map(str, dict.fromkeys((spread[0], spread[-1])))), why)
+    return dataclasses.replace(loader, workers=plan.workers, worker_cpus=plan.cpus)
+
+
+def _ranks(group: list[int]) -> str:
+    """``0-7`` for consecutive ranks, else ``0,2,4``."""
+    if group == list(range(group[0], group[-1] + 1)) and len(group) > 1:
+        return f"{group[0]}-{group[-1]}"
+    return ",".join(map(str, group))
 
 
 def check_model(name: str) -> None:

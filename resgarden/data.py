@@ -268,8 +268,8 @@ def make_loader(split: Split, loader: LoaderSpec, training: bool, epoch: int = 0
     source = BatchSource(split, np.concatenate(orders), image_transform(loader, training),
                          seed_key=(loader.seed, rank, int(training)), batch_size=loader.batch_size,
                          drop_remainder=training, first_epoch=epoch,
-                         workers=loader.workers or default_data_workers()[0], epoch_length=len(orders[0]),
-                         first_batch=first_batch)
+                         workers=loader.workers or default_data_workers().workers, epoch_length=len(orders[0]),
+                         first_batch=first_batch, worker_cpus=loader.worker_cpus)
     dataset = ds.GeneratorDataset(source, column_names=["image", "label"], shuffle=False)
     if training and loader.mixing.enabled:
         dataset = dataset.map(mixing(loader.mixing, num_classes or len(split.classes), epoch),

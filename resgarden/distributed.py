@@ -55,7 +55,9 @@ MSRUN = "msrun"
 SUPPORTED_LAUNCHERS = "OpenMPI mpirun, MPICH / Intel MPI mpiexec, Slurm srun or msrun"
 # the variable through which each accelerator runtime makes a subset of a node's devices visible
 VISIBLE_DEVICES = {"GPU": "CUDA_VISIBLE_DEVICES", "Ascend": "ASCEND_RT_VISIBLE_DEVICES"}
-PORT_WAIT_SECONDS = 300.0
+# how long ranks wait for each other to join (MindSpore's MS_TOPO_TIMEOUT): msrun's own default
+# (--cluster_time_out); the nodes of a multi-node job rarely start within a minute of each other
+JOIN_TIMEOUT_SECONDS = 600
 _COLLECTIVE = re.compile(r"AllReduce|AllGather|Broadcast|ReduceScatter|timed out|[Cc]luster|[Hh]eartbeat")
 _TIMED_OUT = re.compile(r"(worker|node) (\d+) is the first one timed out")
 
@@ -68,7 +70,6 @@ class Cluster:
     local_rank: int = 0
     launcher: str = "none"
     device_id: int = 0
-    local_size: int = 1  # ranks on this node
 
     @property
     def is_main(self) -> bool:
@@ -122,6 +123,8 @@ def find_launcher(environ: Mapping[str, str]) -> Launcher | str | None:
         return MSRUN
     for launcher in LAUNCHERS:
         if launcher.rank_var in environ:
+            if launcher.local_var not in environ and _srun_with_pmi(environ):
+                return LAUNCHERS[-1]
             if not any(var in environ for var in launcher.size_vars):
                 raise ConfigError(f"{launcher.name}: {launcher.rank_var} is set but not {' or '.join(launcher.size_vars)}; "
                                   f"start the job with {SUPPORTED_LAUNCHERS}")
@@ -130,6 +133,14 @@ def find_launcher(environ: Mapping[str, str]) -> Launcher | str | None:
         raise ConfigError("a PMIx launcher set PMIX_RANK but no rank variables known here; start the job with "
                           f"{SUPPORTED_LAUNCHERS}")
     return None
+
+
+def _srun_with_pmi(environ: Mapping[str, str]) -> bool:
+    """Whether Slurm's srun started this process through PMI (``srun --mpi=pmi2``): PMI_RANK is
+    then Slurm's own rank and only Slurm names the local rank (MPICH's mpiexec sets
+    MPI_LOCALRANKID)."""
+    return ("SLURM_LOCALID" in environ and "SLURM_STEP_NUM_TASKS" in environ
+            and environ.get("PMI_RANK") == environ.get("SLURM_PROCID"))
 
 
 def launcher_ranks(launcher: Launcher, environ: Mapping[str, str]) -> tuple[int, int]:
@@ -152,15 +163,6 @@ def launcher_local_rank(launcher: Launcher, environ: Mapping[str, str],
     if launcher.local_var in environ:
         return int(environ[launcher.local_var])
     return fallback()
-
-
-def local_rank_count(environ: Mapping[str, str]) -> int:
-    """How many ranks of the job share this node, from the launcher's variables (1 if unknown)."""
-    for variable in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE", "LOCAL_RANK_SIZE"):
-        match = re.match(r"\d+", environ.get(variable, ""))
-        if match:
-            return max(1, int(match.group()))
-    return 1
 
 
 def local_device_id(local_rank: int, device_target: str, environ: Mapping[str, str]) -> int:
@@ -216,11 +218,20 @@ def plan_cluster(environ: Mapping[str, str], device_target: str, dist_init: str 
     return ClusterPlan(launcher.name, "native" if dist_init == "native" else "dynamic_cluster", rank, size, device_id)
 
 
-def dynamic_cluster_env(rank: int, size: int, host: str, port: int, timeout: int) -> dict[str, str]:
-    """MindSpore's dynamic-cluster variables for worker ``rank`` of ``size``."""
+def join_timeout(environ: Mapping[str, str]) -> int:
+    """Seconds the ranks wait for each other to join: ``MS_TOPO_TIMEOUT`` where the user exported it,
+    else :data:`JOIN_TIMEOUT_SECONDS`."""
+    value = environ.get("MS_TOPO_TIMEOUT", "")
+    return int(value) if re.fullmatch(r"\d+", value) else JOIN_TIMEOUT_SECONDS
+
+
+def dynamic_cluster_env(rank: int, size: int, host: str, port: int, timeout: int,
+                        environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """MindSpore's dynamic-cluster variables for worker ``rank`` of ``size``: heartbeat timeout
+    ``timeout`` (--dist_timeout), join timeout :func:`join_timeout`."""
     return {"MS_ROLE": "MS_WORKER", "MS_NODE_ID": str(rank), "MS_WORKER_NUM": str(size),
             "MS_SCHED_HOST": host, "MS_SCHED_PORT": str(port), "MS_NODE_TIMEOUT": str(timeout),
-            "MS_TOPO_TIMEOUT": str(max(timeout, 60))}
+            "MS_TOPO_TIMEOUT": str(join_timeout(environ or {}))}
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -280,13 +291,13 @@ def _translate_mpi(spec: ClusterSpec, plan: ClusterPlan, environ: dict[str, str]
     its log path back (the other ranks None)."""
     host = spec.dist_host or environ.get("MS_SCHED_HOST") or "127.0.0.1"
     port = int(spec.dist_port)
-    environ.update(dynamic_cluster_env(plan.rank, plan.size, host, port, spec.dist_timeout))
+    environ.update(dynamic_cluster_env(plan.rank, plan.size, host, port, spec.dist_timeout, environ))
     log_path = None
     if plan.rank == 0:
         check_port_free(host, port)
         log_path = scheduler_log_path(port)
         start_scheduler(dict(environ), log_path)
-    wait_for_port(host, port, PORT_WAIT_SECONDS)
+    wait_for_port(host, port, join_timeout(environ))
     return log_path
 
 
@@ -334,8 +345,36 @@ def init_cluster(spec: ClusterSpec, environ: dict[str, str] | None = None) -> Cl
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                  device_num=size)
     device_id = plan.device_id if plan.device_id is not None else ms.get_current_device().device_id
-    _current = Cluster(rank, size, local_rank, f"{plan.launcher}/{plan.path}", device_id, local_rank_count(environ))
+    _current = Cluster(rank, size, local_rank, f"{plan.launcher}/{plan.path}", device_id)
     return _current
+
+
+def host_key() -> np.ndarray:
+    """This machine as two 16-bit numbers (exact in float32 collectives): CRC-32 of its host name and
+    boot id, which every process of one node (one container) shares."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            boot = handle.read().strip()
+    except OSError:
+        boot = ""
+    crc = zlib.crc32(f"{socket.gethostname()}/{boot}".encode())
+    return np.array([crc >> 16, crc & 0xFFFF], dtype=np.float64)
+
+
+def group_by_host(keys: np.ndarray) -> list[list[int]]:
+    """The ranks of each node, nodes in the order of their first rank, from every rank's host key."""
+    groups: dict[tuple, list[int]] = {}
+    for rank, key in enumerate(keys):
+        groups.setdefault(tuple(key), []).append(rank)
+    return list(groups.values())
+
+
+def nodes(cluster: Cluster) -> list[list[int]]:
+    """The ranks of each node of the job (a collective: every rank calls it). Launchers do not all
+    say how many ranks share a node (msrun does not; srun only with --ntasks-per-node)."""
+    if not cluster.distributed:
+        return [[0]]
+    return group_by_host(cluster.gather(host_key()))
 
 
 def is_collective_failure(exc: BaseException) -> bool:

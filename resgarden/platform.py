@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import math
 import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from resgarden.errors import UserError
 from resgarden.native import conv_library
@@ -149,12 +152,92 @@ def quiet_cell_teardown() -> None:
     atexit.register(silence)
 
 
-def default_data_workers(local_ranks: int = 1) -> tuple[int, str]:
-    """(data loading workers for one rank, how that was decided): the CPUs this process may run on,
-    shared by the ranks on its node, at least 1 and at most MAX_DEFAULT_WORKERS."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = max(1, min(MAX_DEFAULT_WORKERS, cpus // max(1, local_ranks)))
-    return workers, f"{cpus} CPUs in this process's affinity / {local_ranks} rank(s) on the node"
+@dataclass(frozen=True)
+class WorkerPlan:
+    """A rank's data loading worker processes and the CPUs they run on."""
+    workers: int
+    cpus: tuple[int, ...] | None = None  # the workers' CPU affinity; None: the rank's own
+    reason: str = ""
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """Linux's CPU list format (``0-3,8,10-11``) as sorted CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    return sorted(cpus)
+
+
+def node_cpus(cgroup_root: str = "/sys/fs/cgroup") -> tuple[list[int], float | None]:
+    """(the CPUs this node gives the job, its CPU-time quota in CPUs or None): the cgroup's cpuset
+    (a container's, a Slurm job's), else every online CPU. Not this process's affinity: launchers
+    narrow that per rank (OpenMPI binds each rank to a socket, or with ``--bind-to core`` a core)."""
+    cpus: list[int] = []
+    for name in ("cpuset.cpus.effective", "cpuset/cpuset.effective_cpus", "cpuset/cpuset.cpus"):
+        try:
+            with open(os.path.join(cgroup_root, name), encoding="ascii") as handle:
+                cpus = parse_cpu_list(handle.read())
+        except (OSError, ValueError):
+            continue
+        if cpus:
+            break
+    quota = None
+    try:
+        with open(os.path.join(cgroup_root, "cpu.max"), encoding="ascii") as handle:
+            limit, period = handle.read().split()[:2]
+        quota = None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        pass
+    return cpus or list(range(os.cpu_count() or 1)), quota
+
+
+def numa_cpus(cpus: Iterable[int], node_root: str = "/sys/devices/system/node") -> set[int]:
+    """The CPUs of the NUMA nodes that hold any of ``cpus`` (``cpus`` themselves where the topology
+    cannot be read)."""
+    wanted, found = set(cpus), set()
+    try:
+        nodes = [n for n in os.listdir(node_root) if n.startswith("node") and n[4:].isdigit()]
+    except OSError:
+        return wanted
+    for node in nodes:
+        try:
+            with open(os.path.join(node_root, node, "cpulist"), encoding="ascii") as handle:
+                members = set(parse_cpu_list(handle.read()))
+        except (OSError, ValueError):
+            continue
+        if members & wanted:
+            found |= members
+    return found or wanted
+
+
+def plan_data_workers(local_ranks: int, affinity: Iterable[int], node: Iterable[int], quota: float | None = None,
+                      numa: Callable[[Iterable[int]], set[int]] = numa_cpus) -> WorkerPlan:
+    """This rank's share of its node's CPUs as worker processes (at least 1, at most
+    MAX_DEFAULT_WORKERS). Where the launcher bound the rank to fewer CPUs than that share (OpenMPI
+    ``--bind-to core``), its workers run on the NUMA node of the rank's CPUs, so that they do not
+    all queue on the rank's own core."""
+    affinity, node = sorted(set(affinity)), sorted(set(node))
+    usable = min(len(node), max(1, math.floor(quota))) if quota else len(node)
+    ranks = max(1, local_ranks)
+    workers = max(1, min(MAX_DEFAULT_WORKERS, usable // ranks))
+    reason = f"{usable} CPUs on the node / {ranks} rank(s) on it"
+    if len(affinity) >= workers:
+        return WorkerPlan(workers, None, reason)
+    near = sorted(numa(affinity) & set(node))
+    cpus = tuple(near if len(near) >= workers else node)
+    return WorkerPlan(workers, cpus, f"{reason}; the rank is bound to {len(affinity)} CPU(s), so its workers run "
+                                     f"on {'its NUMA node' if len(near) >= workers else 'the node'}'s {len(cpus)}")
+
+
+def default_data_workers(local_ranks: int = 1, launched: bool = False) -> WorkerPlan:
+    """This process's worker plan on this machine (:func:`plan_data_workers`), ``local_ranks`` ranks
+    sharing the node. A process a launcher started (``launched``) shares the node's CPUs; a single
+    process keeps to its own affinity (a user's ``taskset``)."""
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    node, quota = node_cpus() if launched else (affinity, None)
+    return plan_data_workers(local_ranks, affinity, node, quota)
 
 
 def native_kernels_wanted() -> bool:

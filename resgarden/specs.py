@@ -102,7 +102,8 @@ class LoaderSpec:
     """How batches are made: size, workers, seed and the transforms."""
 
     batch_size: int = 32
-    workers: int | None = None  # None: resgarden.context.data_workers decides per rank
+    workers: int | None = None  # None: resgarden.context.with_data_workers decides per rank
+    worker_cpus: tuple[int, ...] | None = None  # the workers' CPU affinity (None: the rank's)
     seed: int = 42
     eval_transform: EvalTransform = field(default_factory=EvalTransform)
     augmentation: Augmentation = field(default_factory=Augmentation)

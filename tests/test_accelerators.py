@@ -178,6 +178,14 @@ def test_mpi_launchers_join_through_the_dynamic_cluster(target):
     assert plan_cluster({**SLURM, **OPENMPI}, target, local_rank_fallback=_no_local_rank).launcher == "OpenMPI"
 
 
+def test_srun_through_pmi_is_slurm_with_its_local_rank():
+    """srun --mpi=pmi2 also sets PMI_RANK / PMI_SIZE; the local rank is Slurm's (MPI is not asked)."""
+    plan = plan_cluster({**SLURM, "PMI_RANK": "9", "PMI_SIZE": "16"}, "GPU", local_rank_fallback=_no_local_rank)
+    assert (plan.launcher, plan.rank, plan.size, plan.device_id) == ("Slurm srun", 9, 16, 1)
+    # MPICH's mpiexec inside a Slurm allocation names its own local rank: still MPICH
+    assert plan_cluster({**SLURM, **MPICH}, "GPU", local_rank_fallback=_no_local_rank).launcher == "MPICH / Intel MPI"
+
+
 def test_local_rank_comes_from_mpi_only_where_the_launcher_sets_none():
     no_local = {k: v for k, v in MPICH.items() if k != "MPI_LOCALRANKID"}
     assert plan_cluster(no_local, "GPU", local_rank_fallback=lambda: 2).device_id == 2

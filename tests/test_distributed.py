@@ -80,7 +80,9 @@ def test_launcher_detection_and_mpi_translation():
     assert plan_cluster({"MS_ROLE": "MS_WORKER"}, "CPU").launcher == "msrun"
     env = dynamic_cluster_env(3, 8, "10.0.0.5", 9000, timeout=45)
     assert env == {"MS_ROLE": "MS_WORKER", "MS_NODE_ID": "3", "MS_WORKER_NUM": "8", "MS_SCHED_HOST": "10.0.0.5",
-                   "MS_SCHED_PORT": "9000", "MS_NODE_TIMEOUT": "45", "MS_TOPO_TIMEOUT": "60"}
+                   "MS_SCHED_PORT": "9000", "MS_NODE_TIMEOUT": "45", "MS_TOPO_TIMEOUT": "600"}
+    # nodes may join up to msrun's 10 minutes apart, or as long as the user exported
+    assert dynamic_cluster_env(3, 8, "h", 9000, 45, {"MS_TOPO_TIMEOUT": "1800"})["MS_TOPO_TIMEOUT"] == "1800"
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 8])
@@ -252,15 +254,19 @@ def test_train_py_under_mpirun(tiny_imagenet, tmp_path):
 
 def test_train_py_under_msrun(tiny_imagenet, tmp_path):
     """msrun also runs train.py as the scheduler: it must write nothing (one run folder), and each
-    worker's output lands in <log_dir>/worker_<rank>.log."""
-    args = ["train.py", *TRAIN_ARGS, f"--data_dir={tiny_imagenet}", f"--ckpt_save_dir={tmp_path}/out",
-            "--distribute=True", "--epoch_size=1"]
+    worker's output lands in <log_dir>/worker_<rank>.log. msrun says nothing of how many ranks share
+    a node: the ranks find out (both here) and share its CPUs as data workers."""
+    args = ["train.py", *[a for a in TRAIN_ARGS if not a.startswith("--num_parallel_workers")],
+            f"--data_dir={tiny_imagenet}", f"--ckpt_save_dir={tmp_path}/out", "--distribute=True", "--epoch_size=1"]
     done = subprocess.run(_launch("msrun", args, str(tmp_path / "logs")), cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert len(os.listdir(tmp_path / "out")) == 1
     worker0 = (tmp_path / "logs" / "worker_0.log").read_text(errors="replace")
     assert "all 2 ranks hold identical weights and optimizer state" in worker0 and "done: 1 epochs" in worker0
+    share = max(1, min(16, len(os.sched_getaffinity(0)) // 2))
+    assert (f"data loading: node of ranks 0-1: {share} worker process(es) per rank ("
+            f"{len(os.sched_getaffinity(0))} CPUs on the node / 2 rank(s) on it") in worker0
     assert "rank 1 of 2" in (tmp_path / "logs" / "worker_1.log").read_text(errors="replace")
 
 

@@ -9,7 +9,9 @@ import sys
 import pytest
 
 from resgarden import native
-from resgarden.platform import ISA_VARIABLE, cpu_has_avx512, decide_isa_cap, mindspore_version
+from resgarden.distributed import group_by_host
+from resgarden.platform import (ISA_VARIABLE, cpu_has_avx512, decide_isa_cap, mindspore_version, node_cpus,
+                                parse_cpu_list, plan_data_workers)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,3 +102,44 @@ def test_checkpoints_load_when_page_cache_leaves_little_free_memory(tmp_path, mo
     real_sysconf = os.sysconf
     monkeypatch.setattr(os, "sysconf", lambda name: 16 if name == "SC_AVPHYS_PAGES" else real_sysconf(name))
     assert ms.load_checkpoint(path)["w"].shape == (512, 1024)  # 16 free pages: MindSpore's own check refuses
+
+
+# ---------------------------------------------------------------- data workers on a node of 8 ranks
+
+SOCKETS = [set(range(0, 48)), set(range(48, 96))]  # a 2 x 48-core node
+
+
+def _numa(cpus):
+    return set().union(*(socket for socket in SOCKETS if socket & set(cpus)))
+
+
+@pytest.mark.parametrize("binding,affinity,cpus", [
+    ("OpenMPI default (> 2 ranks: a socket each)", SOCKETS[0], None),
+    ("OpenMPI --bind-to none / MPICH / msrun", range(96), None),
+    ("srun --cpus-per-task=12", range(12, 24), None),
+    ("OpenMPI --bind-to core", {3}, tuple(range(48))),  # workers on the rank's socket, not its one core
+])
+def test_eight_ranks_share_out_the_nodes_cpus(binding, affinity, cpus):
+    plan = plan_data_workers(8, affinity, range(96), numa=_numa)
+    assert (plan.workers, plan.cpus) == (12, cpus), binding
+    assert plan.reason.startswith("96 CPUs on the node / 8 rank(s) on it")
+
+
+def test_a_cpu_quota_and_small_nodes():
+    assert plan_data_workers(8, range(96), range(96), quota=16.0, numa=_numa).workers == 2
+    assert plan_data_workers(8, range(4), range(4), numa=_numa).workers == 1  # at least one each
+    assert plan_data_workers(1, range(64), range(64), numa=_numa).workers == 16  # at most 16
+
+
+def test_cgroup_cpuset_and_quota_are_the_node(tmp_path):
+    (tmp_path / "cpuset.cpus.effective").write_text("0-3,8,10-11\n")
+    (tmp_path / "cpu.max").write_text("400000 100000\n")
+    assert node_cpus(str(tmp_path)) == ([0, 1, 2, 3, 8, 10, 11], 4.0)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert node_cpus(str(tmp_path))[1] is None
+    assert parse_cpu_list("5") == [5] and node_cpus(str(tmp_path / "none"))[0] == list(range(os.cpu_count()))
+
+
+def test_ranks_are_grouped_by_the_node_they_run_on():
+    keys = [[1, 2], [1, 2], [3, 4], [1, 2], [3, 4]]
+    assert group_by_host(keys) == [[0, 1, 3], [2, 4]]
