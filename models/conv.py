@@ -207,7 +207,7 @@ def conv_bn(conv: Conv2d, bn: nn.Cell, x: Tensor, relu: bool, residual: Tensor |
     ReLU in training), or ``nn.Identity`` after :func:`models.fold.fold_batchnorm`. The fused call is not a
     call of ``conv``: forward hooks on it fire in training only (or with ``conv.native = None``).
     """
-    if conv.training or conv.native is None:
+    if conv.training or conv.native is None or x.dtype != ms.float32:  # float16 (AMP): MindSpore's kernels
         if not conv.folded:  # models.batchnorm.BatchNorm2d: with the sum and ReLU fused in training
             return bn(conv_in_layout(conv, x, blocked), relu, residual)
         out = bn(conv(x))

@@ -28,7 +28,7 @@ import tempfile
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -458,18 +458,18 @@ def average_buffers(cell, cluster: Cluster) -> int:
     return len(buffers)
 
 
-def fingerprint(cell) -> np.ndarray:
-    """CRC-32 of all of ``cell``'s parameters, as two 16-bit halves (exact in float32 collectives)."""
+def fingerprint(params: Iterable) -> np.ndarray:
+    """CRC-32 of ``params`` (names and values), as two 16-bit halves (exact in float32 collectives)."""
     crc = 0
-    for param in cell.get_parameters():
+    for param in params:
         crc = zlib.crc32(param.name.encode(), crc)
         crc = zlib.crc32(np.ascontiguousarray(param.asnumpy()).tobytes(), crc)
     return np.array([crc >> 16, crc & 0xFFFF], dtype=np.float64)
 
 
-def ranks_out_of_sync(cell, cluster: Cluster) -> list[int]:
-    """The ranks whose parameters differ from rank 0's (empty when all ranks hold the same state)."""
-    table = cluster.gather(fingerprint(cell))
+def ranks_out_of_sync(params: Iterable, cluster: Cluster) -> list[int]:
+    """The ranks whose ``params`` differ from rank 0's (empty when all ranks hold the same values)."""
+    table = cluster.gather(fingerprint(params))
     return [r for r in range(cluster.size) if not np.array_equal(table[r], table[0])]
 
 

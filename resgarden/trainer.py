@@ -457,7 +457,7 @@ def _log_devices(device_target: str, cluster: Cluster) -> None:
 
 def _check_in_sync(train_cell: nn.Cell, cluster: Cluster) -> None:
     """Log whether every rank ends with rank 0's weights, BN statistics and optimizer state."""
-    differing = ranks_out_of_sync(train_cell, cluster)
+    differing = ranks_out_of_sync(train_cell.get_parameters(), cluster)
     if differing:
         logger.error("ranks %s ended with other weights than rank 0: the job is out of sync", differing)
     else:
