@@ -27,6 +27,12 @@ TRAINING_STATE_NAMES = frozenset({"global_step", "learning_rate", "momentum", "b
                                   "accum_micro_step", "ema_updates", "overflow_skipped_steps"})
 
 
+# prefixes a training wrapper gives every weight name when the checkpoint was saved from it (a
+# WithLossCell / TrainOneStepCell subclass whose auto_prefix is on: mindspore/models' checkpoints);
+# their own loaders strip "network."
+WRAPPER_PREFIXES = ("network.", "_backbone.")
+
+
 def is_training_state(name: str) -> bool:
     """True for optimizer / loss-scale / run-metadata entries of a training checkpoint."""
     return name in TRAINING_STATE_NAMES or name.startswith(TRAINING_STATE_GROUPS)
@@ -116,13 +122,30 @@ class Checkpoint:
 
     @functools.cached_property
     def model_state(self) -> dict[str, object]:
-        """The model weights, in the checkpoint's own names: the run's EMA of them when it kept
-        one, else the plain ones; optimizer state and run metadata left out."""
+        """The model weights, in the checkpoint's own names (less a training wrapper's prefix, see
+        :attr:`wrapper_prefix`): the run's EMA of them when it kept one, else the plain ones;
+        optimizer state and run metadata left out."""
         if self.has_ema:
             weights = {k[len(EMA_PREFIX):]: v for k, v in self.state.items() if k.startswith(EMA_PREFIX)}
         else:
             weights = self.state
-        return {k: v for k, v in weights.items() if not is_training_state(k)}
+        weights = {k: v for k, v in weights.items() if not is_training_state(k)}
+        return {k[len(self.wrapper_prefix):]: v for k, v in weights.items()}
+
+    @functools.cached_property
+    def wrapper_prefix(self) -> str:
+        """The prefix every weight name carries because the checkpoint was saved from a training
+        wrapper (``network.``, also repeated), or ""."""
+        names = [k for k in (self.state if not self.has_ema else
+                             (k[len(EMA_PREFIX):] for k in self.state if k.startswith(EMA_PREFIX)))
+                 if not is_training_state(k)]
+        prefix = ""
+        while names:
+            found = next((p for p in WRAPPER_PREFIXES if all(n.startswith(prefix + p) for n in names)), None)
+            if found is None:
+                break
+            prefix += found
+        return prefix
 
     @functools.cached_property
     def layout(self) -> Layout:
@@ -197,8 +220,10 @@ def load_weights(model: nn.Cell, source: str | Checkpoint | Mapping[str, object]
     if head not in HEAD_POLICIES:
         raise ValueError(f"head={head!r}: use one of {HEAD_POLICIES}")
     checkpoint = open_checkpoint(source) if isinstance(source, str) else source
+    wrapper = ""
     if isinstance(checkpoint, Checkpoint):
         origin, state, layout, ema = checkpoint.path, checkpoint.model_state, checkpoint.layout, checkpoint.has_ema
+        wrapper = checkpoint.wrapper_prefix
     else:  # a name -> value mapping is taken as it is (no EMA preference)
         state = {k: v for k, v in checkpoint.items() if not is_training_state(k)}
         origin, layout, ema = "state dict", detect_layout(state), False
@@ -208,6 +233,8 @@ def load_weights(model: nn.Cell, source: str | Checkpoint | Mapping[str, object]
         raise WeightsError(f"{origin} is a {layout.name} checkpoint of {unsupported}")
     state, renamed, notes = to_our_names(layout, state, set(params))
     report = LoadReport(renamed=renamed, layout=layout.name, notes=notes)
+    if wrapper:
+        report.notes.append(f"saved from a training wrapper: the '{wrapper}' prefix of every name stripped")
     unused = tuple(getattr(model, "unused_weights", ()))  # parts a features-only model does not build
     skipped = {k for k in state if k.startswith(unused) and k not in params} if unused else set()
     if skipped:

@@ -75,6 +75,22 @@ def test_renames_are_counted_on_the_create_model_path(tmp_path, caplog):
     assert "(2 renamed from mindcv layout)" in caplog.text
 
 
+def test_a_checkpoint_saved_from_a_training_wrapper_loads(tmp_path, caplog):
+    """mindspore/models checkpoints saved from a WithLossCell / TrainOneStepCell subclass carry
+    "network." before every name (their loaders strip it), beside the optimizer's state."""
+    state = _resnet18_state(1000)
+    entries = [{"name": "network." + k, "data": ms.Tensor(v)} for k, v in state.items()]
+    entries += [{"name": "moments.network.conv1.weight", "data": ms.Tensor(state["conv1.weight"])},
+                {"name": "global_step", "data": ms.Tensor(np.array([7], np.int32))}]
+    path = str(tmp_path / "wrapped.ckpt")
+    ms.save_checkpoint(entries, path)
+    with caplog.at_level(logging.INFO, logger="resgarden"):
+        net = models.create_model("resnet18", checkpoint_path=path)
+    np.testing.assert_array_equal(net.layer4[1].conv2.weight.asnumpy(), state["layer4.1.conv2.weight"])
+    assert f"loaded {len(state)} parameters" in caplog.text
+    assert "saved from a training wrapper: the 'network.' prefix of every name stripped" in caplog.text
+
+
 def test_the_weights_eval_transform_travels_with_the_model():
     assert models.create_model("resnest101", num_classes=0).pretrained_cfg.eval_transform == EvalTransform(
         image_size=256, crop_pct=0.9)
