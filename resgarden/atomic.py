@@ -30,8 +30,17 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     except OSError as exc:  # disk full, quota, permissions: the earlier file at ``path`` is untouched
         raise WriteError(path, exc) from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_with_derived(tmp)
+
+
+def _remove_with_derived(tmp: str) -> None:
+    """Remove ``tmp`` and the files a writer derived from its name (MindSpore's ``save_checkpoint``
+    writes ``<tmp stem>.tmp`` first and leaves it when the disk fills): the random stem is ours alone."""
+    directory, stem = os.path.split(os.path.splitext(tmp)[0])
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        if name.startswith(stem):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(directory, name))
 
 
 def write_text(path: str, text: str) -> str:
@@ -57,11 +66,12 @@ def atomic_directory(path: str) -> Iterator[str]:
 
 def remove_stale(directory: str) -> list[str]:
     """Remove temporary files a killed process left in ``directory`` (``.<name>.*`` beside a
-    writer's target, and the ``.tmp-*`` ones of earlier versions); returns their names."""
+    writer's target, MindSpore's ``.tmp`` of one, and the ``.tmp-*`` ones of earlier versions);
+    returns their names."""
     if not os.path.isdir(directory):
         return []
     stale = [f for f in os.listdir(directory) if f.startswith(".") and (f.startswith(".tmp-") or f.endswith(
-        (".partial", ".part", ".ckpt", ".png", ".so"))) and os.path.isfile(os.path.join(directory, f))]
+        (".partial", ".part", ".ckpt", ".png", ".so", ".tmp"))) and os.path.isfile(os.path.join(directory, f))]
     for name in stale:
         os.remove(os.path.join(directory, name))
     return stale

@@ -111,6 +111,40 @@ def test_atomic_writes_leave_nothing_behind_on_failure(tmp_path):
     assert target.read_text() == "{}" and os.listdir(tmp_path / "sub") == ["file.json"]
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MB tmpfs: a resnet18 checkpoint (45 MB) does not fit (skipped where mounting is not allowed)."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(folder)],
+                                                       capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_leaves_no_file_of_a_checkpoint_behind(small_disk):
+    """MindSpore's save_checkpoint writes <name>.tmp before its own rename: that goes too."""
+    from resgarden.checkpoint import save_atomic
+    from resgarden.errors import WriteError
+
+    with pytest.raises(WriteError, match="No space left on device"):
+        save_atomic(models.create_model("resnet18"), str(small_disk / "resnet18-best.ckpt"), {"epoch": 0})
+    assert os.listdir(small_disk) == []
+
+
+def test_leftovers_of_a_killed_save_are_cleaned_up(tmp_path):
+    from resgarden.atomic import remove_stale
+
+    for name in (".resnet18-best.ckpt.k2j4x9_a.tmp", ".resnet18-e003.ckpt.abcdefgh.ckpt", "resnet18-e002.ckpt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(remove_stale(str(tmp_path))) == [".resnet18-best.ckpt.k2j4x9_a.tmp", ".resnet18-e003.ckpt.abcdefgh.ckpt"]
+    assert os.listdir(tmp_path) == ["resnet18-e002.ckpt"]
+
+
 def _layered_modules() -> set[str]:
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
         contracts = tomllib.load(handle)["tool"]["importlinter"]["contracts"]
