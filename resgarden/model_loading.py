@@ -1,7 +1,9 @@
 """What validate, eval, infer and export share: which weights, which model, which eval transform."""
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 
 from mindspore import nn
 
@@ -12,8 +14,9 @@ from models.weights import Checkpoint
 
 from .checkpoint import open_run_checkpoint
 from .context import check_model
+from .data import CIFAR10_CLASSES, DIGITS_CLASSES
 from .errors import ConfigError
-from .specs import EvalTransform, InferenceJob
+from .specs import DataSpec, EvalTransform, InferenceJob
 
 logger = logging.getLogger("resgarden")
 
@@ -39,6 +42,38 @@ def model_name(job: InferenceJob, checkpoint: Checkpoint | None) -> str:
         logger.warning("%s holds %s weights; using --model=%s as given", checkpoint.path, found, name)
     check_model(name)
     return name
+
+
+def trained_on(job: InferenceJob, checkpoint: Checkpoint | None) -> str | None:
+    """The data set the weights were trained on, as far as they say: the released weights and
+    1000-class heads ImageNet; our runs by their classes (the digits, CIFAR-10, else the class
+    folders of an ImageNet-layout set); None when nothing says (no weights, or a foreign head)."""
+    if checkpoint is None:
+        return "imagenet" if job.weights.pretrained else None
+    classes = checkpoint.meta.get("classes")
+    if classes:
+        return {tuple(DIGITS_CLASSES): "digits", tuple(CIFAR10_CLASSES): "cifar10"}.get(tuple(classes), "imagenet")
+    return "imagenet" if checkpoint.head_classes() == 1000 else None
+
+
+def eval_data(job: InferenceJob, checkpoint: Checkpoint | None) -> DataSpec:
+    """The data to score on: what ``--dataset`` / ``--data_dir`` name; with neither (``auto``),
+    the data set the weights were trained on (:func:`trained_on`), ImageNet looked for in the
+    current folder as README says; a ConfigError when the weights do not say."""
+    data = job.data
+    if data.dataset != "auto" or data.data_dir:
+        return data
+    kind = trained_on(job, checkpoint)
+    if kind is None:
+        source = checkpoint.path if checkpoint is not None else "a freshly initialised model"
+        raise ConfigError(f"{source} does not say what data it was trained on: give --data_dir=<the data's folder>, "
+                          "or --dataset=digits / cifar10")
+    if kind == "imagenet" and not any(os.path.exists(name) for name in (data.val_split, f"{data.val_split}_list.txt")):
+        what = "the released weights" if checkpoint is None else checkpoint.path
+        raise ConfigError(f"{what} were trained on ImageNet, and the current folder has no '{data.val_split}/' or "
+                          f"'{data.val_split}_list.txt': give --data_dir=/path/to/imagenet (or --dataset=digits to "
+                          "score them on the embedded digits anyway)")
+    return dataclasses.replace(data, dataset=kind)
 
 
 def checkpoint_classes(job: InferenceJob, checkpoint: Checkpoint | None) -> int | None:

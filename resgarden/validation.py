@@ -12,7 +12,8 @@ from .context import set_context, with_data_workers
 from .data import load_eval_split
 from .distributed import current, init_cluster
 from .errors import ConfigError
-from .model_loading import build_inference_model, checkpoint_classes, eval_transform, model_name, read_weights
+from .model_loading import (build_inference_model, checkpoint_classes, eval_data, eval_transform, model_name,
+                            read_weights)
 from .real_labels import read_real_labels
 from .results_table import append_result
 from .specs import InferenceJob
@@ -31,10 +32,11 @@ def validate(job: InferenceJob) -> dict[str, Any]:
     name = model_name(job, checkpoint)
     meta = checkpoint.meta if checkpoint else {}
     source = checkpoint.path if checkpoint else "pretrained"
+    data = eval_data(job, checkpoint)
     with cluster.main_first():  # rank 0 writes / downloads the data and weights first
-        split = load_eval_split(job.data)
+        split = load_eval_split(data)
     if meta.get("classes") and meta["classes"] != split.classes and not _index_named(split.classes):
-        raise ConfigError(f"{source} was trained on other classes than the {job.data.val_split} split here")
+        raise ConfigError(f"{source} was trained on other classes than the {data.val_split} split here")
     num_classes = checkpoint_classes(job, checkpoint) or (1000 if job.weights.pretrained else len(split.classes))
     if int(split.labels.max()) >= num_classes:
         raise ConfigError(f"the data has labels up to {int(split.labels.max())} but the model has {num_classes} classes")

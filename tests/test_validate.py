@@ -10,7 +10,7 @@ import pytest
 import eval as eval_entry  # noqa: F401  (the module must import cleanly)
 import models
 import validate as validate_entry
-from config import parse_config, train_job
+from config import inference_job, parse_config, train_job
 from resgarden.data import load_cifar10_split, load_imagenet_split, make_loader
 from resgarden.accuracy import accumulate
 from resgarden.trainer import train
@@ -171,3 +171,50 @@ def test_real_labels_that_do_not_fit_are_one_line(tmp_path, capsys):
         assert validate_entry.main(base + [f"--real_labels={tmp_path / 'real.json'}"]) != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def _save_state(path, classes: int) -> str:
+    net = models.create_model("resnet18", num_classes=classes)
+    ms.save_checkpoint(net, str(path))
+    return str(path)
+
+
+def test_imagenet_weights_are_scored_on_imagenet_not_the_digits(tmp_path, monkeypatch, capsys):
+    """No --data_dir: a 1000-class checkpoint and the released weights were trained on ImageNet,
+    looked for in the current folder; without it, one line saying what to pass."""
+    weights = _save_state(tmp_path / "imagenet_weights.ckpt", 1000)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert validate_entry.main(["--model=resnet18", f"--ckpt_path={weights}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("were trained on ImageNet, and the current folder has no 'val/' or 'val_list.txt': give "
+                        "--data_dir=/path/to/imagenet (or --dataset=digits to score them on the embedded digits "
+                        "anyway)") and "\n" not in err
+    assert validate_entry.main(["--model=resnet18", "--pretrained"]) == 2  # before any download
+    assert "the released weights were trained on ImageNet" in capsys.readouterr().err
+    write_imagenet_layout(str(tmp_path / "imagenet"), per_class=2, size=36, splits=("val",))
+    monkeypatch.chdir(tmp_path / "imagenet")
+    out = tmp_path / "v.json"
+    assert validate_entry.main(["--model=resnet18", f"--ckpt_path={weights}", "--image_size=32", f"--json={out}",
+                                "--num_parallel_workers=1"]) == 0
+    assert json.loads(out.read_text())["count"] == 8  # ImageNet's val/ here, not the 359 digits
+
+
+def test_weights_that_do_not_say_their_data_need_it_named(tmp_path, monkeypatch, capsys):
+    weights = _save_state(tmp_path / "ten_classes.ckpt", 10)
+    monkeypatch.chdir(tmp_path)
+    assert validate_entry.main(["--model=resnet18", f"--ckpt_path={weights}"]) == 2
+    assert "does not say what data it was trained on: give --data_dir" in capsys.readouterr().err
+
+
+def test_the_data_a_run_trained_on_comes_from_its_classes():
+    from models.weights import Checkpoint
+    from resgarden.data import CIFAR10_CLASSES, DIGITS_CLASSES
+    from resgarden.model_loading import trained_on
+
+    job = inference_job(parse_config(["--model=resnet18"]))
+    kinds = [trained_on(job, Checkpoint("run.ckpt", {"meta.classes": json.dumps(classes)}))
+             for classes in (DIGITS_CLASSES, CIFAR10_CLASSES, ["n01440764", "n01443537"])]
+    assert kinds == ["digits", "cifar10", "imagenet"]
+    assert trained_on(job, None) is None  # a fresh model: nothing to go by
