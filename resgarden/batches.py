@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import random
 import threading
+import time
 import zlib
 from collections import deque
 from collections.abc import Iterator
@@ -141,7 +142,7 @@ class BatchSource:
         next_batch, end = self.first_batch, self.first_batch + len(self)
         try:
             with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
-                                     initializer=_set_worker_source, initargs=(self,)) as pool:
+                                     initializer=_set_worker_source, initargs=(self, os.getpid())) as pool:
                 while True:
                     while free and next_batch < end:
                         slot = free.pop()
@@ -216,11 +217,25 @@ def seed_global_streams(source: BatchSource, batch: int) -> None:
     np.random.seed(seed)
 
 
-def _set_worker_source(source: BatchSource) -> None:
+def _set_worker_source(source: BatchSource, parent: int) -> None:
+    """A worker process's start: its source, its CPUs, and a watch on its parent."""
     global _worker_source
     _worker_source = source
     if source.worker_cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, source.worker_cpus)
+    threading.Thread(target=_exit_with, args=(parent,), name="resgarden-parent-watch", daemon=True).start()
+
+
+PARENT_POLL_SECONDS = 0.5
+
+
+def _exit_with(parent: int) -> None:
+    """Exit this worker once ``parent`` is gone (killed with SIGKILL by the OOM killer or a
+    scheduler, it cannot shut its pool down): an orphan would hold its memory and, through the
+    resource tracker's pipe, the run's shared-memory segments in /dev/shm."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)
 
 
 def _fill_slot(batch: int, slot_name: str) -> tuple[list[int], list[tuple[str, str]]]:

@@ -177,3 +177,57 @@ def test_every_kind_of_bad_image_is_named_once_and_replaced(tmp_path):
     result = json.loads((tmp_path / "val.json").read_text())
     # an unreadable image is replaced by the next one, so every file of the split is scored once
     assert result["unreadable"] == len(bad_val) and result["count"] == 4 * 4 + len(odd_val) + len(bad_val)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for a reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as stat, open(f"/proc/{entry}/cmdline", "rb") as cmd:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid and b"train.py" in cmd.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="Linux shared memory")
+def test_data_workers_exit_with_their_killed_parent_and_release_shared_memory(tmp_path):
+    """train.py killed with SIGKILL (the OOM killer, a scheduler's hard kill) cannot shut its
+    workers down: they notice within a second, and their shared-memory batches leave /dev/shm."""
+    import signal
+    import threading
+    import time
+
+    write_imagenet_layout(str(tmp_path / "data"), per_class=100, size=48, splits=("train",))  # 100 steps
+    before = set(os.listdir("/dev/shm"))
+    proc = subprocess.Popen([sys.executable, "train.py", "--model=resnet18", "--image_size=48", "--batch_size=4",
+                             "--num_parallel_workers=2", "--epoch_size=50", "--log_interval=1",
+                             "--val_while_train=False", f"--data_dir={tmp_path / 'data'}",
+                             f"--output_path={tmp_path / 'runs'}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    deadline = time.monotonic() + 180
+    while not any("step 2/" in line for line in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.2)
+    workers = _children(proc.pid)
+    segments = set(os.listdir("/dev/shm")) - before
+    assert len(workers) == 2 and segments, (workers, segments)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while (any(map(_alive, workers)) or segments & set(os.listdir("/dev/shm"))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [w for w in workers if _alive(w)], "orphaned data workers"
+    assert not segments & set(os.listdir("/dev/shm")), "shared memory left in /dev/shm"
