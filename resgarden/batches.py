@@ -137,33 +137,66 @@ class BatchSource:
             yield from (self._collect(*batch) for batch in pool.map(fill, self.batch_numbers()))
 
     def _in_processes(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Batches built by forked workers into shared-memory slots, in order. A worker that dies
+        (the OOM killer's usual victim) breaks the pool: a new one makes the unfinished batches
+        again (the same batches: each is seeded by its number), up to MAX_WORKER_RESTARTS times."""
         slots = [shared_memory.SharedMemory(create=True, size=_batch_bytes(self)) for _ in range(2 * self.workers)]
-        free, queued = list(range(len(slots))), deque()
-        next_batch, end = self.first_batch, self.first_batch + len(self)
+        free, waiting = list(range(len(slots))), deque()  # waiting: (slot, batch) submitted, not yet taken
+        next_batch, end, restarts = self.first_batch, self.first_batch + len(self), 0
         try:
-            with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
-                                     initializer=_set_worker_source, initargs=(self, os.getpid())) as pool:
-                while True:
-                    while free and next_batch < end:
-                        slot = free.pop()
-                        queued.append((slot, next_batch, pool.submit(_fill_slot, next_batch, slots[slot].name)))
-                        next_batch += 1
-                    if not queued:
-                        return
-                    slot, batch, future = queued.popleft()
-                    try:
+            while True:
+                pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
+                                           initializer=_set_worker_source, initargs=(self, os.getpid()))
+                try:
+                    queued = deque((slot, batch, pool.submit(_fill_slot, batch, slots[slot].name))
+                                   for slot, batch in waiting)
+                    while True:
+                        while free and next_batch < end:
+                            future = pool.submit(_fill_slot, next_batch, slots[free[-1]].name)
+                            slot = free.pop()
+                            queued.append((slot, next_batch, future))
+                            waiting.append((slot, next_batch))
+                            next_batch += 1
+                        if not queued:
+                            return
+                        slot, batch, future = queued[0]
                         labels, bad = future.result()
-                    except BrokenProcessPool:
-                        raise DataError("a data loading worker process died (out of memory, or a crash in an "
-                                        "image library); --num_parallel_workers=1 decodes in the main process") from None
-                    # copied out: MindSpore keeps referring to the arrays it is given, without a copy
-                    images = np.ndarray(self.batch_shape(batch), np.float32, buffer=slots[slot].buf).copy()
-                    free.append(slot)
-                    yield self._collect(images, labels, bad)
+                        queued.popleft()
+                        waiting.popleft()
+                        # copied out: MindSpore keeps referring to the arrays it is given, without a copy
+                        images = np.ndarray(self.batch_shape(batch), np.float32, buffer=slots[slot].buf).copy()
+                        free.append(slot)
+                        yield self._collect(images, labels, bad)
+                except BrokenProcessPool:
+                    restarts += 1
+                    dead = _dead_workers(pool)
+                    if restarts > MAX_WORKER_RESTARTS:
+                        raise DataError(f"a data loading worker process died ({dead}; {restarts} times this epoch): "
+                                        "out of memory, or a crash in an image library? Fewer --num_parallel_workers, "
+                                        "or --num_parallel_workers=1 to decode in the main process") from None
+                    logger.warning("data loading worker %s: new workers make batches %d-%d again", dead,
+                                   waiting[0][1] if waiting else next_batch, next_batch - 1)
+                finally:
+                    pool.shutdown(wait=False, cancel_futures=True)
         finally:
             for memory in slots:
                 memory.close()
                 memory.unlink()
+
+
+MAX_WORKER_RESTARTS = 3  # per epoch: a worker that dies again and again is not bad luck
+
+
+def _dead_workers(pool: ProcessPoolExecutor) -> str:
+    """Which worker processes of a broken pool died, and how: ``1234 killed by SIGKILL``."""
+    import signal
+
+    codes = {pid: process.exitcode for pid, process in list(getattr(pool, "_processes", {}).items())
+             if process.exitcode not in (None, 0)}
+    first = {pid: code for pid, code in codes.items() if code != -signal.SIGTERM} or codes  # the pool SIGTERMs the rest
+    said = [f"{pid} {f'killed by {signal.Signals(-code).name}' if code < 0 else f'exited with code {code}'}"
+            for pid, code in first.items()]
+    return ", ".join(said) or "process died"
 
 
 def batches(loader, source: BatchSource, output_numpy: bool = False) -> Iterator[tuple]:

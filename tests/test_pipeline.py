@@ -87,14 +87,6 @@ def test_threads_when_shared_memory_is_short(photos, monkeypatch, caplog):
     assert "(docker: --shm-size)" in caplog.text
 
 
-def test_a_dead_worker_process_is_one_clear_error(photos, monkeypatch):
-    monkeypatch.setattr(batches.BatchSource, "fill", lambda self, batch, images: os._exit(3))
-    source = batches.BatchSource(photos, np.arange(len(photos)), data.image_transform(train_job(parse_config([])).loader, True),
-                              seed_key=(0,), batch_size=8, drop_remainder=True, workers=2)
-    with pytest.raises(DataError, match="a data loading worker process died .*--num_parallel_workers=1"):
-        list(source)
-
-
 def test_crop_box_dct_factor_jitter_and_erasing():
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -231,3 +223,55 @@ def test_data_workers_exit_with_their_killed_parent_and_release_shared_memory(tm
         time.sleep(0.2)
     assert not [w for w in workers if _alive(w)], "orphaned data workers"
     assert not segments & set(os.listdir("/dev/shm")), "shared memory left in /dev/shm"
+
+
+def test_a_worker_killed_mid_epoch_is_replaced_and_the_epoch_has_the_same_batches(photos, caplog):
+    """SIGKILL to one worker between batches (the OOM killer): new workers make the unfinished
+    batches again, and the epoch's batches equal an undisturbed epoch's."""
+    import signal
+    import time
+
+    transform = data.image_transform(train_job(parse_config(["--image_size=64"])).loader, True)
+
+    def source() -> batches.BatchSource:
+        return batches.BatchSource(photos, np.arange(len(photos)), transform, seed_key=(0,), batch_size=2,
+                                   drop_remainder=True, workers=2)
+
+    expected = [images for images, _ in source()]
+    got, killed = [], []
+    for images, _ in source():
+        got.append(images)
+        if len(got) == 3:
+            workers = _children_of(os.getpid())
+            os.kill(workers[0], signal.SIGKILL)
+            killed.append(workers[0])
+            time.sleep(1)  # the pool notices before it has made every batch
+    assert len(got) == len(expected) == 12
+    for mine, theirs in zip(got, expected):
+        np.testing.assert_array_equal(mine, theirs)
+    assert f"data loading worker {killed[0]} killed by SIGKILL: new workers make batches" in caplog.text
+
+
+def test_a_worker_that_dies_at_every_batch_ends_the_epoch_in_one_line(photos, monkeypatch):
+    monkeypatch.setattr(batches.BatchSource, "fill", lambda self, batch, images: os._exit(3))
+    source = batches.BatchSource(photos, np.arange(len(photos)), data.image_transform(train_job(parse_config([])).loader, True),
+                                 seed_key=(0,), batch_size=8, drop_remainder=True, workers=2)
+    with pytest.raises(DataError, match=r"a data loading worker process died \(\d+ exited with code 3.*; 4 times this "
+                                        r"epoch\): .*--num_parallel_workers=1"):
+        list(source)
+
+
+def _children_of(pid: int) -> list[int]:
+    """``pid``'s live forked children (its own command line: not the resource tracker)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+        command = handle.read()
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as stat, open(f"/proc/{entry}/cmdline", "rb") as cmd:
+                fields, theirs = stat.read().rsplit(")", 1)[1].split(), cmd.read()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and theirs == command:
+            found.append(int(entry))
+    return found
