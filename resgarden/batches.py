@@ -3,9 +3,11 @@
 straight into its batch's array."""
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import os
+import pickle
 import random
 import threading
 import time
@@ -137,22 +139,24 @@ class BatchSource:
             yield from (self._collect(*batch) for batch in pool.map(fill, self.batch_numbers()))
 
     def _in_processes(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Batches built by forked workers into shared-memory slots, in order. A worker that dies
-        (the OOM killer's usual victim) breaks the pool: a new one makes the unfinished batches
-        again (the same batches: each is seeded by its number), up to MAX_WORKER_RESTARTS times."""
+        """Batches built by forked workers into shared-memory slots, in order. The workers live
+        across epochs (:func:`_workers_for`); each iteration publishes its plan (the sample order
+        and the transform) in shared memory. A worker that dies (the OOM killer's usual victim)
+        breaks the pool: a new one makes the unfinished batches again (the same batches: each is
+        seeded by its number), up to MAX_WORKER_RESTARTS times."""
         slots = [shared_memory.SharedMemory(create=True, size=_batch_bytes(self)) for _ in range(2 * self.workers)]
+        plan = _publish_plan(self)
         free, waiting = list(range(len(slots))), deque()  # waiting: (slot, batch) submitted, not yet taken
-        next_batch, end, restarts = self.first_batch, self.first_batch + len(self), 0
+        next_batch, end, restarts, queued = self.first_batch, self.first_batch + len(self), 0, deque()
         try:
             while True:
-                pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
-                                           initializer=_set_worker_source, initargs=(self, os.getpid()))
+                pool = _workers_for(self)
                 try:
-                    queued = deque((slot, batch, pool.submit(_fill_slot, batch, slots[slot].name))
+                    queued = deque((slot, batch, pool.submit(_fill_slot, plan.name, batch, slots[slot].name))
                                    for slot, batch in waiting)
                     while True:
                         while free and next_batch < end:
-                            future = pool.submit(_fill_slot, next_batch, slots[free[-1]].name)
+                            future = pool.submit(_fill_slot, plan.name, next_batch, slots[free[-1]].name)
                             slot = free.pop()
                             queued.append((slot, next_batch, future))
                             waiting.append((slot, next_batch))
@@ -170,16 +174,17 @@ class BatchSource:
                 except BrokenProcessPool:
                     restarts += 1
                     dead = _dead_workers(pool)
+                    _retire(pool)
                     if restarts > MAX_WORKER_RESTARTS:
                         raise DataError(f"a data loading worker process died ({dead}; {restarts} times this epoch): "
                                         "out of memory, or a crash in an image library? Fewer --num_parallel_workers, "
                                         "or --num_parallel_workers=1 to decode in the main process") from None
                     logger.warning("data loading worker %s: new workers make batches %d-%d again", dead,
                                    waiting[0][1] if waiting else next_batch, next_batch - 1)
-                finally:
-                    pool.shutdown(wait=False, cancel_futures=True)
         finally:
-            for memory in slots:
+            for _, _, future in queued:  # stopped early: what was not started yet is not made
+                future.cancel()
+            for memory in (*slots, plan):
                 memory.close()
                 memory.unlink()
 
@@ -238,8 +243,79 @@ def worker_processes_possible(source: BatchSource) -> bool:
 
 _THREAD_FALLBACKS: set[str] = set()
 _LOGGED_BAD_FILES: set[str] = set()
-_worker_source: BatchSource | None = None  # in a worker process: the source it was forked with
+KEPT_POOLS = 2  # the training and the validation split's workers
+_pools: list[tuple[Split, int, tuple[int, ...] | None, ProcessPoolExecutor]] = []  # newest last
+pools_started = 0  # worker pools this process started (each forks ``workers`` processes)
+_worker_split: Split | None = None  # in a worker process: the split it was forked with
+_worker_plans: dict[str, tuple[shared_memory.SharedMemory, BatchSource]] = {}
 _worker_slots: dict[str, shared_memory.SharedMemory] = {}
+
+
+def _workers_for(source: BatchSource) -> ProcessPoolExecutor:
+    """The worker pool of ``source``'s split, worker count and CPUs: the one started for an earlier
+    epoch (persistent workers: forking a large process every epoch costs more than short epochs
+    take), else a new one; the least recently used beyond KEPT_POOLS is shut down."""
+    global pools_started
+    for entry in _pools:
+        split, workers, cpus, pool = entry
+        if split is source.split and workers == source.workers and cpus == source.worker_cpus:
+            _pools.remove(entry)
+            _pools.append(entry)
+            return pool
+    pool = ProcessPoolExecutor(source.workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_start_worker, initargs=(source.split, source.worker_cpus, os.getpid()))
+    pools_started += 1
+    _pools.append((source.split, source.workers, source.worker_cpus, pool))
+    while len(_pools) > KEPT_POOLS:
+        _retire(_pools[0][3])
+    return pool
+
+
+def _retire(pool: ProcessPoolExecutor) -> None:
+    """Shut ``pool`` down (a broken one, or the least recently used) without waiting for it."""
+    _pools[:] = [entry for entry in _pools if entry[3] is not pool]
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def shutdown_workers() -> None:
+    """Shut every persistent worker pool down (at exit, and for tests)."""
+    for *_, pool in list(_pools):
+        _retire(pool)
+
+
+atexit.register(shutdown_workers)
+
+
+def _publish_plan(source: BatchSource) -> shared_memory.SharedMemory:
+    """What a worker needs of this iteration besides its split, in shared memory: the sample
+    order (int64) and the pickled rest of ``source`` (transform, seeds, geometry)."""
+    order = np.ascontiguousarray(source.order, dtype=np.int64)
+    rest = pickle.dumps(dict(transform=source.transform, seed_key=source.seed_key, batch_size=source.batch_size,
+                             first_epoch=source.first_epoch, epoch_length=source.epoch_length, samples=source.samples))
+    memory = shared_memory.SharedMemory(create=True, size=16 + len(rest) + order.nbytes)
+    np.ndarray(2, np.int64, buffer=memory.buf)[:] = (len(rest), len(order))
+    memory.buf[16:16 + len(rest)] = rest
+    np.ndarray(len(order), np.int64, buffer=memory.buf, offset=16 + len(rest))[:] = order
+    return memory
+
+
+def _worker_source(plan_name: str) -> BatchSource:
+    """In a worker process: the BatchSource of the plan ``plan_name`` (read once; the memory of
+    earlier iterations' plans and slots let go)."""
+    if plan_name not in _worker_plans:  # a new iteration: the last one's plan and slots are unlinked
+        for old in list(_worker_plans):
+            _worker_plans.pop(old)[0].close()
+        for old in list(_worker_slots):
+            _worker_slots.pop(old).close()
+        memory = shared_memory.SharedMemory(name=plan_name)  # unlinked by the parent
+        rest_size, count = (int(v) for v in np.ndarray(2, np.int64, buffer=memory.buf))
+        rest = pickle.loads(bytes(memory.buf[16:16 + rest_size]))
+        order = np.ndarray(count, np.int64, buffer=memory.buf, offset=16 + rest_size)
+        source = BatchSource(_worker_split, order, rest["transform"], rest["seed_key"], rest["batch_size"],
+                             drop_remainder=False, first_epoch=rest["first_epoch"], epoch_length=rest["epoch_length"])
+        source.samples = rest["samples"]
+        _worker_plans[plan_name] = (memory, source)
+    return _worker_plans[plan_name][1]
 
 
 def seed_global_streams(source: BatchSource, batch: int) -> None:
@@ -250,12 +326,12 @@ def seed_global_streams(source: BatchSource, batch: int) -> None:
     np.random.seed(seed)
 
 
-def _set_worker_source(source: BatchSource, parent: int) -> None:
-    """A worker process's start: its source, its CPUs, and a watch on its parent."""
-    global _worker_source
-    _worker_source = source
-    if source.worker_cpus and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, source.worker_cpus)
+def _start_worker(split: Split, cpus: tuple[int, ...] | None, parent: int) -> None:
+    """A worker process's start: its split, its CPUs, and a watch on its parent."""
+    global _worker_split
+    _worker_split = split
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
     threading.Thread(target=_exit_with, args=(parent,), name="resgarden-parent-watch", daemon=True).start()
 
 
@@ -271,9 +347,10 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
-def _fill_slot(batch: int, slot_name: str) -> tuple[list[int], list[tuple[str, str]]]:
-    """In a worker process: build batch ``batch`` into the shared-memory slot ``slot_name``."""
-    source = _worker_source
+def _fill_slot(plan_name: str, batch: int, slot_name: str) -> tuple[list[int], list[tuple[str, str]]]:
+    """In a worker process: build batch ``batch`` of plan ``plan_name`` into the shared-memory slot
+    ``slot_name``."""
+    source = _worker_source(plan_name)
     if slot_name not in _worker_slots:
         _worker_slots[slot_name] = shared_memory.SharedMemory(name=slot_name)  # unlinked by the parent
     seed_global_streams(source, batch)

@@ -24,6 +24,14 @@ from tests.helpers import write_imagenet_layout
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def fresh_workers():
+    """Each test forks its own workers (persistent ones would keep an earlier test's monkeypatches out)."""
+    batches.shutdown_workers()
+    yield
+    batches.shutdown_workers()
+
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     return scan_class_folders(os.path.join(write_photo_folder(str(tmp_path_factory.mktemp("photos")), count=24),
@@ -67,6 +75,17 @@ def test_training_batches_do_not_depend_on_the_worker_count(photos, monkeypatch,
     for other in (processes, threads):
         assert np.array_equal(np.concatenate(sequential), np.concatenate(other))
     assert not np.array_equal(sequential[0], _batches(photos, ["--num_parallel_workers=1"] + augment, True, 1)[0])
+
+
+def test_workers_live_across_epochs_and_make_the_same_batches(photos):
+    """3 epochs, 2 workers: one start of the workers (3 before), and each epoch's batches as one
+    process makes them."""
+    started = batches.pools_started
+    for epoch in range(3):
+        pooled = _batches(photos, ["--num_parallel_workers=2"], training=True, epoch=epoch)
+        alone = _batches(photos, ["--num_parallel_workers=1"], training=True, epoch=epoch)
+        assert np.array_equal(np.concatenate(pooled), np.concatenate(alone))
+    assert batches.pools_started - started == 1
 
 
 def test_evaluation_keeps_the_last_partial_batch(photos):
