@@ -196,8 +196,13 @@ def _dead_workers(pool: ProcessPoolExecutor) -> str:
     """Which worker processes of a broken pool died, and how: ``1234 killed by SIGKILL``."""
     import signal
 
-    codes = {pid: process.exitcode for pid, process in list(getattr(pool, "_processes", {}).items())
-             if process.exitcode not in (None, 0)}
+    processes = dict(getattr(pool, "_processes", None) or {})
+    deadline = time.monotonic() + 2.0  # the pool's own thread may be reaping them right now
+    while True:
+        codes = {pid: process.exitcode for pid, process in processes.items() if process.exitcode not in (None, 0)}
+        if codes or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     first = {pid: code for pid, code in codes.items() if code != -signal.SIGTERM} or codes  # the pool SIGTERMs the rest
     said = [f"{pid} {f'killed by {signal.Signals(-code).name}' if code < 0 else f'exited with code {code}'}"
             for pid, code in first.items()]

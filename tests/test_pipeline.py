@@ -199,18 +199,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii") as stat, open(f"/proc/{entry}/cmdline", "rb") as cmd:
-                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid and b"train.py" in cmd.read():
-                    found.append(int(entry))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="Linux shared memory")
 def test_data_workers_exit_with_their_killed_parent_and_release_shared_memory(tmp_path):
     """train.py killed with SIGKILL (the OOM killer, a scheduler's hard kill) cannot shut its
@@ -232,7 +220,7 @@ def test_data_workers_exit_with_their_killed_parent_and_release_shared_memory(tm
     while not any("step 2/" in line for line in lines):
         assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
         time.sleep(0.2)
-    workers = _children(proc.pid)
+    workers = _children_of(proc.pid, b"train.py")
     segments = set(os.listdir("/dev/shm")) - before
     assert len(workers) == 2 and segments, (workers, segments)
     proc.send_signal(signal.SIGKILL)
@@ -280,8 +268,9 @@ def test_a_worker_that_dies_at_every_batch_ends_the_epoch_in_one_line(photos, mo
         list(source)
 
 
-def _children_of(pid: int) -> list[int]:
-    """``pid``'s live forked children (its own command line: not the resource tracker)."""
+def _children_of(pid: int, marker: bytes | None = None) -> list[int]:
+    """``pid``'s live children whose command line holds ``marker`` (default: ``pid``'s own command
+    line, i.e. its forked workers, not the resource tracker)."""
     with open(f"/proc/{pid}/cmdline", "rb") as handle:
         command = handle.read()
     found = []
@@ -291,6 +280,6 @@ def _children_of(pid: int) -> list[int]:
                 fields, theirs = stat.read().rsplit(")", 1)[1].split(), cmd.read()
         except OSError:
             continue
-        if int(fields[1]) == pid and fields[0] != "Z" and theirs == command:
+        if int(fields[1]) == pid and fields[0] != "Z" and (marker in theirs if marker else theirs == command):
             found.append(int(entry))
     return found
