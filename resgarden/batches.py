@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import pickle
 import random
+import signal
 import threading
 import time
 import zlib
@@ -194,8 +195,6 @@ MAX_WORKER_RESTARTS = 3  # per epoch: a worker that dies again and again is not 
 
 def _dead_workers(pool: ProcessPoolExecutor) -> str:
     """Which worker processes of a broken pool died, and how: ``1234 killed by SIGKILL``."""
-    import signal
-
     processes = dict(getattr(pool, "_processes", None) or {})
     deadline = time.monotonic() + 2.0  # the pool's own thread may be reaping them right now
     while True:

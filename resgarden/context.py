@@ -46,11 +46,11 @@ def with_data_workers(loader: LoaderSpec, cluster: Cluster) -> LoaderSpec:
     plan = default_data_workers(len(mine), launched=cluster.distributed)
     counts = cluster.gather([plan.workers])[:, 0].astype(int)
     for group in groups:
-        spread = sorted({int(counts[r]) for r in group})
+        low, high = min(counts[group]), max(counts[group])
         who = "" if not cluster.distributed else f"node of rank{'s' if len(group) > 1 else ''} {_ranks(group)}: "
         why = plan.reason if cluster.rank in group else f"{len(group)} rank(s) on it"
         logger.info("data loading: %s%s worker process(es) per rank (%s; --num_parallel_workers sets it)", who,
-                    "-".join(map(str, dict.fromkeys((spread[0], spread[-1])))), why)
+                    low if low == high else f"{low}-{high}", why)
     return dataclasses.replace(loader, workers=plan.workers, worker_cpus=plan.cpus)
 
 

@@ -96,9 +96,12 @@ def model_step(name: str, level: str, work_dir: str, sensitivity: bool = False) 
     trainable = sorted(p.name for p in model.trainable_params())
     statistics = sorted(n for n in init if n not in trainable)
 
-    def step(batch_statistics: bool, inputs=images) -> tuple[float, int, dict[str, np.ndarray]]:
+    def reset() -> None:
         ms.load_param_into_net(model, {k: ms.Parameter(ms.Tensor(v), name=k) for k, v in init.items()},
                                strict_load=True)
+
+    def step(batch_statistics: bool, inputs=images) -> tuple[float, int, dict[str, np.ndarray]]:
+        reset()
         cell = TrainStep(nn.WithLossCell(model, Float32Loss(nn.CrossEntropyLoss())),
                          nn.SGD(model.trainable_params(), LR), loss_scale=1.0 if level == "O0" else LOSS_SCALE)
         cell.set_train(True)
@@ -107,7 +110,7 @@ def model_step(name: str, level: str, work_dir: str, sensitivity: bool = False) 
         return loss, int(cell.skipped_steps.asnumpy()), {p.name: p.asnumpy().astype(np.float32)
                                                           for p in model.get_parameters()}
 
-    ms.load_param_into_net(model, {k: ms.Parameter(ms.Tensor(v), name=k) for k, v in init.items()}, strict_load=True)
+    reset()
     model.set_train(False)
     logits = model(images).asnumpy().astype(np.float32)
     loss, skipped_train, trained = step(batch_statistics=True)

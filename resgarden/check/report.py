@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -101,10 +100,9 @@ def as_json(results: list[Result], facts: dict[str, Any]) -> str:
 
 
 def write(path: str, text: str) -> None:
-    """``text`` to ``path`` (its folder created)."""
+    """``text`` to ``path`` (its folder created), atomically."""
     from resgarden.atomic import write_text
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_text(path, text + "\n")
 
 
