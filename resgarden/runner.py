@@ -8,14 +8,17 @@ from typing import Callable
 
 from .errors import EXIT_PREEMPTED, DistributedError, Preempted, StepCountError, UserError
 from .logs import setup_logging
+from .preemption import route_ctrl_c
 
 
 def run(prog: str, action: Callable[[], str | None], on_interrupt: str = "interrupted") -> int:
     """Run ``action``; print what it returns. A user error is one line on stderr and exit code 2,
     a lost rank of a data-parallel job or a device that ran other steps than counted one line and
     exit code 1, a training stopped on request
-    (checkpoint written) one line and EXIT_PREEMPTED, an immediate Ctrl-C exit code 130."""
+    (checkpoint written) one line and EXIT_PREEMPTED, an immediate Ctrl-C exit code 130. Ctrl-C is
+    routed before ``action`` imports MindSpore (preemption.route_ctrl_c)."""
     setup_logging()
+    route_ctrl_c()
     try:
         message = action()
     except UserError as exc:
