@@ -270,13 +270,19 @@ def lost_rank(log_text: str) -> int | None:
     return int(match.group(2)) if match else None
 
 
+SCHEDULER_GRACE_SECONDS = 60
+
+
 def start_scheduler(env: dict[str, str], log_path: str) -> subprocess.Popen:
-    """MindSpore's scheduler as a child process that ends when its parent (rank 0) does."""
+    """MindSpore's scheduler as a child process of rank 0. It ends by itself once every rank has
+    finalized; should rank 0 be gone, it stays SCHEDULER_GRACE_SECONDS more, then ends (the other
+    ranks may still be finalizing: a scheduler gone under them made a rank's teardown segfault)."""
     code = ("import os, threading, time\n"
             f"parent = {os.getpid()}\n"
             "def watch():\n"
             "    while os.getppid() == parent:\n"
             "        time.sleep(0.5)\n"
+            f"    time.sleep({SCHEDULER_GRACE_SECONDS})\n"
             "    os._exit(0)\n"
             "threading.Thread(target=watch, daemon=True).start()\n"
             "from mindspore.communication import init\n"

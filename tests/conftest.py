@@ -1,5 +1,5 @@
-"""Shared fixtures: the CPU speed guard first, then one cache of built models for all tests, and
-each test module's compiled graphs released when it ends."""
+"""Shared fixtures: the CPU speed guard first, each test's data workers and compiled graphs released
+when it ends, and the execution modes."""
 from __future__ import annotations
 
 import ctypes
@@ -13,7 +13,7 @@ apply_cpu_speed_guard()
 import mindspore as ms  # noqa: E402
 import pytest  # noqa: E402
 
-import models  # noqa: E402
+from resgarden import batches  # noqa: E402
 
 
 try:
@@ -28,35 +28,27 @@ def _resident_mb() -> str:
     return " ".join(f"{k} {int(fields[k].split()[0]) // 1024} MB" for k in ("VmRSS", "VmHWM"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def release_compiled_graphs(request):
-    """When a test module ends, its compiled graphs and their memory go, and the freed heap goes
-    back to the system (one pytest process would otherwise keep every graph the suite compiled:
-    22 GB at the peak). RESGARDEN_TEST_MEMORY_LOG=FILE
-    appends each module's resident memory before and after."""
-    yield
-    log = os.environ.get("RESGARDEN_TEST_MEMORY_LOG")
-    before = _resident_mb() if log else ""
-    gc.collect()
+def _release() -> None:
+    batches.shutdown_workers()  # forked from this process, a kept pool would hold its memory of then
+    gc.collect()  # cells in reference cycles: their compiled graphs go with them
     ms.ms_memory_recycle()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)  # hand the freed heap back to the system (glibc keeps it otherwise)
+
+
+@pytest.fixture(autouse=True)
+def release_memory(request):
+    """After each test its data workers, compiled graphs and their memory go, and the freed heap
+    goes back to the system: one pytest process would otherwise keep every graph the suite compiled
+    (21 GB at the peak) and every data-worker pool it forked (each started test sees fresh workers).
+    RESGARDEN_TEST_MEMORY_LOG=FILE appends each test's resident memory before and after."""
+    yield
+    log = os.environ.get("RESGARDEN_TEST_MEMORY_LOG")
+    before = _resident_mb() if log else ""
+    _release()
     if log:
         with open(log, "a", encoding="utf-8") as handle:
-            handle.write(f"{request.module.__name__}: {before} -> {_resident_mb()}\n")
-
-
-@pytest.fixture(scope="session")
-def model_zoo():
-    """name -> model with default arguments, built once per session (building costs ~1 s)."""
-    cache: dict[str, ms.nn.Cell] = {}
-
-    def get(name: str) -> ms.nn.Cell:
-        if name not in cache:
-            cache[name] = models.create_model(name)
-        return cache[name]
-
-    return get
+            handle.write(f"{request.node.nodeid}: {before} -> {_resident_mb()}\n")
 
 
 @pytest.fixture(params=[ms.GRAPH_MODE, ms.PYNATIVE_MODE], ids=["graph", "pynative"])

@@ -78,6 +78,7 @@ def _guard_in_fresh_process(targets: list[str], env: dict[str, str]) -> list[str
     return done.stdout.strip().splitlines()[-3:]
 
 
+@pytest.mark.slow
 def test_native_cpu_kernels_are_neither_built_nor_capped_on_accelerator_hosts(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != platform.ISA_VARIABLE}
     env["RESGARDEN_CACHE"] = str(tmp_path)  # no cached library to find
@@ -103,6 +104,7 @@ class _Ascend910B:
         return feature == "avg_pool2d_pad_constraint_train_successor"
 
 
+@pytest.mark.slow
 def test_every_model_builds_on_ascend_910b_without_padded_pools(monkeypatch):
     monkeypatch.setattr(pooling, "MSContext", _Ascend910B)
     with pytest.raises(ValueError, match="not support in Ascend910B"):  # the simulation bites
@@ -114,6 +116,7 @@ def test_every_model_builds_on_ascend_910b_without_padded_pools(monkeypatch):
         assert not padded, (name, padded[:3])
 
 
+@pytest.mark.slow
 def test_padded_average_pool_equals_mindspores_own_padding(exec_mode):
     x = ms.Tensor(np.random.RandomState(0).randn(2, 5, 9, 8).astype(np.float32))
     for stride in (1, 2):
@@ -149,6 +152,7 @@ def test_overflow_is_what_mindspores_all_finite_reports(exec_mode, monkeypatch):
     assert int(step.skipped_steps.asnumpy()) == 1 and float(step.loss_scale.asnumpy()) == 512.0
 
 
+@pytest.mark.slow
 def test_skipped_steps_are_counted_and_logged(tmp_path, caplog):
     root = tmp_path / "data"
     write_imagenet_layout(str(root), per_class=4, size=36)
@@ -307,6 +311,7 @@ def _drop_path_masks(rank: int, size: int, out) -> np.ndarray:
     return np.load(out)
 
 
+@pytest.mark.slow
 def test_each_rank_draws_its_own_dropout_masks(tmp_path):
     single = _drop_path_masks(0, 1, tmp_path / "single.npy")
     rank0, rank1 = (_drop_path_masks(r, 2, tmp_path / f"rank{r}.npy") for r in (0, 1))
@@ -367,6 +372,7 @@ SINK_BASE = ["--model=resnet18", "--image_size=32", "--batch_size=4", "--num_par
              "--crop_pct=1.0", "--val_while_train=False", "--seed=3"]
 
 
+@pytest.mark.slow
 def test_dataset_sink_mode_trains_like_the_step_loop(tmp_path, monkeypatch, caplog):
     root = tmp_path / "data"
     write_imagenet_layout(str(root), per_class=5, size=32)  # 20 images: 5 steps of 4, sink calls of 1
@@ -403,6 +409,7 @@ def _final_weights(run_dir: str) -> dict[str, np.ndarray]:
             if not k.startswith("meta.")}
 
 
+@pytest.mark.slow
 def test_sink_mode_resumed_mid_epoch_trains_every_batch_once(tmp_path, monkeypatch, caplog):
     """Stopped at step 3 of 5, resumed in sink mode (5 steps per call would leave 2 batches of epoch 1
     in the queue for epoch 2): the same weights as an uninterrupted run."""
@@ -431,6 +438,7 @@ def _one_step_per_call(fn, dataset, sink_size=1, jit_config=None, input_signatur
     return _fake_data_sink(fn, dataset, 1, jit_config, input_signature)
 
 
+@pytest.mark.slow
 def test_a_sink_call_that_runs_fewer_steps_than_counted_stops_the_run(tmp_path, monkeypatch):
     root = tmp_path / "data"
     write_imagenet_layout(str(root), per_class=5, size=32)

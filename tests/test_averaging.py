@@ -32,6 +32,7 @@ def _state(path: str, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("ema", [False, True], ids=["weights", "ema"])
+@pytest.mark.slow
 def test_average_is_the_elementwise_mean_and_validates(data, tmp_path, capsys, ema):
     run = train(train_job_of(BASE + [f"--data_dir={data}", f"--output_path={tmp_path}"]
                              + (["--ema", "--ema_decay=0.5"] if ema else [])))

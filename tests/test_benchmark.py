@@ -7,6 +7,7 @@ import pytest
 import benchmark
 
 
+@pytest.mark.slow
 def test_a_worker_serves_timed_rounds_then_its_peak_memory():
     worker = benchmark._Worker(sys.executable, "mindspore", "resnet18", "infer", "pynative", 2, 32, "native")
     try:

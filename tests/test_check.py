@@ -31,6 +31,7 @@ def _checks(report: dict) -> dict[str, dict]:
     return {c["name"]: c for c in report["checks"]}
 
 
+@pytest.mark.slow
 def test_the_check_on_cpu_writes_its_report(tmp_path):
     done = subprocess.run([sys.executable, "-m", "resgarden.check", *SMALL, "--json", str(tmp_path / "r.json"),
                            "--markdown", str(tmp_path / "r.md")], cwd=ROOT, env=_env(), capture_output=True,
@@ -53,6 +54,7 @@ def test_the_check_on_cpu_writes_its_report(tmp_path):
     assert "**all checks passed**" in markdown
 
 
+@pytest.mark.slow
 def test_the_check_under_msrun_checks_every_rank(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

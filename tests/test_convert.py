@@ -29,6 +29,7 @@ def _as_torch_layout(model) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("name", ["resnet18", "res2net50_14w_8s", "res2net50_v1b", "resnest50"])
+@pytest.mark.slow
 def test_timm_layout_round_trips(tmp_path, name):
     source = models.create_model(name, num_classes=5)
     path = tmp_path / "w.safetensors"

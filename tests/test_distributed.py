@@ -151,6 +151,7 @@ def single_process_run(tmp_path_factory):
 @needs_mpirun
 @pytest.mark.parametrize("launcher,mode", [("mpirun", "graph"), ("msrun", "graph"), ("mpirun", "pynative"),
                                            ("mpirun-hosts", "graph")])
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_on_the_full_batch(launcher, mode, single_process_run, tmp_path):
     """3 steps of SGD (momentum, weight decay, clipping) on shards of 4: both ranks end bit-identical,
     and equal to one graph-mode process on the 8-sample batches within 1e-6 (float32 summation order)."""
@@ -168,6 +169,7 @@ def test_two_ranks_equal_one_process_on_the_full_batch(launcher, mode, single_pr
 
 @needs_mpirun
 @pytest.mark.parametrize("launcher", ["msrun", "mpirun"])
+@pytest.mark.slow
 def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(launcher, tmp_path):
     """Rank 1's overflow check fires at every step, rank 0's never (a 910A whose float16 gradients
     saturated on one card): both ranks skip all 3 steps, halve the loss scale each time and keep
@@ -202,6 +204,7 @@ TRAIN_ARGS = ["--model=resnet18", "--image_size=32", "--batch_size=4", "--num_pa
 
 
 @needs_mpirun
+@pytest.mark.slow
 def test_train_py_under_mpirun(tiny_imagenet, tmp_path):
     """2 ranks x 4 images: 5 steps an epoch, one run folder written by rank 0 alone, validation over
     all 40 images (each rank scores half), identical weights on both ranks, an exact resume, and
@@ -252,6 +255,7 @@ def test_train_py_under_mpirun(tiny_imagenet, tmp_path):
     assert scores[2]["loss"] == pytest.approx(scores[1]["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_train_py_under_msrun(tiny_imagenet, tmp_path):
     """msrun also runs train.py as the scheduler: it must write nothing (one run folder), and each
     worker's output lands in <log_dir>/worker_<rank>.log. msrun says nothing of how many ranks share
@@ -310,6 +314,7 @@ def _start(command: list[str], env: dict[str, str], log_path: str) -> subprocess
 
 
 @pytest.mark.parametrize("launcher", [pytest.param("mpirun", marks=needs_mpirun), "dynamic_cluster"])
+@pytest.mark.slow
 def test_killed_rank_ends_the_job(launcher, tiny_imagenet, tmp_path):
     """Rank 1 is SIGKILLed mid-epoch. mpirun aborts the job at once and names the rank; with a bare
     dynamic cluster (as each node of a multi-node msrun job sees it) the survivor stops within
@@ -359,6 +364,7 @@ def test_killed_rank_ends_the_job(launcher, tiny_imagenet, tmp_path):
 
 @needs_mpirun
 @pytest.mark.parametrize("stop_signal", [signal.SIGUSR1])
+@pytest.mark.slow
 def test_a_stop_signal_under_mpirun_stops_every_rank_at_one_step_and_resumes_exactly(tiny_imagenet, tmp_path,
                                                                                      stop_signal):
     """mpirun forwards the signal to both ranks; they stop at the same log point, rank 0 writes one
@@ -448,6 +454,7 @@ def _msrun_node(rank: int, port: int, script: list[str], log_dir: str) -> list[s
             f"--node_rank={rank}", f"--log_dir={log_dir}", "--join=True", *script]
 
 
+@pytest.mark.slow
 def test_two_msrun_nodes_over_loopback_equal_one_process(single_process_run, tmp_path):
     """Two msrun invocations (node 0 runs the scheduler), one worker each: the weights equal one
     process on the full batch, as with one msrun on one node."""
@@ -469,6 +476,7 @@ def test_two_msrun_nodes_over_loopback_equal_one_process(single_process_run, tmp
         np.testing.assert_allclose(rank0[name], reference, rtol=0, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 def test_a_killed_node_ends_the_other_within_a_minute(tiny_imagenet, tmp_path):
     """train.py on two msrun nodes; node 1's worker is SIGKILLed mid-epoch: node 0 stops within
     --dist_timeout + 50 s, non-zero, with one line naming rank 1; its last checkpoint loads."""

@@ -28,6 +28,7 @@ def _graph_cell_output(path: str, x: np.ndarray) -> np.ndarray:
     return nn.GraphCell(ms.load(path))(ms.Tensor(x)).asnumpy()
 
 
+@pytest.mark.slow
 def test_mindir_round_trip_matches_the_cell(tmp_path, resnet18_ckpt):
     net, ckpt = resnet18_ckpt
     out = tmp_path / "r18.mindir"
@@ -38,6 +39,7 @@ def test_mindir_round_trip_matches_the_cell(tmp_path, resnet18_ckpt):
     np.testing.assert_allclose(_graph_cell_output(str(out), x), net(ms.Tensor(x)).asnumpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_dynamic_batch_mindir(tmp_path, resnet18_ckpt):
     net, ckpt = resnet18_ckpt
     out = tmp_path / "dyn.mindir"
@@ -49,6 +51,7 @@ def test_dynamic_batch_mindir(tmp_path, resnet18_ckpt):
 
 
 @pytest.mark.parametrize("name", ["resnet18", "res2net50", "resnest50"])  # one per family
+@pytest.mark.slow
 def test_onnx_batch_is_open_and_verified_per_family(tmp_path, capsys, name):
     import onnxruntime
 
@@ -75,6 +78,7 @@ def test_onnx_batch_is_open_and_verified_per_family(tmp_path, capsys, name):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_onnx_fixed_batch_and_a_failed_verification(tmp_path, resnet18_ckpt, capsys, monkeypatch):
     import onnxruntime
 
@@ -104,6 +108,7 @@ def test_imagenet_names_are_shipped():
     assert lemmas["n01440764"].startswith("tench")
 
 
+@pytest.mark.slow
 def test_infer_prints_top5_names_from_a_run(tmp_path, capsys):
     from resgarden.trainer import train
 

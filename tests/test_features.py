@@ -20,6 +20,7 @@ def _input(size: int = 64, batch: int = 2, seed: int = 0) -> ms.Tensor:
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.slow
 def test_maps_match_feature_info(name):
     model = models.create_model(name, features_only=True)
     model.set_train(False)
@@ -35,6 +36,7 @@ def test_maps_match_feature_info(name):
     assert plain.feature_info.channels() == info.channels()
 
 
+@pytest.mark.slow
 def test_out_indices_select_maps_and_truncate_the_trunk(exec_mode, tmp_path):
     full = models.create_model("resnet18")
     full.set_train(False)
@@ -76,6 +78,7 @@ FIXED_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.")
 
 
 @pytest.mark.parametrize("name", ["resnet18", "res2net50_48w_2s", "resnest50"])  # one per family
+@pytest.mark.slow
 def test_frozen_stages_stay_fixed_while_training(name):
     model = models.create_model(name, num_classes=4, frozen_stages=2)
     fixed = [p.name for p in model.get_parameters() if not p.requires_grad
@@ -102,6 +105,7 @@ def _weights(path: str) -> dict[str, np.ndarray]:
     return {k: v.asnumpy() for k, v in ms.load_checkpoint(path).items() if not k.startswith("meta.")}
 
 
+@pytest.mark.slow
 def test_train_py_frozen_stages(tmp_path, caplog):
     data = tmp_path / "data"
     write_imagenet_layout(str(data), per_class=4, size=36)

@@ -56,6 +56,7 @@ def _gradients(net: ConvBn, x, shortcut):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES.values(), ids=GEOMETRIES.keys())
+@pytest.mark.slow
 def test_fused_matches_separate_cells(geometry, exec_mode):
     fused = ConvBn(geometry)
     randomise_batchnorms(fused)
@@ -77,6 +78,7 @@ def test_fused_matches_separate_cells(geometry, exec_mode):
 
 
 @pytest.mark.parametrize("name", ["resnet50", "res2net50_v1b", "resnest50", "resnext50_32x4d", "resnet18"])
+@pytest.mark.slow
 def test_eval_model_matches_separate_cells(name, pynative_mode):
     net = models.create_model(name, num_classes=10)
     randomise_batchnorms(net)

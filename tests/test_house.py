@@ -91,6 +91,7 @@ def test_a_checkpoint_saved_from_a_training_wrapper_loads(tmp_path, caplog):
     assert "saved from a training wrapper: the 'network.' prefix of every name stripped" in caplog.text
 
 
+@pytest.mark.slow
 def test_the_weights_eval_transform_travels_with_the_model():
     assert models.create_model("resnest101", num_classes=0).pretrained_cfg.eval_transform == EvalTransform(
         image_size=256, crop_pct=0.9)

@@ -29,6 +29,7 @@ def _randomise_bn_statistics(net: ms.nn.Cell, seed: int) -> None:
 
 
 @pytest.mark.parametrize("name", MINDCV_MODELS)
+@pytest.mark.slow
 def test_mindcv_checkpoint_loads_and_matches(tmp_path, pynative_mode, name):
     reference = mindcv.create_model(name, num_classes=1000)
     _randomise_bn_statistics(reference, seed=len(name))

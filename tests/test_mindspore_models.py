@@ -41,6 +41,7 @@ def _assert_same_logits(reference: ms.nn.Cell, ours: ms.nn.Cell, classes: int) -
 
 
 @pytest.mark.parametrize("name,basic,blocks", [("resnet18", True, (2, 2, 2, 2)), ("resnet50", False, (3, 4, 6, 3))])
+@pytest.mark.slow
 def test_official_resnet_checkpoint_loads_with_the_source_logits(tmp_path, graph_mode, caplog, name, basic, blocks):
     reference = OfficialResNet(basic, blocks, num_classes=1001)
     randomise_statistics(reference)
@@ -56,6 +57,7 @@ def test_official_resnet_checkpoint_loads_with_the_source_logits(tmp_path, graph
     _assert_same_logits(reference, ours, 1000)
 
 
+@pytest.mark.slow
 def test_resnext_group_convs_are_joined_into_one_grouped_weight(tmp_path, graph_mode, caplog):
     reference = ResNeXtNet(group_conv=True, num_classes=1001)
     randomise_statistics(reference)
@@ -94,6 +96,7 @@ def test_resnext101_is_told_apart_by_its_group_count():
         assert layouts.source_model(layouts.detect_layout(state), state) == want
 
 
+@pytest.mark.slow
 def test_a_recognised_but_unsupported_variant_is_one_line(tmp_path):
     state = {"end_point.weight": np.zeros((10, 2048), np.float32), "conv1_0.weight": np.zeros((32, 3, 3, 3), np.float32),
              "layer3.5.se_dense_0.weight": np.zeros((256, 1024), np.float32)}
@@ -104,6 +107,7 @@ def test_a_recognised_but_unsupported_variant_is_one_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_a_users_padding_choice_wins_and_is_said(tmp_path, caplog):
     reference = OfficialResNet(False, (3, 4, 6, 3), num_classes=10)
     path = _save_like_mindspore_models(reference, str(tmp_path / "r50.ckpt"))
@@ -113,6 +117,7 @@ def test_a_users_padding_choice_wins_and_is_said(tmp_path, caplog):
     assert ours.conv1.pad_mode == "same"  # what the user did not set still follows the source
 
 
+@pytest.mark.slow
 def test_eval_py_scores_a_mindspore_models_ckpt_folder(tmp_path, capsys):
     reference = OfficialResNet(False, (3, 4, 6, 3), num_classes=1001)
     randomise_statistics(reference)
@@ -129,6 +134,7 @@ def test_eval_py_scores_a_mindspore_models_ckpt_folder(tmp_path, capsys):
     assert "resnet50: top-1 " in printed and "images 8" in printed
 
 
+@pytest.mark.slow
 def test_a_run_fine_tuned_from_mindspore_models_weights_keeps_their_padding(tmp_path, caplog):
     """The padding the source network computed with travels in the run's checkpoints: validate and
     --resume build the model the same way."""

@@ -23,6 +23,19 @@ EXPECTED_PARAMS = {
 }
 
 
+@pytest.fixture(scope="module")
+def model_zoo():
+    """name -> model with default arguments, built once for this module (its compiled graphs go with it)."""
+    cache: dict[str, nn.Cell] = {}
+
+    def get(name: str) -> nn.Cell:
+        if name not in cache:
+            cache[name] = models.create_model(name)
+        return cache[name]
+
+    return get
+
+
 def _input(size: int = 32, batch: int = 2, channels: int = 3, seed: int = 0) -> ms.Tensor:
     return ms.Tensor(np.random.RandomState(seed).randn(batch, channels, size, size).astype(np.float32))
 
@@ -32,6 +45,7 @@ def test_registry_holds_exactly_the_table():
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
+@pytest.mark.slow
 def test_param_count_is_exact(model_zoo, name):
     assert count_params(model_zoo(name)) == EXPECTED_PARAMS[name]
 
@@ -52,9 +66,28 @@ def test_pretrained_and_checkpoint_are_exclusive():
         models.create_model("resnet18", pretrained=True, checkpoint_path="x.ckpt")
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
-def test_forward_both_modes(model_zoo, exec_mode, name):
-    model = model_zoo(name)
+def _fast_first(names) -> list:
+    """ResNet-18 in the fast tier, the other models slow."""
+    return [name if name == "resnet18" else pytest.param(name, marks=pytest.mark.slow) for name in sorted(names)]
+
+
+# Graph mode for one model per construct and width pattern; the deeper variants compile the same
+# cells, only more of them (PyNative runs every model).
+GRAPH_FORWARD = {"resnet18", "resnet50", "resnext50_32x4d", "res2net50", "res2net50_14w_8s", "res2net50_48w_2s",
+                 "res2net50_v1b", "resnest50"}
+
+
+@pytest.mark.parametrize("name", _fast_first(EXPECTED_PARAMS))
+def test_forward_in_pynative_mode(model_zoo, pynative_mode, name):
+    _forward_is_finite(model_zoo(name))
+
+
+@pytest.mark.parametrize("name", _fast_first(GRAPH_FORWARD))
+def test_forward_in_graph_mode(model_zoo, graph_mode, name):
+    _forward_is_finite(model_zoo(name))
+
+
+def _forward_is_finite(model: nn.Cell) -> None:
     model.set_train(False)
     out = model(_input()).asnumpy()
     assert out.shape == (2, 1000)
@@ -62,6 +95,7 @@ def test_forward_both_modes(model_zoo, exec_mode, name):
 
 
 @pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d", "res2net50", "res2net50_v1b", "resnest50"])
+@pytest.mark.slow
 def test_full_resolution_forward_graph(model_zoo, graph_mode, name):
     model = model_zoo(name)
     model.set_train(False)
@@ -70,6 +104,7 @@ def test_full_resolution_forward_graph(model_zoo, graph_mode, name):
 
 
 @pytest.mark.parametrize("name", ["resnet18", "res2net50_14w_8s", "resnest50"])
+@pytest.mark.slow
 def test_options_num_classes_in_channels(exec_mode, name):  # feature maps: tests/test_features.py
     x1 = _input(64, channels=1)
     headless = models.create_model(name, num_classes=0, in_channels=1)
@@ -86,6 +121,7 @@ def test_forward_features_and_head_compose(model_zoo):
     np.testing.assert_allclose(composed, model(x).asnumpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_drop_rate_and_drop_path_are_active_only_in_training(exec_mode):
     model = models.create_model("resnet18", num_classes=10, drop_rate=0.5, drop_path_rate=0.5)
     x = _input()
@@ -106,6 +142,7 @@ def test_zero_init_last_starts_blocks_as_identity():
     assert model.layer2[1].bn1.gamma.asnumpy().all()
 
 
+@pytest.mark.slow
 def test_reset_classifier(exec_mode):
     model = models.create_model("resnet18")
     model.set_train(False)
@@ -117,6 +154,7 @@ def test_reset_classifier(exec_mode):
     assert model(_input()).shape == (2, 512)
 
 
+@pytest.mark.slow
 def test_macs_match_published_figures(model_zoo):
     # published: ResNet-50 4.1 GFLOPs (MACs), ResNet-18 1.8, Res2Net-50 4.2, ResNeSt-50 5.4
     assert count_macs(model_zoo("resnet50")) / 1e9 == pytest.approx(4.09, abs=0.01)
@@ -135,6 +173,7 @@ def test_bad_trunk_arguments_fail_clearly():
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d", "res2net50_v1b", "resnest50"])
+@pytest.mark.slow
 def test_folding_batchnorm_keeps_the_outputs(name):
     previous = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)

@@ -46,6 +46,7 @@ def _train_twice(net: nn.Cell, x, residual):
 
 
 @pytest.mark.parametrize("kind", ["plain", "relu", "add_relu"])
+@pytest.mark.slow
 def test_matches_mindspore_batchnorm(kind, exec_mode):
     rng = np.random.RandomState(0)
     x = ms.Tensor((rng.randn(3, 6, 7, 5) * 2 + 1).astype(np.float32))
@@ -61,6 +62,7 @@ def test_matches_mindspore_batchnorm(kind, exec_mode):
         assert 0 < np.count_nonzero(ours[2]) < ours[2].size
 
 
+@pytest.mark.slow
 def test_model_training_step_matches_mindspore_batchnorm(pynative_mode):
     # resnet18 at 96 px: deeper random nets on tiny maps are ill-conditioned (a change of float32
     # summation order in any layer moves their last layers' gradients by 10-20 %). Seed 13: the two

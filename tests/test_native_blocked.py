@@ -159,6 +159,7 @@ BLOCKS = {
 
 
 @pytest.mark.parametrize("block", BLOCKS.values(), ids=BLOCKS.keys())
+@pytest.mark.slow
 def test_residual_blocks_match_nchw(block, exec_mode):
     block_type, block_args = block
     x = ms.Tensor(np.random.RandomState(3).randn(4, 64 * block_type.expansion, 12, 12).astype(np.float32))
@@ -193,6 +194,7 @@ class StemLoss(nn.Cell):
 
 
 @pytest.mark.parametrize("deep_stem", [False, True], ids=["7x7", "deep"])
+@pytest.mark.slow
 def test_stem_matches_nchw(deep_stem, exec_mode):
     x = ms.Tensor(np.random.RandomState(5).randn(2, 3, 64, 64).astype(np.float32))
     results = []
@@ -242,6 +244,7 @@ def test_feature_maps_are_nchw(pynative_mode):
         np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_used_by_the_seed_models_unless_frozen():
     for name in ("resnet50", "resnext50_32x4d", "res2net50", "res2net50_14w_8s", "res2net50_v1b", "resnest50"):
         assert models.create_model(name, num_classes=10).blocked, name
@@ -257,6 +260,7 @@ def test_used_by_the_seed_models_unless_frozen():
 
 
 @pytest.mark.skipif(os.environ.get("ONEDNN_MAX_CPU_ISA") == "AVX2", reason="already capped")
+@pytest.mark.slow
 def test_blocks_of_8_channels_under_avx2_cap():
     output = pytest_under_avx2_cap(__file__, "graph or round_trip")
     assert " failed" not in output and " passed" in output

@@ -50,6 +50,7 @@ def _pair(native_cls, geometry):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES.values(), ids=GEOMETRIES.keys())
+@pytest.mark.slow
 def test_matches_mindspore_convolution(geometry, exec_mode):
     fast, reference = _pair(Conv2d, geometry)
     assert fast.native is not None
@@ -71,6 +72,7 @@ def test_matches_mindspore_convolution(geometry, exec_mode):
 
 
 @pytest.mark.skipif(os.environ.get("ONEDNN_MAX_CPU_ISA") == "AVX2", reason="already capped")
+@pytest.mark.slow
 def test_matches_mindspore_convolution_under_avx2_cap():
     output = pytest_under_avx2_cap(__file__, "test_matches_mindspore_convolution and graph and not avx2")
     assert f"{len(GEOMETRIES)} passed" in output

@@ -87,6 +87,7 @@ def test_blocked_average_pool_matches_mindspore_pool(make, size, exec_mode):
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_models_use_them():
     for name in ("resnet50", "res2net50"):
         assert isinstance(models.create_model(name, num_classes=10).max_pool, MaxPool3x3), name

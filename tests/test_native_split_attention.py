@@ -45,6 +45,7 @@ def _run(reduce: RadixReduce, x, attn, blocked: bool = False):
 
 @pytest.mark.parametrize("radix, shape", [(2, (3, 10, 7, 6)), (4, (2, 12, 5, 9)), (2, (1, 4, 1, 1))],
                          ids=["radix2", "radix4", "1x1"])
+@pytest.mark.slow
 def test_matches_mindspore_ops(radix, shape, exec_mode):
     rng = np.random.RandomState(radix)
     x = ms.Tensor(rng.randn(*shape).astype(np.float32))
@@ -62,6 +63,7 @@ def test_matches_mindspore_ops(radix, shape, exec_mode):
 
 @pytest.mark.parametrize("radix, splits, size", [(2, 2, (5, 7)), (4, 1, (3, 3)), (2, 1, (1, 1))],
                          ids=["radix2", "radix4", "1x1"])
+@pytest.mark.slow
 def test_blocked_layout_matches_mindspore_ops(radix, splits, size, exec_mode):
     # every split `splits` whole blocks of the layout
     shape = (3, radix * splits * blocked_width(), *size)
@@ -90,6 +92,7 @@ def _radix_cells(net: nn.Cell) -> list[RadixReduce]:
     return [cell for _, cell in net.cells_and_names() if isinstance(cell, RadixReduce)]
 
 
+@pytest.mark.slow
 def test_resnest_step_matches_mindspore_ops(pynative_mode):
     rng = np.random.RandomState(5)
     x = ms.Tensor(rng.randn(2, 3, 64, 64).astype(np.float32))

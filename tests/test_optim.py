@@ -16,6 +16,7 @@ from resgarden.optim import Lamb, create_optimizer, lr_per_step
 def schedule_of(args: list[str]):
     return train_job(parse_config(args)).schedule
 
+@pytest.mark.slow
 def test_lamb_matches_the_reference_update(exec_mode):
     net = nn.Dense(3, 2)
     w0 = np.arange(6, dtype=np.float32).reshape(2, 3) / 10

@@ -24,14 +24,6 @@ from tests.helpers import write_imagenet_layout
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def fresh_workers():
-    """Each test forks its own workers (persistent ones would keep an earlier test's monkeypatches out)."""
-    batches.shutdown_workers()
-    yield
-    batches.shutdown_workers()
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     return scan_class_folders(os.path.join(write_photo_folder(str(tmp_path_factory.mktemp("photos")), count=24),
@@ -158,6 +150,7 @@ def _odd_and_bad_files(folder: str, seed: int) -> tuple[list[str], list[str]]:
     return [os.path.join(folder, n) for n in odd], [os.path.join(folder, n) for n in bad]
 
 
+@pytest.mark.slow
 def test_every_kind_of_bad_image_is_named_once_and_replaced(tmp_path):
     root = tmp_path / "data"
     classes = write_imagenet_layout(str(root), per_class=4, size=36)
@@ -190,6 +183,15 @@ def test_every_kind_of_bad_image_is_named_once_and_replaced(tmp_path):
     assert result["unreadable"] == len(bad_val) and result["count"] == 4 * 4 + len(odd_val) + len(bad_val)
 
 
+def _shared_memory_of(pids: list[int]) -> set[str]:
+    """The /dev/shm segments mapped by ``pids``."""
+    names = set()
+    for pid in pids:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as handle:
+            names.update(line.split("/dev/shm/", 1)[1].split()[0] for line in handle if "/dev/shm/" in line)
+    return names
+
+
 def _alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie waiting for a reaper counts as gone)."""
     try:
@@ -200,6 +202,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="Linux shared memory")
+@pytest.mark.slow
 def test_data_workers_exit_with_their_killed_parent_and_release_shared_memory(tmp_path):
     """train.py killed with SIGKILL (the OOM killer, a scheduler's hard kill) cannot shut its
     workers down: they notice within a second, and their shared-memory batches leave /dev/shm."""
@@ -208,7 +211,6 @@ def test_data_workers_exit_with_their_killed_parent_and_release_shared_memory(tm
     import time
 
     write_imagenet_layout(str(tmp_path / "data"), per_class=100, size=48, splits=("train",))  # 100 steps
-    before = set(os.listdir("/dev/shm"))
     proc = subprocess.Popen([sys.executable, "train.py", "--model=resnet18", "--image_size=48", "--batch_size=4",
                              "--num_parallel_workers=2", "--epoch_size=50", "--log_interval=1",
                              "--val_while_train=False", f"--data_dir={tmp_path / 'data'}",
@@ -221,7 +223,7 @@ def test_data_workers_exit_with_their_killed_parent_and_release_shared_memory(tm
         assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
         time.sleep(0.2)
     workers = _children_of(proc.pid, b"train.py")
-    segments = set(os.listdir("/dev/shm")) - before
+    segments = _shared_memory_of([proc.pid, *workers]) & set(os.listdir("/dev/shm"))  # not another test's
     assert len(workers) == 2 and segments, (workers, segments)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -49,6 +49,7 @@ def _isa_after_import(env: dict[str, str]) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_importing_models_applies_the_guard_but_respects_the_user():
     env = {k: v for k, v in os.environ.items() if k != ISA_VARIABLE}
     with_native, _ = decide_isa_cap(env, mindspore_version(), cpu_has_avx512(),
@@ -75,6 +76,7 @@ def test_native_build_failures_are_reported_not_raised(tmp_path, monkeypatch):
     assert list(tmp_path.glob("native/*")) == []  # no partial library left behind
 
 
+@pytest.mark.slow
 def test_native_library_is_cached_per_setup(tmp_path, monkeypatch):
     if native.conv_library()[0] is None:
         pytest.skip(f"native convolutions unavailable here: {native.conv_library()[1]}")

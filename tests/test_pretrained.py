@@ -78,6 +78,7 @@ def _point_entry(monkeypatch, url: str, name: str = "resnet18") -> None:
     monkeypatch.setitem(PRETRAINED, name, dataclasses.replace(PRETRAINED[name], url=url))
 
 
+@pytest.mark.slow
 def test_good_hash_downloads_verifies_loads_and_reuses_cache(server, cache, monkeypatch, resnet18_state):
     www, base = server
     filename = _publish(www, resnet18_state)
@@ -186,6 +187,7 @@ def test_shape_mismatch_is_reported_in_the_table(resnet18_state):
     assert len(report.loaded) == len(resnet18_state) - 2
 
 
+@pytest.mark.slow
 def test_weights_cache_flag_of_the_entry_points(server, tmp_path, monkeypatch, resnet18_state, capsys):
     import validate as validate_entry
     from tests.helpers import write_imagenet_layout

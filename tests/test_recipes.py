@@ -29,13 +29,31 @@ def test_recipe_parses_and_names_a_model(path):
         assert values["dataset"] == "imagenet" and values.get("num_classes") == 1000
 
 
+# One recipe per block construct trains with its own model; the others train their settings on
+# ResNet-18 (a deeper or wider variant of a construct compiles the same cells, only more of them, and
+# its forward pass is compiled in tests/test_models.py): 5 graph compiles of a large model, not 14.
+OWN_MODEL = {"resnet/resnet50_gpu.yaml", "resnet/resnext50_32x4d_ascend.yaml", "res2net/res2net50_gpu.yaml",
+             "res2net/res2net50_v1b_ascend.yaml", "resnest/resnest50_ascend.yaml"}
+
+
+def test_every_block_construct_of_the_recipes_trains_with_its_own_model():
+    def construct(name: str) -> str:  # the model name less its depth and width
+        return name.split("_")[0].rstrip("0123456789") + ("_v1b" if name.endswith("_v1b") else "")
+
+    named = {construct(load_yaml(p)["model"]) for p in RECIPES}
+    own = {construct(load_yaml(os.path.join(REPO, "configs", p))["model"]) for p in OWN_MODEL}
+    assert named <= own == {"resnet", "resnext", "res2net", "res2net_v1b", "resnest"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=[os.path.relpath(p, REPO) for p in RECIPES])
 def test_recipe_trains_one_tiny_epoch(tmp_path, path):
     write_imagenet_layout(str(tmp_path / "data"), per_class=4, size=40)
+    own = os.path.relpath(path, os.path.join(REPO, "configs")) in OWN_MODEL
     cfg = parse_config(["-c", path, "--dataset=imagenet", f"--data_dir={tmp_path / 'data'}", "--num_classes=4",
                         "--pretrained=False", "--image_size=32", "--batch_size=8", "--epoch_size=1",
-                        "--amp_level=O0", f"--ckpt_save_dir={tmp_path / 'runs'}", "--num_parallel_workers=1"])
+                        "--amp_level=O0", f"--ckpt_save_dir={tmp_path / 'runs'}", "--num_parallel_workers=1",
+                        *([] if own else ["--model=resnet18"])])
     result = train(train_job(cfg))
     assert result["epoch"] == 1 and result["train_loss"] > 0
 

@@ -74,6 +74,7 @@ def _tiny_run(tmp_path, *extra: str) -> list[str]:
             f"--data_dir={tmp_path / 'data'}", f"--output_path={tmp_path / 'runs'}", "--val_while_train=False", *extra]
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     real_save, saves = checkpoint.ms.save_checkpoint, []
 
@@ -96,6 +97,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_
     checkpoint.open_checkpoint(str(ckpt_dir / "resnet18-e001.ckpt"))
 
 
+@pytest.mark.slow
 def test_resume_remembers_the_run_and_extends_it(tmp_path, caplog, capsys):
     """``--resume=<run>`` alone restores the run's settings; a larger --epoch_size extends the run;
     a finished run, another model or other classes are one line; stale temp files go."""
@@ -122,6 +124,7 @@ def test_resume_remembers_the_run_and_extends_it(tmp_path, caplog, capsys):
     assert "epoch_size: 2" in saved and "image_size: 32" in saved and "lr: 0.05" in saved
 
 
+@pytest.mark.slow
 def test_resuming_on_other_classes_names_both_sides(tmp_path, capsys):
     assert train_entry.main(_tiny_run(tmp_path, "--epoch_size=1")) == 0
     (run_dir,) = os.listdir(tmp_path / "runs")
@@ -142,6 +145,7 @@ def _weights(path: str) -> dict[str, np.ndarray]:
     return {k: v.asnumpy() for k, v in ms.load_checkpoint(path).items() if not k.startswith("meta.")}
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_writes_a_checkpoint_and_the_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch,
                                                                                            capsys):
     data = _tiny_run(tmp_path, "--epoch_size=2", "--batch_size=4")  # 4 steps an epoch, default augmentation
@@ -172,6 +176,7 @@ def test_sigterm_mid_epoch_writes_a_checkpoint_and_the_resume_matches_an_uninter
     assert worst < 1e-5, f"resumed weights differ by {worst}"
 
 
+@pytest.mark.slow
 def test_ctrl_c_to_the_process_group_is_reported_as_ctrl_c(tmp_path):
     """Ctrl-C in a terminal: SIGINT to train.py and its data workers, mid-step in graph mode, where
     MindSpore's own SIGINT handler would turn it into SIGTERM (preemption.route_ctrl_c)."""
@@ -199,6 +204,7 @@ def test_ctrl_c_to_the_process_group_is_reported_as_ctrl_c(tmp_path):
     assert "SIGTERM" not in output, output[-3000:]
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_ends_the_run_in_one_line(tmp_path, capsys):
     assert train_entry.main(_tiny_run(tmp_path, "--epoch_size=2", "--batch_size=4", "--lr=1e38", "--log_interval=1")) == 2
     err = capsys.readouterr().err.strip()
@@ -218,6 +224,7 @@ gc.collect()
 """
 
 
+@pytest.mark.slow
 def test_no_cell_destructor_noise_at_interpreter_exit():
     """MindSpore's Cell.__del__ reads module globals that shutdown has cleared: without
     resgarden.platform.quiet_cell_teardown each Cell alive at exit prints an 'Exception ignored' block."""

@@ -60,6 +60,7 @@ def _close(got: np.ndarray, want: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("name", sorted(TIMM_NAMES))
+@pytest.mark.slow
 def test_converted_timm_weights_give_timm_logits_and_maps(timm_server, tmp_path, pynative_mode, name):
     folder = timm_server(TIMM_NAMES[name])
     ckpt = str(tmp_path / "w.ckpt")

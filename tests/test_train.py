@@ -29,6 +29,7 @@ def _weights(path: str) -> dict[str, np.ndarray]:
     return {k: v.asnumpy() for k, v in ms.load_checkpoint(path).items() if not k.startswith("meta.")}
 
 
+@pytest.mark.slow
 def test_learns_and_writes_the_run_layout(tiny, tmp_path):
     out = tmp_path / "out"
     result = train(train_job_of(BASE + [f"--data_path={tiny}", f"--output_path={out}", "--epoch_size=5",
@@ -56,6 +57,7 @@ EXTRAS = ["--ema", "--ema_decay=0.9", "--gradient_accumulation_steps=2", "--clip
 
 
 @pytest.mark.parametrize("extra", [[], EXTRAS], ids=["plain", "ema-accumulation-clip-scale-mixup-randaug"])
+@pytest.mark.slow
 def test_resume_is_exact(tiny, tmp_path, extra):
     args = BASE + extra + [f"--data_dir={tiny}", f"--ckpt_save_dir={tmp_path}", "--epoch_size=3",
                            "--keep_checkpoint_max=3", "--val_while_train=False"]
@@ -95,6 +97,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert target.read_bytes() == before and os.listdir(tmp_path) == ["x.ckpt"]
 
 
+@pytest.mark.slow
 def test_finetune_from_a_run_replaces_the_head(tiny, tmp_path, caplog):
     first = train(train_job_of(BASE + [f"--data_dir={tiny}", f"--ckpt_save_dir={tmp_path}", "--epoch_size=1"]))
     with caplog.at_level("INFO", logger="resgarden"):
@@ -127,6 +130,7 @@ def test_keep_policies(tmp_path, policy, kept):
     assert [e["file"] for e in reopened.entries] == [f"m-e{e:03d}.ckpt" for e in kept]
 
 
+@pytest.mark.slow
 def test_freeze_backbone_and_backbone_lr_scale(tiny, tmp_path):
     args = BASE + [f"--data_dir={tiny}", "--epoch_size=1", "--val_while_train=False", "--keep_checkpoint_max=1"]
     start = train(train_job_of(args + [f"--ckpt_save_dir={tmp_path / 'a'}"]))
@@ -143,8 +147,8 @@ def test_freeze_backbone_and_backbone_lr_scale(tiny, tmp_path):
     assert not np.array_equal(lr0["classifier.weight"], before["classifier.weight"])
 
 
-@pytest.mark.parametrize("level", [pytest.param("O1", marks=pytest.mark.slow), "O2",
-                                   pytest.param("O3", marks=pytest.mark.slow)])  # O2: the recipes' level
+@pytest.mark.parametrize("level", ["O1", "O2", "O3"])
+@pytest.mark.slow
 def test_mixed_precision_levels_train(tiny, tmp_path, level):
     result = train(train_job_of(BASE + [f"--data_dir={tiny}", f"--ckpt_save_dir={tmp_path}", "--epoch_size=2",
                                         f"--amp_level={level}", "--loss_scale_type=dynamic", "--loss_scale=1024"]))

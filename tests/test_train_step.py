@@ -32,12 +32,14 @@ def plain_update():
     return net.weight.asnumpy()
 
 
+@pytest.mark.slow
 def test_loss_scale_does_not_change_the_update(exec_mode, plain_update):
     net, step = _step(loss_scale=1024.0)
     _run(step)
     np.testing.assert_allclose(net.weight.asnumpy(), plain_update, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_accumulation_equals_one_big_batch(exec_mode, plain_update):
     net, step = _step(accumulation_steps=2)
     _run(step, X[:4], Y[:4])
@@ -47,6 +49,7 @@ def test_accumulation_equals_one_big_batch(exec_mode, plain_update):
     assert int(step.micro_step.asnumpy()) == 2 and not step.accumulated[0].asnumpy().any()
 
 
+@pytest.mark.slow
 def test_overflow_skips_the_update_and_halves_a_dynamic_scale(exec_mode):
     net, step = _step(loss_scale=3e38, dynamic_loss_scale=True)
     _run(step, X * 100)
@@ -54,6 +57,7 @@ def test_overflow_skips_the_update_and_halves_a_dynamic_scale(exec_mode):
     assert float(step.loss_scale.asnumpy()) == pytest.approx(1.5e38)
 
 
+@pytest.mark.slow
 def test_dynamic_scale_grows_after_a_window_of_good_steps(exec_mode):
     _, step = _step(loss_scale=4.0, dynamic_loss_scale=True, scale_window=2)
     _run(step)
@@ -62,6 +66,7 @@ def test_dynamic_scale_grows_after_a_window_of_good_steps(exec_mode):
     assert float(step.loss_scale.asnumpy()) == 8.0 and int(step.good_steps.asnumpy()) == 0
 
 
+@pytest.mark.slow
 def test_clipping_bounds_the_step(exec_mode, plain_update):
     net, step = _step(clip_norm=1e-3)
     _run(step)
@@ -70,6 +75,7 @@ def test_clipping_bounds_the_step(exec_mode, plain_update):
     assert np.abs(plain_update - 0.1).max() > 10 * np.abs(change).max()
 
 
+@pytest.mark.slow
 def test_ema_follows_the_weights_with_warmup(exec_mode):
     net, step = _step(ema_decay=0.9)
     _run(step)

@@ -39,6 +39,7 @@ def test_accumulate_counts_top1_top5_and_loss():
     assert loss == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_imagenet_folder_run_dir_and_eval_dialect(tmp_path, capsys):
     root = tmp_path / "imagenet"
     write_imagenet_layout(str(root), per_class=5, size=36)
@@ -62,6 +63,7 @@ def test_imagenet_folder_run_dir_and_eval_dialect(tmp_path, capsys):
     assert f"top-1 {result['top1']:.2f}%" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cifar10_binary_with_a_plain_checkpoint(tmp_path):
     write_cifar10_binary(str(tmp_path / "cifar"), per_file=12)
     model = models.create_model("resnet18", num_classes=10)
@@ -113,6 +115,7 @@ def _logits_in_split_order(model, split, cfg) -> np.ndarray:
                            loader.create_tuple_iterator(num_epochs=1, output_numpy=True)])
 
 
+@pytest.mark.slow
 def test_v2_folders_real_labels_and_results_table(tmp_path, capsys):
     v2 = tmp_path / "v2"
     numbers = _write_v2_layout(v2)
@@ -179,6 +182,7 @@ def _save_state(path, classes: int) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_imagenet_weights_are_scored_on_imagenet_not_the_digits(tmp_path, monkeypatch, capsys):
     """No --data_dir: a 1000-class checkpoint and the released weights were trained on ImageNet,
     looked for in the current folder; without it, one line saying what to pass."""
