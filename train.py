@@ -4,10 +4,8 @@ Settings, their defaults and both flag dialects are listed by `python train.py -
 """
 from __future__ import annotations
 
-import sys
-
 from config import configure, train_job
-from resgarden.runner import run
+from resgarden.runner import exit_process, run
 
 
 def _train(argv: list[str] | None) -> str | None:
@@ -26,4 +24,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
