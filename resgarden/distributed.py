@@ -114,22 +114,14 @@ class Cluster:
 
 _current = Cluster()  # this process's place, once init_cluster() ran
 _scheduler_log: str | None = None  # the log of the scheduler rank 0 started under mpirun
-_scheduler: subprocess.Popen | None = None  # that scheduler
 
 
-def leave_without_teardown(coordinated: bool) -> bool:
-    """Prepare this rank to end without MindSpore's teardown, and say whether it should: a rank of a
-    job whose scheduler rank 0 started (mpirun, srun). Under load, a rank's teardown there
-    segfaulted once its peers had gone (exit 139 after a finished job; MindSpore 2.10, CPU). A
-    ``coordinated`` end (finished, or stopped on request at one step) first waits for every rank;
-    then rank 0 stops its scheduler."""
-    if not _current.distributed or _current.launcher.startswith(MSRUN):
-        return False
-    if coordinated:
-        _current.barrier()
-    if _scheduler is not None:
-        _scheduler.terminate()
-    return True
+def leaves_without_teardown() -> bool:
+    """Whether this process should end without MindSpore's teardown: a rank of a job whose scheduler
+    rank 0 started (mpirun, srun). Under load, a rank's teardown there segfaulted once its peers
+    had gone (exit 139 after a finished job; MindSpore 2.10, CPU). Rank 0's scheduler outlives it
+    by SCHEDULER_GRACE_SECONDS at most; msrun's own scheduler expects the teardown."""
+    return _current.distributed and not _current.launcher.startswith(MSRUN)
 
 
 def find_launcher(environ: Mapping[str, str]) -> Launcher | str | None:
@@ -308,20 +300,19 @@ def start_scheduler(env: dict[str, str], log_path: str) -> subprocess.Popen:
                                 stdout=log, stderr=subprocess.STDOUT)
 
 
-def _translate_mpi(spec: ClusterSpec, plan: ClusterPlan,
-                   environ: dict[str, str]) -> tuple[str | None, subprocess.Popen | None]:
+def _translate_mpi(spec: ClusterSpec, plan: ClusterPlan, environ: dict[str, str]) -> str | None:
     """Set dynamic-cluster variables from the launcher's ranks; rank 0 starts the scheduler and gets
-    its log path and process back (the other ranks None)."""
+    its log path back (the other ranks None)."""
     host = spec.dist_host or environ.get("MS_SCHED_HOST") or "127.0.0.1"
     port = int(spec.dist_port)
     environ.update(dynamic_cluster_env(plan.rank, plan.size, host, port, spec.dist_timeout, environ))
-    log_path = scheduler = None
+    log_path = None
     if plan.rank == 0:
         check_port_free(host, port)
         log_path = scheduler_log_path(port)
-        scheduler = start_scheduler(dict(environ), log_path)
+        start_scheduler(dict(environ), log_path)
     wait_for_port(host, port, join_timeout(environ))
-    return log_path, scheduler
+    return log_path
 
 
 def place_device(device_target: str, device_id: int | None = None) -> None:
@@ -342,7 +333,7 @@ def init_cluster(spec: ClusterSpec, environ: dict[str, str] | None = None) -> Cl
     """When ``spec.distribute`` is on: place this rank on its device, join the job (a clear error
     without a launcher) and set MindSpore's data-parallel context. Call before anything with side
     effects and before any Tensor or Parameter exists (see module docstring)."""
-    global _current, _scheduler_log, _scheduler
+    global _current, _scheduler_log
     if not spec.distribute:  # a single process: resgarden.context.set_context placed it
         return Cluster(device_id=spec.device_id or 0)
     environ = os.environ if environ is None else environ
@@ -351,7 +342,7 @@ def init_cluster(spec: ClusterSpec, environ: dict[str, str] | None = None) -> Cl
     from mindspore.communication import get_group_size, get_local_rank, get_rank, init
 
     if plan.launcher != MSRUN and plan.path == "dynamic_cluster":
-        _scheduler_log, _scheduler = _translate_mpi(spec, plan, environ)
+        _scheduler_log = _translate_mpi(spec, plan, environ)
     elif plan.launcher == MSRUN:
         environ.setdefault("MS_NODE_TIMEOUT", str(spec.dist_timeout))
     if environ.get("MS_ROLE") != "MS_SCHED":

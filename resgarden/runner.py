@@ -45,9 +45,9 @@ def run(prog: str, action: Callable[[], str | None], on_interrupt: str = "interr
 
 def exit_process(code: int) -> NoReturn:
     """End an entry script with ``code``; a rank of a data-parallel job started by mpirun or srun
-    without MindSpore's teardown (distributed.leave_without_teardown)."""
+    without MindSpore's teardown (distributed.leaves_without_teardown)."""
     cluster = sys.modules.get("resgarden.distributed")  # looked up: a run that failed early never joined one
-    if cluster is not None and cluster.leave_without_teardown(coordinated=code in (0, EXIT_PREEMPTED)):
+    if cluster is not None and cluster.leaves_without_teardown():
         _leave_now(code)
     sys.exit(code)
 
