@@ -4,8 +4,10 @@ Settings, their defaults and both flag dialects are listed by `python train.py -
 """
 from __future__ import annotations
 
+import sys
+
 from config import configure, train_job
-from resgarden.runner import exit_process, run
+from resgarden.runner import run
 
 
 def _train(argv: list[str] | None) -> str | None:
@@ -24,4 +26,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    sys.exit(main())

@@ -116,14 +116,6 @@ _current = Cluster()  # this process's place, once init_cluster() ran
 _scheduler_log: str | None = None  # the log of the scheduler rank 0 started under mpirun
 
 
-def leaves_without_teardown() -> bool:
-    """Whether this process should end without MindSpore's teardown: a rank of a job whose scheduler
-    rank 0 started (mpirun, srun). Under load, a rank's teardown there segfaulted once its peers
-    had gone (exit 139 after a finished job; MindSpore 2.10, CPU). Rank 0's scheduler outlives it
-    by SCHEDULER_GRACE_SECONDS at most; msrun's own scheduler expects the teardown."""
-    return _current.distributed and not _current.launcher.startswith(MSRUN)
-
-
 def find_launcher(environ: Mapping[str, str]) -> Launcher | str | None:
     """The MPI / Slurm launcher that started this process, :data:`MSRUN` (msrun or MindSpore's MS_*
     variables set by hand), or None; a ConfigError for a launcher's partial set of variables."""
@@ -278,19 +270,13 @@ def lost_rank(log_text: str) -> int | None:
     return int(match.group(2)) if match else None
 
 
-SCHEDULER_GRACE_SECONDS = 60
-
-
 def start_scheduler(env: dict[str, str], log_path: str) -> subprocess.Popen:
-    """MindSpore's scheduler as a child process of rank 0. It ends by itself once every rank has
-    finalized; should rank 0 be gone, it stays SCHEDULER_GRACE_SECONDS more, then ends (the other
-    ranks may still be finalizing: a scheduler gone under them made a rank's teardown segfault)."""
+    """MindSpore's scheduler as a child process that ends when its parent (rank 0) does."""
     code = ("import os, threading, time\n"
             f"parent = {os.getpid()}\n"
             "def watch():\n"
             "    while os.getppid() == parent:\n"
             "        time.sleep(0.5)\n"
-            f"    time.sleep({SCHEDULER_GRACE_SECONDS})\n"
             "    os._exit(0)\n"
             "threading.Thread(target=watch, daemon=True).start()\n"
             "from mindspore.communication import init\n"

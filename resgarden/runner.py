@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Callable, NoReturn
+from typing import Callable
 
 from .errors import EXIT_PREEMPTED, DistributedError, Preempted, StepCountError, UserError
 from .logs import setup_logging
@@ -30,7 +30,10 @@ def run(prog: str, action: Callable[[], str | None], on_interrupt: str = "interr
     except DistributedError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         # MindSpore's teardown waits for the lost ranks (until its own watchdog SIGTERMs us): skip it
-        _leave_now(1)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     except Preempted as exc:
         if str(exc):
             print(f"{prog}: {exc}", file=sys.stderr)
@@ -41,19 +44,3 @@ def run(prog: str, action: Callable[[], str | None], on_interrupt: str = "interr
     if message:
         print(message)
     return 0
-
-
-def exit_process(code: int) -> NoReturn:
-    """End an entry script with ``code``; a rank of a data-parallel job started by mpirun or srun
-    without MindSpore's teardown (distributed.leaves_without_teardown)."""
-    cluster = sys.modules.get("resgarden.distributed")  # looked up: a run that failed early never joined one
-    if cluster is not None and cluster.leaves_without_teardown():
-        _leave_now(code)
-    sys.exit(code)
-
-
-def _leave_now(code: int) -> NoReturn:
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

@@ -30,7 +30,6 @@ from mindspore import nn  # noqa: E402
 from resgarden.data import epoch_order, shard_order  # noqa: E402
 from resgarden.distributed import broadcast_parameters, init_cluster  # noqa: E402
 from resgarden.specs import ClusterSpec  # noqa: E402
-from resgarden.runner import exit_process  # noqa: E402
 from resgarden import train_step  # noqa: E402
 from resgarden.train_step import TrainStep  # noqa: E402
 
@@ -93,4 +92,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    exit_process(0)  # as train.py ends: an mpirun rank without MindSpore's teardown

@@ -508,16 +508,3 @@ def test_a_killed_node_ends_the_other_within_a_minute(tiny_imagenet, tmp_path):
     assert "train.py: error: data-parallel job stopped" in text or "Kill this process with SIGTERM" in text, text[-2000:]
     (run_dir,) = os.listdir(tmp_path / "out")
     checkpoint.open_checkpoint(checkpoint.find_checkpoint(str(tmp_path / "out" / run_dir)))
-
-
-@pytest.mark.parametrize("launcher, leaves", [("mpirun/dynamic_cluster", True), ("srun/dynamic_cluster", True),
-                                             ("msrun/dynamic_cluster", False)])
-def test_ranks_of_an_mpirun_job_end_without_mindspores_teardown(monkeypatch, launcher, leaves):
-    """Under load, a rank's teardown segfaulted after a finished mpirun job (exit 139) once its peers
-    had left: such ranks leave at once. msrun's scheduler expects the teardown: kept there."""
-    from resgarden import distributed
-
-    monkeypatch.setattr(distributed, "_current", distributed.Cluster(rank=1, size=2, launcher=launcher))
-    assert distributed.leaves_without_teardown() == leaves
-    monkeypatch.setattr(distributed, "_current", distributed.Cluster())
-    assert not distributed.leaves_without_teardown()
