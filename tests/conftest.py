@@ -28,14 +28,6 @@ def _resident_mb() -> str:
     return " ".join(f"{k} {int(fields[k].split()[0]) // 1024} MB" for k in ("VmRSS", "VmHWM"))
 
 
-def _release() -> None:
-    batches.shutdown_workers()  # forked from this process, a kept pool would hold its memory of then
-    gc.collect()  # cells in reference cycles: their compiled graphs go with them
-    ms.ms_memory_recycle()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)  # hand the freed heap back to the system (glibc keeps it otherwise)
-
-
 @pytest.fixture(autouse=True)
 def release_memory(request):
     """After each test its data workers, compiled graphs and their memory go, and the freed heap
@@ -45,7 +37,11 @@ def release_memory(request):
     yield
     log = os.environ.get("RESGARDEN_TEST_MEMORY_LOG")
     before = _resident_mb() if log else ""
-    _release()
+    batches.shutdown_workers()  # forked from this process, a kept pool would hold its memory of then
+    gc.collect()  # cells in reference cycles: their compiled graphs go with them
+    ms.ms_memory_recycle()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)  # hand the freed heap back to the system (glibc keeps it otherwise)
     if log:
         with open(log, "a", encoding="utf-8") as handle:
             handle.write(f"{request.node.nodeid}: {before} -> {_resident_mb()}\n")

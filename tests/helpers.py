@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 from PIL import Image
@@ -88,3 +92,25 @@ def pytest_under_avx2_cap(path: str, selection: str) -> str:
                             text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:]
     return result.stdout
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_train(args: list[str], **popen) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    """``python train.py *args`` in the repository, its output collected line by line as it comes
+    (by the returned thread, which ends with the output)."""
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    return proc, lines, reader
+
+
+def wait_for_output(proc: subprocess.Popen, lines: list[str], text: str, timeout: float = 180) -> None:
+    """Wait until ``text`` appears in ``lines``; fail if ``proc`` ends or ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.05)

@@ -19,7 +19,7 @@ from resgarden.augment import crop_box, dct_factor, erase, jitter
 from resgarden.bench_pipeline import write_photo_folder
 from resgarden.data import DataError, Split, make_loader, scan_class_folders
 from resgarden.images import UnreadableImage, decode_rgb
-from tests.helpers import write_imagenet_layout
+from tests.helpers import start_train, wait_for_output, write_imagenet_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -207,21 +207,13 @@ def test_data_workers_exit_with_their_killed_parent_and_release_shared_memory(tm
     """train.py killed with SIGKILL (the OOM killer, a scheduler's hard kill) cannot shut its
     workers down: they notice within a second, and their shared-memory batches leave /dev/shm."""
     import signal
-    import threading
     import time
 
     write_imagenet_layout(str(tmp_path / "data"), per_class=100, size=48, splits=("train",))  # 100 steps
-    proc = subprocess.Popen([sys.executable, "train.py", "--model=resnet18", "--image_size=48", "--batch_size=4",
-                             "--num_parallel_workers=2", "--epoch_size=50", "--log_interval=1",
-                             "--val_while_train=False", f"--data_dir={tmp_path / 'data'}",
-                             f"--output_path={tmp_path / 'runs'}"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    deadline = time.monotonic() + 180
-    while not any("step 2/" in line for line in lines):
-        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
-        time.sleep(0.2)
+    proc, lines, _ = start_train(["--model=resnet18", "--image_size=48", "--batch_size=4", "--num_parallel_workers=2",
+                                  "--epoch_size=50", "--log_interval=1", "--val_while_train=False",
+                                  f"--data_dir={tmp_path / 'data'}", f"--output_path={tmp_path / 'runs'}"])
+    wait_for_output(proc, lines, "step 2/")
     workers = _children_of(proc.pid, b"train.py")
     segments = _shared_memory_of([proc.pid, *workers]) & set(os.listdir("/dev/shm"))  # not another test's
     assert len(workers) == 2 and segments, (workers, segments)

@@ -21,9 +21,8 @@ from resgarden.data import DataError, scan_class_folders
 from resgarden.errors import EXIT_PREEMPTED
 from resgarden.plot import needs_log_scale
 from resgarden.trainer import train
-from tests.helpers import train_job_of, write_imagenet_layout
+from tests.helpers import start_train, train_job_of, wait_for_output, write_imagenet_layout
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINTS = {"train.py": train_entry.main, "validate.py": validate_entry.main, "export.py": export_entry.main,
                 "infer.py": infer_entry.main,
                 "eval.py": lambda argv: validate_entry.main(argv, prog="eval.py")}
@@ -180,21 +179,12 @@ def test_sigterm_mid_epoch_writes_a_checkpoint_and_the_resume_matches_an_uninter
 def test_ctrl_c_to_the_process_group_is_reported_as_ctrl_c(tmp_path):
     """Ctrl-C in a terminal: SIGINT to train.py and its data workers, mid-step in graph mode, where
     MindSpore's own SIGINT handler would turn it into SIGTERM (preemption.route_ctrl_c)."""
-    import time
-
     write_imagenet_layout(str(tmp_path / "data"), per_class=100, size=40, splits=("train",))  # 100 steps
-    proc = subprocess.Popen([sys.executable, "train.py", "--model=resnet18", "--image_size=32", "--batch_size=4",
-                             "--num_parallel_workers=2", "--epoch_size=50", "--log_interval=1",
-                             "--val_while_train=False", f"--data_dir={tmp_path / 'data'}",
-                             f"--output_path={tmp_path / 'runs'}"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # its own process group
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 180
-    while not any("step 3/" in line for line in lines):
-        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
-        time.sleep(0.05)
+    proc, lines, reader = start_train(["--model=resnet18", "--image_size=32", "--batch_size=4", "--num_parallel_workers=2",
+                               "--epoch_size=50", "--log_interval=1", "--val_while_train=False",
+                               f"--data_dir={tmp_path / 'data'}", f"--output_path={tmp_path / 'runs'}"],
+                              start_new_session=True)  # its own process group
+    wait_for_output(proc, lines, "step 3/")
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=120) == EXIT_PREEMPTED, "".join(lines)[-3000:]
     reader.join(timeout=10)
