@@ -10,12 +10,12 @@ from __future__ import annotations
 import sys
 
 from config import average_job, configure
-from resgarden.runner import run
+from resgarden.base.runner import run
 
 
 def _average(argv: list[str] | None) -> str:
     cfg = configure(argv, prog="average.py", description=__doc__)
-    from resgarden.averaging import average_checkpoints  # the engine after the device target is chosen
+    from resgarden.inference.averaging import average_checkpoints  # the engine after the device target is chosen
 
     return average_checkpoints(average_job(cfg))
 

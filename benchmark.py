@@ -24,9 +24,8 @@ import sys
 import tempfile
 import time
 
-from resgarden.bench import TIMM_NAMES, serve
-from resgarden.bench_pipeline import TRANSFORMS, write_photo_folder
-
+from resgarden.bench.pipeline import TRANSFORMS, write_photo_folder
+from resgarden.bench.worker import TIMM_NAMES, serve
 
 # Seconds between one side's turn and the other's: long enough for the idle side's spin-waiting
 # threads (OpenMP's, MindSpore's kernel threads) to go to sleep.
@@ -35,7 +34,7 @@ ISA_CAPS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPAB
 
 
 class _Worker:
-    """One side of a comparison in its own process (resgarden.bench.serve): compiled once, then timed
+    """One side of a comparison in its own process (resgarden.bench.worker.serve): compiled once, then timed
     round by round on request, so that the two frameworks' rounds can interleave."""
 
     def __init__(self, python: str, framework: str, model: str, task: str, mode: str, batch: int, size: int,
@@ -214,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.worker in ("project", "mindcv"):
-        from resgarden.bench_pipeline import measure
+        from resgarden.bench.pipeline import measure
 
         result = measure(args.worker, args.photos, args.transforms[0], args.workers[0], args.seconds,
                          args.train_batch, args.image_size)

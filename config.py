@@ -8,7 +8,7 @@ the same from the command line and YAML (``--pretrained``, ``--pretrained=False`
 without dashes is accepted as an override. An unknown key is an error naming the closest one.
 
 The engine never sees these settings: ``train_job`` / ``inference_job`` turn them into the small
-frozen specs of :mod:`resgarden.specs`, each engine function taking the ones it reads.
+frozen specs of :mod:`resgarden.base.specs`, each engine function taking the ones it reads.
 """
 from __future__ import annotations
 
@@ -23,11 +23,27 @@ from typing import Any, Callable
 
 import yaml
 
-from resgarden.errors import ConfigError
+from resgarden.base.errors import ConfigError
+from resgarden.base.specs import (
+    EVAL_FIELDS,
+    Augmentation,
+    AverageSpec,
+    ClusterSpec,
+    ContextSpec,
+    DataSpec,
+    EvalTransform,
+    InferenceJob,
+    LoaderSpec,
+    Mixing,
+    ModelSpec,
+    OptimSpec,
+    RunSpec,
+    ScheduleSpec,
+    StepSpec,
+    TrainJob,
+    WeightsSpec,
+)
 from resgarden.platform import select_device_target
-from resgarden.specs import (EVAL_FIELDS, AverageSpec, Augmentation, ClusterSpec, ContextSpec, DataSpec, EvalTransform,
-                             InferenceJob, LoaderSpec, Mixing, ModelSpec, OptimSpec, RunSpec, ScheduleSpec, StepSpec,
-                             TrainJob, WeightsSpec)
 
 __all__ = ["ConfigError", "average_job", "configure", "inference_job", "load_yaml", "parse_config", "train_job"]
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import sys
 
 from config import configure, inference_job
-from resgarden.runner import run
+from resgarden.base.runner import run
 
 
 def _export(argv: list[str] | None) -> str:
     cfg = configure(argv, prog="export.py", description=__doc__)
-    from resgarden.export import export_model  # the engine after the device target is chosen
+    from resgarden.inference.export import export_model  # the engine after the device target is chosen
 
     return export_model(inference_job(cfg))
 

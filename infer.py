@@ -8,12 +8,12 @@ from __future__ import annotations
 import sys
 
 from config import configure, inference_job
-from resgarden.runner import run
+from resgarden.base.runner import run
 
 
 def _infer(argv: list[str] | None) -> str:
     cfg = configure(argv, prog="infer.py", description=__doc__)
-    from resgarden.predict import format_predictions, predict  # the engine after the device target is chosen
+    from resgarden.inference.predict import format_predictions, predict  # the engine after the device target is chosen
 
     return format_predictions(predict(inference_job(cfg)))
 

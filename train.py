@@ -7,12 +7,12 @@ from __future__ import annotations
 import sys
 
 from config import configure, train_job
-from resgarden.runner import run
+from resgarden.base.runner import run
 
 
 def _train(argv: list[str] | None) -> str | None:
     cfg = configure(argv, prog="train.py", description=__doc__)
-    from resgarden.trainer import train  # the engine after the device target is chosen
+    from resgarden.training.trainer import train  # the engine after the device target is chosen
 
     result = train(train_job(cfg))
     if result["rank"] != 0:  # data-parallel: rank 0 speaks for the job

@@ -8,12 +8,12 @@ from __future__ import annotations
 import sys
 
 from config import configure, inference_job
-from resgarden.runner import run
+from resgarden.base.runner import run
 
 
 def _validate(argv: list[str] | None, prog: str) -> str | None:
     cfg = configure(argv, prog=prog, description=__doc__)
-    from resgarden.validation import format_result, validate  # the engine after the device target is chosen
+    from resgarden.inference.validation import format_result, validate  # the engine after the device target is chosen
 
     return format_result(validate(inference_job(cfg)))
 

@@ -17,8 +17,8 @@ from typing import Mapping
 
 import numpy as np
 
-from resgarden.atomic import atomic_path
-from resgarden.errors import UserError
+from resgarden.base.atomic import atomic_path
+from resgarden.base.errors import UserError
 
 # PyTorch module names -> ours, then BN tensor names -> MindSpore's.
 TORCH_MODULE_MAP = ((r"^fc\.", "classifier."), (r"\.downsample\.", ".down_sample."))
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="MindSpore checkpoint to write")
     parser.add_argument("--num_classes", type=int, default=None, help="default: the size of the source's fc")
     args = parser.parse_args(argv)
-    from resgarden.runner import run
+    from resgarden.base.runner import run
 
     def action() -> str:
         report = convert(args.model, args.src, args.out, args.num_classes)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from mindspore import nn
 
-from resgarden.download import DownloadError, download_verified
-from resgarden.specs import EvalTransform
+from resgarden.base.download import DownloadError, download_verified
+from resgarden.base.specs import EvalTransform
 
 from .weights import LoadReport, WeightsError, load_weights
 

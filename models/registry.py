@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from mindspore import nn
 
-from resgarden.specs import EvalTransform
+from resgarden.base.specs import EvalTransform
 
 from .pretrained import PRETRAINED, load_pretrained
 from .weights import Checkpoint, WeightsInfo, build_settings, load_weights, open_checkpoint

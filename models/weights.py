@@ -12,19 +12,20 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from resgarden.errors import UserError
-from resgarden.specs import EvalTransform
+from resgarden.base.errors import UserError
+from resgarden.base.specs import EvalTransform
 
 from .layouts import Layout, detect_layout, source_model, to_our_names
 
 # Entries of a training checkpoint that are not model weights: optimizer moments and counters,
-# loss-scale state, and the run metadata saved beside the weights (see resgarden/checkpoint.py).
+# loss-scale state, and the run metadata saved beside the weights (see models/checkpoint.py).
+SKIPPED_STEPS = "overflow_skipped_steps"  # the Parameter counting optimizer steps skipped on overflow
 TRAINING_STATE_GROUPS = ("moments.", "accum.", "stat.", "adam_m.", "adam_v.", "lamb_m.", "lamb_v.", "ema.",
                          "meta.", "accum_grads.", "learning_rate_group_")
 TRAINING_STATE_NAMES = frozenset({"global_step", "learning_rate", "momentum", "beta1_power", "beta2_power",
                                   "scale_sense", "current_iterator_step", "last_overflow_iterator_step",
                                   "epoch_num", "step_num", "loss_scale", "loss_scale_good_steps",
-                                  "accum_micro_step", "ema_updates", "overflow_skipped_steps"})
+                                  "accum_micro_step", "ema_updates", SKIPPED_STEPS})
 
 
 # prefixes a training wrapper gives every weight name when the checkpoint was saved from it (a
@@ -91,7 +92,7 @@ def _shape(value: object) -> tuple[int, ...]:
 
 HEAD_POLICIES = ("refuse", "replace")
 HEAD_PREFIX = "classifier."
-META_PREFIX = "meta."  # run metadata saved beside the weights by resgarden/checkpoint.py
+META_PREFIX = "meta."  # run metadata saved beside the weights by models/checkpoint.py
 EMA_PREFIX = "ema."  # the EMA of the weights a run kept
 
 

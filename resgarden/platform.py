@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from resgarden.errors import UserError
+from resgarden.base.errors import UserError
 from resgarden.native import conv_library
 
 logger = logging.getLogger("resgarden")

@@ -13,8 +13,7 @@ apply_cpu_speed_guard()
 import mindspore as ms  # noqa: E402
 import pytest  # noqa: E402
 
-from resgarden import batches  # noqa: E402
-
+from resgarden.data import batches  # noqa: E402
 
 try:
     _LIBC = ctypes.CDLL("libc.so.6")  # glibc: malloc_trim

@@ -27,11 +27,11 @@ import mindspore as ms  # noqa: E402
 import numpy as np  # noqa: E402
 from mindspore import nn  # noqa: E402
 
-from resgarden.data import epoch_order, shard_order  # noqa: E402
-from resgarden.distributed import broadcast_parameters, init_cluster  # noqa: E402
-from resgarden.specs import ClusterSpec  # noqa: E402
-from resgarden import train_step  # noqa: E402
-from resgarden.train_step import TrainStep  # noqa: E402
+from resgarden.base.specs import ClusterSpec  # noqa: E402
+from resgarden.data.datasets import epoch_order, shard_order  # noqa: E402
+from resgarden.runtime.distributed import broadcast_parameters, init_cluster  # noqa: E402
+from resgarden.training import train_step  # noqa: E402
+from resgarden.training.train_step import TrainStep  # noqa: E402
 
 GLOBAL_BATCH, SAMPLES, STEPS = 8, 24, 3
 

@@ -19,12 +19,15 @@ from mindspore.nn.layer import pooling
 import models
 import train as train_entry
 from config import ConfigError, inference_job, parse_config, train_job
-from resgarden import context, distributed, platform, steps, train_step, validation
-from resgarden.distributed import Cluster, ClusterPlan, init_cluster, local_device_id, plan_cluster
-from resgarden.errors import Preempted, StepCountError, UserError
-from resgarden.specs import ClusterSpec
-from resgarden.trainer import train
-from resgarden.train_step import TrainStep
+from resgarden import platform
+from resgarden.base.errors import Preempted, StepCountError, UserError
+from resgarden.base.specs import ClusterSpec
+from resgarden.inference import validation
+from resgarden.runtime import context, distributed
+from resgarden.runtime.distributed import Cluster, ClusterPlan, init_cluster, local_device_id, plan_cluster
+from resgarden.training import steps, train_step
+from resgarden.training.train_step import TrainStep
+from resgarden.training.trainer import train
 from tests.helpers import train_job_of, write_imagenet_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -300,7 +303,7 @@ def test_validate_and_train_join_before_any_parameter_exists(monkeypatch, tmp_pa
 def _drop_path_masks(rank: int, size: int, out) -> np.ndarray:
     """Drop-path masks as rank ``rank`` of ``size`` draws them in its own process (graph mode)."""
     code = ("import sys, numpy as np, mindspore as ms, models\n"
-            "from resgarden.distributed import Cluster, seed_random_ops\n"
+            "from resgarden.runtime.distributed import Cluster, seed_random_ops\n"
             "ms.set_context(mode=ms.GRAPH_MODE)\n"
             f"seed_random_ops(42, Cluster({rank}, {size}))\n"
             "drop = models.layers.DropPath(0.5)\n"
@@ -420,11 +423,11 @@ def test_sink_mode_resumed_mid_epoch_trains_every_batch_once(tmp_path, monkeypat
     monkeypatch.setattr(steps, "SINK_TARGETS", ("CPU",))
     monkeypatch.setattr(ms, "data_sink", _fake_data_sink)
     real_batch_steps = steps.batch_steps
-    monkeypatch.setattr("resgarden.trainer.batch_steps", _stopping_after(3, real_batch_steps))
+    monkeypatch.setattr("resgarden.training.trainer.batch_steps", _stopping_after(3, real_batch_steps))
     with pytest.raises(Preempted):
         train(train_job_of(base + [f"--output_path={tmp_path}/stopped"]))
     (run_dir,) = [os.path.join(tmp_path, "stopped", d) for d in os.listdir(tmp_path / "stopped")]
-    monkeypatch.setattr("resgarden.trainer.batch_steps", real_batch_steps)
+    monkeypatch.setattr("resgarden.training.trainer.batch_steps", real_batch_steps)
     resumed = train(train_job_of([f"--resume={run_dir}", "--dataset_sink_mode", "--log_interval=10"]))
     assert "resumed at step 3 of 5, so 1 steps per call" in caplog.text
     assert resumed["global_step"] == plain["global_step"] == 10

@@ -12,7 +12,7 @@ import pytest
 import average as average_entry
 import export as export_entry
 import validate as validate_entry
-from resgarden.trainer import train
+from resgarden.training.trainer import train
 from tests.helpers import train_job_of, write_imagenet_layout
 
 BASE = ["--model=resnet18", "--image_size=32", "--batch_size=8", "--num_parallel_workers=1", "--lr=0.05",

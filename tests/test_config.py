@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from config import ConfigError, config_yaml, load_yaml, parse_config
-from resgarden.atomic import write_text
+from resgarden.base.atomic import write_text
 
 SEED_COMMANDS = {
     "finetune": "--model=res2net50 --pretrained --opt=momentum --lr=0.001 --dataset=cifar10 --num_classes=10 "

@@ -14,10 +14,17 @@ import numpy as np
 import pytest
 
 from config import parse_config, train_job
-from resgarden import data
-from resgarden.data import (DataError, load_cifar10_split, load_imagenet_split, load_splits, make_loader,
-                            read_list_file, scan_class_folders)
-from resgarden.download import DownloadError
+from resgarden.base.download import DownloadError
+from resgarden.data import datasets as data
+from resgarden.data.datasets import (
+    DataError,
+    load_cifar10_split,
+    load_imagenet_split,
+    load_splits,
+    make_loader,
+    read_list_file,
+    scan_class_folders,
+)
 from tests.helpers import write_cifar10_binary, write_imagenet_layout
 
 

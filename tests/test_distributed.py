@@ -23,9 +23,10 @@ import pytest
 
 import train as train_entry
 from config import ConfigError
-from resgarden import checkpoint
-from resgarden.data import epoch_order, shard_order
-from resgarden.distributed import (
+from models import checkpoint
+from resgarden.base.specs import ClusterSpec
+from resgarden.data.datasets import epoch_order, shard_order
+from resgarden.runtime.distributed import (
     Cluster,
     check_port_free,
     describe_failure,
@@ -34,7 +35,6 @@ from resgarden.distributed import (
     lost_rank,
     plan_cluster,
 )
-from resgarden.specs import ClusterSpec
 from tests.helpers import write_imagenet_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,7 +130,7 @@ def test_lost_rank_message_names_the_rank():
 def test_local_rank_from_mpi_when_the_launcher_sets_none(tmp_path):
     """Without OMPI_COMM_WORLD_LOCAL_RANK, mpi4py's shared-memory split gives the same local rank
     (each rank writes its own file: ranks printing to one stdout interleave)."""
-    code = ("import os, sys; from resgarden.distributed import LAUNCHERS, launcher_local_rank; "
+    code = ("import os, sys; from resgarden.runtime.distributed import LAUNCHERS, launcher_local_rank; "
             "env = dict(os.environ); local = env.pop('OMPI_COMM_WORLD_LOCAL_RANK'); "
             "open(os.path.join(sys.argv[1], 'rank' + env['OMPI_COMM_WORLD_RANK']), 'w')"
             ".write(f'{local} {launcher_local_rank(LAUNCHERS[0], env)}')")

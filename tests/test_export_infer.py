@@ -11,7 +11,7 @@ from mindspore import nn
 import export as export_entry
 import infer as infer_entry
 import models
-from resgarden.predict import imagenet_lemmas
+from resgarden.inference.predict import imagenet_lemmas
 from tests.helpers import train_job_of, write_imagenet_layout
 
 
@@ -82,7 +82,7 @@ def test_onnx_batch_is_open_and_verified_per_family(tmp_path, capsys, name):
 def test_onnx_fixed_batch_and_a_failed_verification(tmp_path, resnet18_ckpt, capsys, monkeypatch):
     import onnxruntime
 
-    from resgarden import export_check
+    from resgarden.inference import export_check
 
     _, ckpt = resnet18_ckpt
     out = tmp_path / "r18.onnx"
@@ -110,7 +110,7 @@ def test_imagenet_names_are_shipped():
 
 @pytest.mark.slow
 def test_infer_prints_top5_names_from_a_run(tmp_path, capsys):
-    from resgarden.trainer import train
+    from resgarden.training.trainer import train
 
     root = tmp_path / "data"
     classes = write_imagenet_layout(str(root), per_class=4, size=36)

@@ -8,8 +8,8 @@ import pytest
 from mindspore import nn
 
 import models
-from resgarden.checkpoint import find_checkpoint
-from resgarden.trainer import train
+from models.checkpoint import find_checkpoint
+from resgarden.training.trainer import train
 from tests.helpers import train_job_of, write_imagenet_layout
 
 FAMILIES = ["resnet18", "resnext50_32x4d", "res2net50_14w_8s", "res2net50_v1b", "resnest50"]

@@ -14,8 +14,8 @@ import pytest
 import models
 from config import inference_job, parse_config, train_job
 from models.weights import WeightsError, load_weights
-from resgarden.atomic import atomic_path, write_text
-from resgarden.specs import EvalTransform
+from resgarden.base.atomic import atomic_path, write_text
+from resgarden.base.specs import EvalTransform
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,8 +129,8 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_leaves_no_file_of_a_checkpoint_behind(small_disk):
     """MindSpore's save_checkpoint writes <name>.tmp before its own rename: that goes too."""
-    from resgarden.checkpoint import save_atomic
-    from resgarden.errors import WriteError
+    from models.checkpoint import save_atomic
+    from resgarden.base.errors import WriteError
 
     with pytest.raises(WriteError, match="No space left on device"):
         save_atomic(models.create_model("resnet18"), str(small_disk / "resnet18-best.ckpt"), {"epoch": 0})
@@ -138,7 +138,7 @@ def test_a_full_disk_leaves_no_file_of_a_checkpoint_behind(small_disk):
 
 
 def test_leftovers_of_a_killed_save_are_cleaned_up(tmp_path):
-    from resgarden.atomic import remove_stale
+    from resgarden.base.atomic import remove_stale
 
     for name in (".resnet18-best.ckpt.k2j4x9_a.tmp", ".resnet18-e003.ckpt.abcdefgh.ckpt", "resnet18-e002.ckpt"):
         (tmp_path / name).write_bytes(b"x")

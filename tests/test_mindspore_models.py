@@ -138,9 +138,9 @@ def test_eval_py_scores_a_mindspore_models_ckpt_folder(tmp_path, capsys):
 def test_a_run_fine_tuned_from_mindspore_models_weights_keeps_their_padding(tmp_path, caplog):
     """The padding the source network computed with travels in the run's checkpoints: validate and
     --resume build the model the same way."""
-    from resgarden.checkpoint import find_checkpoint
+    from models.checkpoint import find_checkpoint
     from models.pooling import MaxPool3x3
-    from resgarden.trainer import train
+    from resgarden.training.trainer import train
     from tests.helpers import train_job_of
 
     reference = OfficialResNet(True, (2, 2, 2, 2), num_classes=1001)

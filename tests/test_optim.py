@@ -9,8 +9,7 @@ import pytest
 from mindspore import nn
 
 from config import parse_config, train_job
-from resgarden.optim import Lamb, create_optimizer, lr_per_step
-
+from resgarden.training.optim import Lamb, create_optimizer, lr_per_step
 
 
 def schedule_of(args: list[str]):

@@ -14,11 +14,12 @@ from PIL import Image
 
 import train as train_entry
 from config import parse_config, train_job
-from resgarden import batches, data
-from resgarden.augment import crop_box, dct_factor, erase, jitter
-from resgarden.bench_pipeline import write_photo_folder
-from resgarden.data import DataError, Split, make_loader, scan_class_folders
-from resgarden.images import UnreadableImage, decode_rgb
+from resgarden.bench.pipeline import write_photo_folder
+from resgarden.data import batches
+from resgarden.data import datasets as data
+from resgarden.data.augment import crop_box, dct_factor, erase, jitter
+from resgarden.data.datasets import DataError, Split, make_loader, scan_class_folders
+from resgarden.data.images import UnreadableImage, decode_rgb
 from tests.helpers import start_train, wait_for_output, write_imagenet_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,9 +9,16 @@ import sys
 import pytest
 
 from resgarden import native
-from resgarden.distributed import group_by_host
-from resgarden.platform import (ISA_VARIABLE, cpu_has_avx512, decide_isa_cap, mindspore_version, node_cpus,
-                                parse_cpu_list, plan_data_workers)
+from resgarden.platform import (
+    ISA_VARIABLE,
+    cpu_has_avx512,
+    decide_isa_cap,
+    mindspore_version,
+    node_cpus,
+    parse_cpu_list,
+    plan_data_workers,
+)
+from resgarden.runtime.distributed import group_by_host
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

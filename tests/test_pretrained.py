@@ -14,8 +14,8 @@ import pytest
 import models
 from models import pretrained
 from models.pretrained import PRETRAINED
-from resgarden.download import DownloadError, download_verified
 from models.weights import WeightsError, load_weights
+from resgarden.base.download import DownloadError, download_verified
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

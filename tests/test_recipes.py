@@ -8,7 +8,7 @@ import pytest
 
 import models
 from config import load_yaml, parse_config, train_job
-from resgarden.trainer import train
+from resgarden.training.trainer import train
 from tests.helpers import write_imagenet_layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

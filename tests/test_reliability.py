@@ -16,11 +16,12 @@ import export as export_entry
 import infer as infer_entry
 import train as train_entry
 import validate as validate_entry
-from resgarden import checkpoint, trainer
-from resgarden.data import DataError, scan_class_folders
-from resgarden.errors import EXIT_PREEMPTED
-from resgarden.plot import needs_log_scale
-from resgarden.trainer import train
+from models import checkpoint
+from resgarden.base.errors import EXIT_PREEMPTED
+from resgarden.data.datasets import DataError, scan_class_folders
+from resgarden.training import trainer
+from resgarden.training.plot import needs_log_scale
+from resgarden.training.trainer import train
 from tests.helpers import start_train, train_job_of, wait_for_output, write_imagenet_layout
 
 ENTRY_POINTS = {"train.py": train_entry.main, "validate.py": validate_entry.main, "export.py": export_entry.main,

@@ -15,7 +15,7 @@ import pytest
 
 import models
 from models.convert import convert
-from resgarden.bench import TIMM_NAMES
+from resgarden.bench.worker import TIMM_NAMES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENV_PYTHON = os.path.join(os.path.dirname(HERE), ".venv-torch", "bin", "python")

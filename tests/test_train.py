@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import train as train_entry
-from resgarden import checkpoint
-from resgarden.checkpoint import find_checkpoint, read_meta
-from resgarden.trainer import train
+from models import checkpoint
+from models.checkpoint import find_checkpoint, read_meta
+from resgarden.training.trainer import train
 from tests.helpers import train_job_of, write_imagenet_layout
 
 BASE = ["--model=resnet18", "--image_size=32", "--batch_size=8", "--num_parallel_workers=1", "--lr=0.01",

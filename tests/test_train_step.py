@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mindspore import nn
 
-from resgarden.train_step import TrainStep
+from resgarden.training.train_step import TrainStep
 
 X = np.random.RandomState(0).randn(8, 4).astype(np.float32)
 Y = np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32)

@@ -11,9 +11,9 @@ import eval as eval_entry  # noqa: F401  (the module must import cleanly)
 import models
 import validate as validate_entry
 from config import inference_job, parse_config, train_job
-from resgarden.data import load_cifar10_split, load_imagenet_split, make_loader
-from resgarden.accuracy import accumulate
-from resgarden.trainer import train
+from resgarden.data.datasets import load_cifar10_split, load_imagenet_split, make_loader
+from resgarden.inference.accuracy import accumulate
+from resgarden.training.trainer import train
 from tests.helpers import train_job_of, write_cifar10_binary, write_imagenet_layout
 
 
@@ -214,8 +214,8 @@ def test_weights_that_do_not_say_their_data_need_it_named(tmp_path, monkeypatch,
 
 def test_the_data_a_run_trained_on_comes_from_its_classes():
     from models.weights import Checkpoint
-    from resgarden.data import CIFAR10_CLASSES, DIGITS_CLASSES
-    from resgarden.model_loading import trained_on
+    from resgarden.data.datasets import CIFAR10_CLASSES, DIGITS_CLASSES
+    from resgarden.inference.model_loading import trained_on
 
     job = inference_job(parse_config(["--model=resnet18"]))
     kinds = [trained_on(job, Checkpoint("run.ckpt", {"meta.classes": json.dumps(classes)}))

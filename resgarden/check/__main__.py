@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 
-from resgarden.runner import run
+from resgarden.base.runner import run
 
 from .numerics import SEED_MODELS, NumericsSpec, recipe_levels
 from .report import STATUSES, Result
@@ -67,10 +67,10 @@ def _check(args: argparse.Namespace, outcome: dict[str, bool]) -> str | None:
         reference(args.models, args.reference)
         return None
     target = select_device_target(args.device_target)
-    from resgarden.context import check_model, set_context
-    from resgarden.distributed import find_launcher, init_cluster
-    from resgarden.logs import setup_logging
-    from resgarden.specs import ClusterSpec, ContextSpec
+    from resgarden.base.logs import setup_logging
+    from resgarden.base.specs import ClusterSpec, ContextSpec
+    from resgarden.runtime.context import check_model, set_context
+    from resgarden.runtime.distributed import find_launcher, init_cluster
 
     for name in {*args.models, args.speed_model}:
         check_model(name)
@@ -104,8 +104,9 @@ def _check(args: argparse.Namespace, outcome: dict[str, bool]) -> str | None:
 
 def _run_checks(args: argparse.Namespace, target: str, cluster, work: str) -> list[Result]:
     """Every check in the same order on every rank (they run collectives)."""
+    from resgarden.runtime.distributed import nodes
+
     from . import numerics, throughput, training
-    from resgarden.distributed import nodes
 
     fp16 = target != "CPU"  # CPU trains in float32: the recipes' float16 levels are for GPU / Ascend
     configs = os.path.join(ROOT, "configs")

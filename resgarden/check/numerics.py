@@ -64,7 +64,7 @@ def fixed_batch(spec: NumericsSpec) -> tuple[np.ndarray, np.ndarray]:
 def write_initial_weights(spec: NumericsSpec, work_dir: str, cluster) -> None:
     """Each model's initial weights (rank 0's on every rank) and the batch, for both sides."""
     import models
-    from resgarden.distributed import broadcast_parameters
+    from resgarden.runtime.distributed import broadcast_parameters
 
     for name in spec.levels:
         model = models.create_model(name, num_classes=NUM_CLASSES)
@@ -86,8 +86,8 @@ def model_step(name: str, level: str, work_dir: str, sensitivity: bool = False) 
     from mindspore import nn
 
     import models
-    from resgarden.amp import Float32Loss, apply_amp
-    from resgarden.train_step import TrainStep
+    from resgarden.training.amp import Float32Loss, apply_amp
+    from resgarden.training.train_step import TrainStep
 
     init = dict(np.load(os.path.join(work_dir, f"init_{name}.npz")))
     batch = np.load(os.path.join(work_dir, "batch.npz"))

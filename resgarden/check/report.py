@@ -101,7 +101,7 @@ def as_json(results: list[Result], facts: dict[str, Any]) -> str:
 
 def write(path: str, text: str) -> None:
     """``text`` to ``path`` (its folder created), atomically."""
-    from resgarden.atomic import write_text
+    from resgarden.base.atomic import write_text
 
     write_text(path, text + "\n")
 

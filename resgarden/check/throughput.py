@@ -45,9 +45,9 @@ def write_photos(root: str, count: int, seed: int = 0) -> str:
 def pipeline_rate(root: str, spec: ThroughputSpec, cluster) -> tuple[float, int]:
     """(img/s of one epoch of training batches after the first, the workers used): this rank's
     share of its node's CPUs as training would take it, all ranks at once."""
-    from resgarden.context import with_data_workers
-    from resgarden.data import load_imagenet_split, make_loader
-    from resgarden.specs import EvalTransform, LoaderSpec
+    from resgarden.base.specs import EvalTransform, LoaderSpec
+    from resgarden.data.datasets import load_imagenet_split, make_loader
+    from resgarden.runtime.context import with_data_workers
 
     split = load_imagenet_split(root, "train")
     loader = with_data_workers(LoaderSpec(batch_size=spec.batch_size, seed=cluster.rank,
@@ -69,8 +69,8 @@ def step_rate(spec: ThroughputSpec) -> float:
     from mindspore import nn
 
     import models
-    from resgarden.amp import Float32Loss, apply_amp
-    from resgarden.train_step import TrainStep
+    from resgarden.training.amp import Float32Loss, apply_amp
+    from resgarden.training.train_step import TrainStep
 
     previous = ms.get_context("mode")
     ms.set_context(mode=ms.GRAPH_MODE)

@@ -18,9 +18,9 @@ def _train_cell(cluster, level: str = "O0", lr: float = 0.05, **scaling):
     from mindspore import nn
 
     import models
-    from resgarden.amp import Float32Loss, apply_amp
-    from resgarden.distributed import broadcast_parameters
-    from resgarden.train_step import TrainStep
+    from resgarden.runtime.distributed import broadcast_parameters
+    from resgarden.training.amp import Float32Loss, apply_amp
+    from resgarden.training.train_step import TrainStep
 
     ms.set_seed(7)
     model = models.create_model(MODEL, num_classes=CLASSES)
@@ -47,7 +47,7 @@ def check_overflow(cluster, level: str) -> Result:
     loss scale (1024 -> 512), then apply the next step alike."""
     import mindspore as ms
 
-    from resgarden.distributed import ranks_out_of_sync
+    from resgarden.runtime.distributed import ranks_out_of_sync
 
     model, cell = _train_cell(cluster, level, loss_scale=1024.0, dynamic_loss_scale=True)
     images, labels = _batch(1)
@@ -75,7 +75,7 @@ def check_sink(device_target: str, jit_level: str, cluster) -> Result:
     """8 steps in dataset sink mode (2 calls of 4) against 8 steps of the step loop, from the same
     weights on the same batches: the same weights, and 8 optimizer steps counted on the device."""
     title = f"dataset sink mode ({SINK_STEPS} steps)"
-    from resgarden.steps import SINK_TARGETS, SinkSteps
+    from resgarden.training.steps import SINK_TARGETS, SinkSteps
 
     if device_target not in SINK_TARGETS:
         return Result(title, "skip", f"MindSpore runs dataset sink mode on GPU and Ascend only, not on {device_target}")
@@ -110,7 +110,7 @@ def check_in_sync(cluster) -> Result:
     """3 data-parallel steps on each rank's own batches: every rank holds rank 0's weights."""
     import mindspore as ms
 
-    from resgarden.distributed import ranks_out_of_sync
+    from resgarden.runtime.distributed import ranks_out_of_sync
 
     title = "ranks in sync after 3 data-parallel steps"
     if not cluster.distributed:

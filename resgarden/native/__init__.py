@@ -23,7 +23,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from resgarden.atomic import atomic_path
+from resgarden.base.atomic import atomic_path
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in
                 ("onednn_conv.cc", "batchnorm.cc", "split_attention.cc", "max_pool.cc", "avg_pool.cc"))

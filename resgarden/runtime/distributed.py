@@ -32,8 +32,8 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from .errors import ConfigError, DistributedError
-from .specs import ClusterSpec
+from resgarden.base.errors import ConfigError, DistributedError
+from resgarden.base.specs import ClusterSpec
 
 
 @dataclass(frozen=True)
@@ -320,7 +320,7 @@ def init_cluster(spec: ClusterSpec, environ: dict[str, str] | None = None) -> Cl
     without a launcher) and set MindSpore's data-parallel context. Call before anything with side
     effects and before any Tensor or Parameter exists (see module docstring)."""
     global _current, _scheduler_log
-    if not spec.distribute:  # a single process: resgarden.context.set_context placed it
+    if not spec.distribute:  # a single process: resgarden.runtime.context.set_context placed it
         return Cluster(device_id=spec.device_id or 0)
     environ = os.environ if environ is None else environ
     plan = plan_cluster(environ, spec.device_target, spec.dist_init)

@@ -8,13 +8,18 @@ import mindspore as ms
 import numpy as np
 
 from models.layers import portable_build
-
-from .atomic import atomic_path
-from .context import set_context
-from .errors import ConfigError
-from .export_check import check_export, check_verifiable
-from .model_loading import build_inference_model, checkpoint_classes, eval_transform, model_name, read_weights
-from .specs import InferenceJob
+from resgarden.base.atomic import atomic_path
+from resgarden.base.errors import ConfigError
+from resgarden.base.specs import InferenceJob
+from resgarden.inference.export_check import check_export, check_verifiable
+from resgarden.inference.model_loading import (
+    build_inference_model,
+    checkpoint_classes,
+    eval_transform,
+    model_name,
+    read_weights,
+)
+from resgarden.runtime.context import set_context
 
 logger = logging.getLogger("resgarden")
 EXTENSIONS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}

@@ -23,7 +23,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from .images import decode_rgb, jpeg_size
+from resgarden.data.images import decode_rgb, jpeg_size
 
 cv2.setNumThreads(1)  # one image per thread; the loader runs several threads
 INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}

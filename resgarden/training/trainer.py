@@ -17,26 +17,33 @@ from mindspore import nn
 from tqdm import tqdm
 
 import models
+from models.checkpoint import CheckpointManager, find_checkpoint, load_training_state, open_run_checkpoint
 from models.profile import count_params
 from models.weights import EMA_PREFIX, Checkpoint, open_checkpoint
-
-from .accuracy import evaluate
-from .amp import Float32Loss, apply_amp
-from .atomic import remove_stale, write_text
-from .checkpoint import CheckpointManager, find_checkpoint, load_training_state, open_run_checkpoint
-from .context import check_model, set_context, with_data_workers
-from .data import Split, load_splits, make_loader
-from .distributed import (Cluster, average_buffers, broadcast_parameters, describe_failure,
-                          init_cluster, is_collective_failure, ranks_out_of_sync, seed_random_ops)
-from .errors import ConfigError, DistributedError, Preempted, StepCountError, TrainingDiverged, WriteError
-from .logs import setup_logging
-from .optim import create_optimizer, freeze_backbone, lr_per_step
-from .platform import apply_cpu_speed_guard
-from .plot import plot_metrics
-from .preemption import StopRequest, stop_requests
-from .specs import LoaderSpec, TrainJob
-from .steps import SinkSteps, batch_steps, sink_size_for, use_sink_mode
-from .train_step import TrainStep
+from resgarden.base.atomic import remove_stale, write_text
+from resgarden.base.errors import ConfigError, DistributedError, Preempted, StepCountError, TrainingDiverged, WriteError
+from resgarden.base.logs import setup_logging
+from resgarden.base.preemption import StopRequest, stop_requests
+from resgarden.base.specs import LoaderSpec, TrainJob
+from resgarden.data.datasets import Split, load_splits, make_loader
+from resgarden.inference.accuracy import evaluate
+from resgarden.platform import apply_cpu_speed_guard
+from resgarden.runtime.context import check_model, set_context, with_data_workers
+from resgarden.runtime.distributed import (
+    Cluster,
+    average_buffers,
+    broadcast_parameters,
+    describe_failure,
+    init_cluster,
+    is_collective_failure,
+    ranks_out_of_sync,
+    seed_random_ops,
+)
+from resgarden.training.amp import Float32Loss, apply_amp
+from resgarden.training.optim import create_optimizer, freeze_backbone, lr_per_step
+from resgarden.training.plot import plot_metrics
+from resgarden.training.steps import SinkSteps, batch_steps, sink_size_for, use_sink_mode
+from resgarden.training.train_step import TrainStep
 
 logger = logging.getLogger("resgarden")
 

@@ -39,8 +39,8 @@ def write_photo_folder(root: str, count: int = 384, classes: int = 4, seed: int 
 
 
 def _project_batches(root: str, transform: str, workers: int, batch: int, size: int, repeat: int):
-    from resgarden.data import Split, make_loader, scan_class_folders
-    from resgarden.specs import Augmentation, EvalTransform, LoaderSpec
+    from resgarden.base.specs import Augmentation, EvalTransform, LoaderSpec
+    from resgarden.data.datasets import Split, make_loader, scan_class_folders
 
     split = scan_class_folders(os.path.join(root, "train"))
     split = Split(paths=split.paths * repeat, labels=np.tile(split.labels, repeat), classes=split.classes)

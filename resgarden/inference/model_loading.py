@@ -8,15 +8,14 @@ import os
 from mindspore import nn
 
 import models
+from models.checkpoint import open_run_checkpoint
 from models.fold import fold_batchnorm
 from models.profile import count_params
 from models.weights import Checkpoint
-
-from .checkpoint import open_run_checkpoint
-from .context import check_model
-from .data import CIFAR10_CLASSES, DIGITS_CLASSES
-from .errors import ConfigError
-from .specs import DataSpec, EvalTransform, InferenceJob
+from resgarden.base.errors import ConfigError
+from resgarden.base.specs import DataSpec, EvalTransform, InferenceJob
+from resgarden.data.datasets import CIFAR10_CLASSES, DIGITS_CLASSES
+from resgarden.runtime.context import check_model
 
 logger = logging.getLogger("resgarden")
 
@@ -24,7 +23,7 @@ logger = logging.getLogger("resgarden")
 def read_weights(job: InferenceJob) -> Checkpoint | None:
     """The checkpoint of ``--ckpt_path`` (a file, or a run folder's best, else latest), read once;
     None for ``--pretrained``. Exactly one of them must be given. Call after
-    :func:`resgarden.context.set_context` (and, in a data-parallel job, ``init_cluster``): reading a
+    :func:`resgarden.runtime.context.set_context` (and, in a data-parallel job, ``init_cluster``): reading a
     checkpoint creates Parameters."""
     if job.weights.pretrained == bool(job.weights.ckpt_path):
         raise ConfigError("give exactly one of --pretrained or --ckpt_path (a file or a run folder)")

@@ -9,8 +9,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from .atomic import atomic_path
-from .errors import UserError
+from resgarden.base.atomic import atomic_path
+from resgarden.base.errors import UserError
 
 logger = logging.getLogger("resgarden")
 

@@ -8,15 +8,15 @@ from typing import Any
 import mindspore as ms
 import numpy as np
 
-from .context import set_context
-from .data import image_transform
-from .errors import ConfigError, DataError
-from .images import UnreadableImage, read_rgb
-from .model_loading import build_inference_model, eval_transform, model_name, read_weights
-from .specs import InferenceJob
+import models
+from resgarden.base.errors import ConfigError, DataError
+from resgarden.base.specs import InferenceJob
+from resgarden.data.datasets import image_transform
+from resgarden.data.images import UnreadableImage, read_rgb
+from resgarden.inference.model_loading import build_inference_model, eval_transform, model_name, read_weights
+from resgarden.runtime.context import set_context
 
-CLASS_NAMES_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models",
-                                "imagenet_classes.tsv")
+CLASS_NAMES_FILE = os.path.join(os.path.dirname(os.path.abspath(models.__file__)), "imagenet_classes.tsv")
 
 
 def imagenet_lemmas() -> dict[str, str]:

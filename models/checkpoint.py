@@ -16,10 +16,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from models.weights import META_PREFIX, Checkpoint, WeightsError, open_checkpoint, read_meta
-
-from .atomic import atomic_path, write_text
-from .train_step import SKIPPED_STEPS
+from models.weights import META_PREFIX, SKIPPED_STEPS, Checkpoint, WeightsError, open_checkpoint, read_meta
+from resgarden.base.atomic import atomic_path, write_text
 
 MANIFEST = "checkpoints.json"
 logger = logging.getLogger("resgarden")

@@ -6,9 +6,9 @@ import os
 import sys
 from typing import Callable
 
-from .errors import EXIT_PREEMPTED, DistributedError, Preempted, StepCountError, UserError
-from .logs import setup_logging
-from .preemption import route_ctrl_c
+from resgarden.base.errors import EXIT_PREEMPTED, DistributedError, Preempted, StepCountError, UserError
+from resgarden.base.logs import setup_logging
+from resgarden.base.preemption import route_ctrl_c
 
 
 def run(prog: str, action: Callable[[], str | None], on_interrupt: str = "interrupted") -> int:

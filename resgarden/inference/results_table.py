@@ -7,8 +7,8 @@ import io
 import os
 from typing import Any
 
-from .atomic import write_text
-from .errors import ConfigError
+from resgarden.base.atomic import write_text
+from resgarden.base.errors import ConfigError
 
 COLUMNS = ("model", "weights", "image_size", "crop_pct", "interpolation", "top1", "top5", "real_top1",
            "param_count", "img_s", "count")

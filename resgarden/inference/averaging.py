@@ -12,11 +12,10 @@ from typing import Any
 import mindspore as ms
 import numpy as np
 
+from models.checkpoint import MANIFEST, manifest_folder, save_atomic
 from models.weights import open_checkpoint
-
-from .checkpoint import MANIFEST, manifest_folder, save_atomic
-from .errors import ConfigError
-from .specs import AverageSpec
+from resgarden.base.errors import ConfigError
+from resgarden.base.specs import AverageSpec
 
 logger = logging.getLogger("resgarden")
 POSITION_KEYS = ("epoch", "global_step", "step_in_epoch", "metric", "best_metric")  # not true of an average

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import DataError
-from .split import Split
+from resgarden.base.errors import DataError
+from resgarden.data.split import Split
 
 
 def read_real_labels(path: str, split: Split, num_classes: int) -> list[tuple[int, ...]]:

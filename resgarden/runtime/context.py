@@ -10,11 +10,10 @@ import mindspore as ms
 
 import models
 from models.pretrained import CACHE_ENV
-
-from .distributed import Cluster, nodes, place_device
-from .errors import ConfigError
-from .platform import default_data_workers
-from .specs import ContextSpec, LoaderSpec
+from resgarden.base.errors import ConfigError
+from resgarden.base.specs import ContextSpec, LoaderSpec
+from resgarden.platform import default_data_workers
+from resgarden.runtime.distributed import Cluster, nodes, place_device
 
 logger = logging.getLogger("resgarden")
 GRAPH_RECURSION_LIMIT = 4000
@@ -22,7 +21,7 @@ GRAPH_RECURSION_LIMIT = 4000
 
 def set_context(spec: ContextSpec) -> None:
     """Execution mode, compile level, seed; the device of a single process (a data-parallel job's
-    device is placed per rank by :func:`resgarden.distributed.init_cluster`)."""
+    device is placed per rank by :func:`resgarden.runtime.distributed.init_cluster`)."""
     ms.set_context(mode=ms.GRAPH_MODE if spec.mode == 0 else ms.PYNATIVE_MODE)
     if spec.jit_level != "auto":  # else MindSpore's own default for the target
         ms.set_context(jit_config={"jit_level": spec.jit_level})

@@ -1,5 +1,5 @@
 """Batches for MindSpore's GeneratorDataset, built by the main process, forked worker processes
-(shared memory) or threads: every image read, transformed (resgarden/augment.py) and written
+(shared memory) or threads: every image read, transformed (resgarden/data/augment.py) and written
 straight into its batch's array."""
 from __future__ import annotations
 
@@ -21,11 +21,10 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from .augment import ImageTransform
-from .errors import DataError
-from .images import UnreadableImage
-from .split import Split
-
+from resgarden.base.errors import DataError
+from resgarden.data.augment import ImageTransform
+from resgarden.data.images import UnreadableImage
+from resgarden.data.split import Split
 
 logger = logging.getLogger("resgarden")
 SHARED_MEMORY_DIR = "/dev/shm"  # where multiprocessing.shared_memory puts its segments on Linux
@@ -33,7 +32,7 @@ SHARED_MEMORY_DIR = "/dev/shm"  # where multiprocessing.shared_memory puts its s
 
 class BatchSource:
     """One epoch's order of a Split as batches, for GeneratorDataset (iterable). Each image is read
-    and transformed by resgarden/augment.py and written straight into its batch's array.
+    and transformed by resgarden/data/augment.py and written straight into its batch's array.
 
     ``workers`` > 1: that many forked worker processes build whole batches into shared memory
     (no interpreter lock between them, so Python steps such as auto-augment policies scale too);

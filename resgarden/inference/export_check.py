@@ -9,11 +9,10 @@ import mindspore as ms
 import numpy as np
 
 from models.weights import Checkpoint
-
-from .data import image_transform, load_eval_split
-from .errors import ConfigError, ExportMismatch
-from .model_loading import build_inference_model, eval_transform
-from .specs import InferenceJob
+from resgarden.base.errors import ConfigError, ExportMismatch
+from resgarden.base.specs import InferenceJob
+from resgarden.data.datasets import image_transform, load_eval_split
+from resgarden.inference.model_loading import build_inference_model, eval_transform
 
 logger = logging.getLogger("resgarden")
 TOLERANCE = 1e-4  # largest difference allowed, relative to the largest reference logit

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import numpy as np
 from mindspore import nn
 
-from .batches import batches
-from .data import Split, make_loader
-from .distributed import Cluster
-from .real_labels import real_hits
-from .specs import LoaderSpec
+from resgarden.base.specs import LoaderSpec
+from resgarden.data.batches import batches
+from resgarden.data.datasets import Split, make_loader
+from resgarden.data.real_labels import real_hits
+from resgarden.runtime.distributed import Cluster
 
 
 def accumulate(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int, float]:
@@ -28,7 +28,7 @@ def evaluate(model: nn.Cell, split: Split, loader: LoaderSpec, cluster: Cluster 
              real_labels: Sequence[tuple[int, ...]] | None = None) -> dict[str, float]:
     """Score ``model`` on ``split`` with ``loader``'s eval transform; restores the model's train flag.
     In a data-parallel job each rank scores its shard and the counts are summed over ranks.
-    ``real_labels`` (one label set per image of ``split``, :mod:`resgarden.real_labels`) adds the
+    ``real_labels`` (one label set per image of ``split``, :mod:`resgarden.data.real_labels`) adds the
     ReaL top-1 / top-5 over the images that have labels there."""
     cluster = cluster or Cluster()
     was_training = model.training

@@ -7,7 +7,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from .specs import OptimSpec, ScheduleSpec
+from resgarden.base.specs import OptimSpec, ScheduleSpec
 
 
 def lr_per_step(schedule: ScheduleSpec, steps_per_epoch: float) -> np.ndarray:

@@ -18,7 +18,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.amp import all_finite
 
-SKIPPED_STEPS = "overflow_skipped_steps"  # the Parameter counting optimizer steps skipped on overflow
+from models.weights import SKIPPED_STEPS
 
 _unscale = ops.MultitypeFuncGraph("unscale")
 _accumulate = ops.MultitypeFuncGraph("accumulate")

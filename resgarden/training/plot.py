@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from .atomic import atomic_path
+from resgarden.base.atomic import atomic_path
 
 LOG_SCALE_SPREAD = 30.0  # losses spanning more than this factor are drawn on a log axis
 

@@ -13,9 +13,8 @@ from collections.abc import Iterator
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from .errors import ConfigError
-
-from .batches import BatchSource, batches
+from resgarden.base.errors import ConfigError
+from resgarden.data.batches import BatchSource, batches
 
 logger = logging.getLogger("resgarden")
 SINK_TARGETS = ("GPU", "Ascend")  # MindSpore's data_sink refuses every other target

@@ -1,7 +1,7 @@
 """Data sets and input pipelines: ImageNet layout (class folders or PaddleClas list files),
 CIFAR-10 binary, and an embedded digits set written in the ImageNet layout.
 
-Whole batches are built by :mod:`resgarden.batches` (decode, augment, normalise in worker
+Whole batches are built by :mod:`resgarden.data.batches` (decode, augment, normalise in worker
 processes; a corrupt file is reported by path and replaced by the next sample instead of ending an
 epoch) and handed to MindSpore through a ``GeneratorDataset``.
 """
@@ -11,18 +11,18 @@ import logging
 import os
 import random
 import tarfile
+
 import numpy as np
 from PIL import Image
 
-from .atomic import atomic_directory
-from .augment import ImageTransform
-from .batches import BatchSource
-from .download import download_verified
-from .errors import DataError
-from .platform import default_data_workers
-from .specs import Augmentation, DataSpec, EvalTransform, LoaderSpec, Mixing
-from .split import Split
-
+from resgarden.base.atomic import atomic_directory
+from resgarden.base.download import download_verified
+from resgarden.base.errors import DataError
+from resgarden.base.specs import Augmentation, DataSpec, EvalTransform, LoaderSpec, Mixing
+from resgarden.data.augment import ImageTransform
+from resgarden.data.batches import BatchSource
+from resgarden.data.split import Split
+from resgarden.platform import default_data_workers
 
 logger = logging.getLogger("resgarden")
 

@@ -102,7 +102,7 @@ class LoaderSpec:
     """How batches are made: size, workers, seed and the transforms."""
 
     batch_size: int = 32
-    workers: int | None = None  # None: resgarden.context.with_data_workers decides per rank
+    workers: int | None = None  # None: resgarden.runtime.context.with_data_workers decides per rank
     worker_cpus: tuple[int, ...] | None = None  # the workers' CPU affinity (None: the rank's)
     seed: int = 42
     eval_transform: EvalTransform = field(default_factory=EvalTransform)
@@ -185,7 +185,7 @@ class ContextSpec:
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """How a data-parallel job is joined (read by resgarden.distributed.init_cluster)."""
+    """How a data-parallel job is joined (read by resgarden.runtime.distributed.init_cluster)."""
 
     distribute: bool = False
     device_target: str = "CPU"
@@ -215,7 +215,7 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class TrainJob:
-    """Everything ``resgarden.trainer.train`` reads."""
+    """Everything ``resgarden.training.trainer.train`` reads."""
 
     context: ContextSpec
     cluster: ClusterSpec

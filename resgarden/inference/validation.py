@@ -6,17 +6,23 @@ import json
 import logging
 from typing import Any
 
-from .accuracy import evaluate
-from .atomic import write_text
-from .context import set_context, with_data_workers
-from .data import load_eval_split
-from .distributed import current, init_cluster
-from .errors import ConfigError
-from .model_loading import (build_inference_model, checkpoint_classes, eval_data, eval_transform, model_name,
-                            read_weights)
-from .real_labels import read_real_labels
-from .results_table import append_result
-from .specs import InferenceJob
+from resgarden.base.atomic import write_text
+from resgarden.base.errors import ConfigError
+from resgarden.base.specs import InferenceJob
+from resgarden.data.datasets import load_eval_split
+from resgarden.data.real_labels import read_real_labels
+from resgarden.inference.accuracy import evaluate
+from resgarden.inference.model_loading import (
+    build_inference_model,
+    checkpoint_classes,
+    eval_data,
+    eval_transform,
+    model_name,
+    read_weights,
+)
+from resgarden.inference.results_table import append_result
+from resgarden.runtime.context import set_context, with_data_workers
+from resgarden.runtime.distributed import current, init_cluster
 
 logger = logging.getLogger("resgarden")
 

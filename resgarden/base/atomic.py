@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
-from .errors import WriteError
+from resgarden.base.errors import WriteError
 
 
 @contextlib.contextmanager
