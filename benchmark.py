@@ -181,7 +181,7 @@ def _models(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet50", "res2net50"])
     parser.add_argument("--modes", nargs="+", choices=["graph", "pynative"], default=["graph"])
@@ -210,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", default=None, help="--pipeline: folder of photo JPEGs (default: written anew)")
     parser.add_argument("--json", default=None, help="--pipeline: also write the rows to this JSON file")
     parser.add_argument("--worker", choices=["mindspore", "timm", "project", "mindcv"], help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if args.worker in ("project", "mindcv"):

@@ -20,7 +20,7 @@ def summary_rows(pattern: str, image_size: int) -> list[tuple[str, str, int, flo
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--list", action="store_true", help="print the registered model names")
@@ -29,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pattern", default="*", help="shell-style name filter, e.g. 'res2net50*'")
     parser.add_argument("--image-size", type=int, default=224, help="input size for GMACs (default 224)")
     parser.add_argument("--markdown", action="store_true", help="print the summary as a Markdown table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     names = list_models(args.pattern)
     if not names:
         print(f"no model matches {args.pattern!r}; `python -m models --list` shows them all", file=sys.stderr)

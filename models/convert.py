@@ -98,17 +98,21 @@ def convert(model_name: str, src: str, out: str, num_classes: int | None = None)
     return report.table()
 
 
-def main(argv: list[str] | None = None) -> int:
-    from resgarden.platform import apply_cpu_speed_guard
-
-    apply_cpu_speed_guard()
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m models.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="our model name (python -m models --list)")
     parser.add_argument("--src", required=True, help="timm/torchvision weights (.safetensors, .pth, .pt, .bin)")
     parser.add_argument("--out", required=True, help="MindSpore checkpoint to write")
     parser.add_argument("--num_classes", type=int, default=None, help="default: the size of the source's fc")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from resgarden.platform import apply_cpu_speed_guard
+
+    apply_cpu_speed_guard()
+    args = build_parser().parse_args(argv)
     from resgarden.base.runner import run
 
     def action() -> str:
