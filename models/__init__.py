@@ -6,7 +6,17 @@ fix_checkpoint_memory_check()
 quiet_cell_teardown()
 
 from . import res2net, resnest, resnet  # noqa: E402,F401  (registers the variants)
-from .registry import check_model_name, create_model, list_models, model_family, register_model  # noqa: E402
+from .registry import (  # noqa: E402
+    Card,
+    check_model_name,
+    create_model,
+    list_models,
+    model_card,
+    model_family,
+    register_model,
+    zoo_table,
+)
 from .resnet import ResNet  # noqa: E402
 
-__all__ = ["ResNet", "check_model_name", "create_model", "list_models", "model_family", "register_model"]
+__all__ = ["Card", "ResNet", "check_model_name", "create_model", "list_models", "model_card", "model_family",
+           "register_model", "zoo_table"]

@@ -5,8 +5,8 @@ import argparse
 import sys
 
 from . import create_model, list_models, model_family
-from .pretrained import published_top1
 from .profile import count_macs, count_params
+from .registry import published_top1
 
 
 def summary_rows(pattern: str, image_size: int) -> list[tuple[str, str, int, float, str]]:

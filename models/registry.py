@@ -1,4 +1,10 @@
-"""Model registry and factory in mindcv's style: ``register_model``, ``list_models``, ``create_model``."""
+"""Model registry and factory in mindcv's style: ``register_model``, ``list_models``, ``create_model``.
+
+Each variant registers one :class:`Card` beside its builder, in its family's file: what it is
+(parameters, GMACs, its timm twin) and its weights. Everything else reads the cards: the tests
+(exact parameters and GMACs, timm parity), ``benchmark.py``, ``python -m models`` and the
+README's zoo table (``zoo_table``, checked by a test). Adding a variant is one function there.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -11,43 +17,85 @@ from mindspore import nn
 
 from resgarden.base.specs import EvalTransform
 
-from .pretrained import PRETRAINED, load_pretrained
+from .pretrained import Pretrained, load_pretrained
 from .weights import Checkpoint, WeightsInfo, build_settings, load_weights, open_checkpoint
 
 logger = logging.getLogger("resgarden")
 BUILD_SETTINGS = ("conv_pad", "pool_pad")  # how a model computes, recorded with the weights trained in it
 
-_MODELS: dict[str, Callable[..., nn.Cell]] = {}
-_FAMILIES: dict[str, str] = {}
 
 
-def register_model(fn: Callable[..., nn.Cell]) -> Callable[..., nn.Cell]:
-    """Register a variant function under its own name; its module names the family."""
-    name = fn.__name__
-    if name in _MODELS:
-        raise ValueError(f"model {name!r} is registered twice")
-    _MODELS[name] = fn
-    _FAMILIES[name] = fn.__module__.rsplit(".", 1)[-1]
-    return fn
+@dataclasses.dataclass(frozen=True)
+class Card:
+    """One variant: its builder and what is known of it."""
+
+    name: str
+    family: str  # the module that defines it: resnet, res2net, resnest
+    build: Callable[..., nn.Cell]
+    params: int  # trainable parameters at 1000 classes (asserted by the tests)
+    gmacs: float  # multiply-accumulates of one 224 px image, in billions, to 2 decimals (asserted too)
+    timm: str  # the same architecture in timm (parity tests, benchmark.py)
+    weights: Pretrained | None = None  # released weights, or accuracy published without them
+
+    @property
+    def summary(self) -> str:
+        return (self.build.__doc__ or self.name).strip().splitlines()[0]
+
+
+_CARDS: dict[str, Card] = {}
+
+
+def register_model(*, params: int, gmacs: float, timm: str,
+                   weights: Pretrained | None = None) -> Callable[[Callable[..., nn.Cell]], Callable[..., nn.Cell]]:
+    """Register the decorated variant function under its own name with its card; its module
+    names the family."""
+    def register(fn: Callable[..., nn.Cell]) -> Callable[..., nn.Cell]:
+        name = fn.__name__
+        if name in _CARDS:
+            raise ValueError(f"model {name!r} is registered twice")
+        _CARDS[name] = Card(name, fn.__module__.rsplit(".", 1)[-1], fn, params, gmacs, timm, weights)
+        return fn
+    return register
+
+
+def model_card(name: str) -> Card:
+    """The card of a registered model (ValueError naming the closest ones otherwise)."""
+    return _CARDS[check_model_name(name)]
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered names matching a shell-style ``pattern`` (e.g. ``"res2net50*"``), sorted."""
-    return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
+    return sorted(n for n in _CARDS if fnmatch.fnmatch(n, pattern))
 
 
 def model_family(name: str) -> str:
     """The module (resnet, res2net, resnest) that defines ``name``."""
-    return _FAMILIES[check_model_name(name)]
+    return model_card(name).family
 
 
 def check_model_name(name: str) -> str:
     """Return ``name`` if registered, else raise ValueError naming the closest registered models."""
-    if name in _MODELS:
+    if name in _CARDS:
         return name
-    close = difflib.get_close_matches(name, list(_MODELS), n=3, cutoff=0.5)
+    close = difflib.get_close_matches(name, list(_CARDS), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown model {name!r}.{hint} `python -m models --list` shows all {len(_MODELS)} models.")
+    raise ValueError(f"unknown model {name!r}.{hint} `python -m models --list` shows all {len(_CARDS)} models.")
+
+
+def published_top1(name: str) -> tuple[float, str] | None:
+    """(top-1 %, source) as published for ``name``'s weights, if known."""
+    weights = model_card(name).weights
+    return (weights.top1, weights.source) if weights else None
+
+
+def zoo_table(pattern: str = "*") -> str:
+    """The README's zoo table (Markdown) from the cards."""
+    rows = ["| model | family | params | GMACs@224 | published top-1 (source) |", "|---|---|---|---|---|"]
+    for name in list_models(pattern):
+        card, top1 = _CARDS[name], published_top1(name)
+        rows.append(f"| {name} | {card.family} | {card.params:,} | {card.gmacs:.2f} | "
+                    f"{f'{top1[0]:.2f} ({top1[1]})' if top1 else '-'} |")
+    return "\n".join(rows)
 
 
 def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, in_channels: int = 3,
@@ -71,7 +119,7 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, i
             one (logged), or ``"refuse"`` (WeightsError). 1001-class heads are cut to 1000 either way.
         **kwargs: further trunk arguments, e.g. ``features_only=True`` or ``pool_pad="pad"``.
     """
-    fn = _MODELS[check_model_name(name)]
+    card = model_card(name)
     if pretrained and checkpoint_path:
         raise ValueError("give either pretrained=True or checkpoint_path, not both")
     checkpoint = None
@@ -79,12 +127,12 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, i
         checkpoint = open_checkpoint(checkpoint_path) if isinstance(checkpoint_path, str) else checkpoint_path
         kwargs = _built_like_source(name, checkpoint, kwargs)
     build = {k: kwargs[k] for k in BUILD_SETTINGS if k in kwargs}
-    model = fn(num_classes=num_classes, in_channels=in_channels, drop_rate=drop_rate,
+    model = card.build(num_classes=num_classes, in_channels=in_channels, drop_rate=drop_rate,
                drop_path_rate=drop_path_rate, **kwargs)
-    entry = PRETRAINED.get(name)
+    entry = card.weights
     info = WeightsInfo(eval_transform=entry.eval_transform if entry else EvalTransform())
     if pretrained:
-        load_pretrained(model, name, head=head)
+        load_pretrained(model, name, entry, head=head)
         info = dataclasses.replace(info, source=entry.url, top1=entry.top1)
     elif checkpoint is not None:
         report = load_weights(model, checkpoint, head=head)

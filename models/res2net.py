@@ -9,6 +9,7 @@ from mindspore import Tensor, nn, ops
 from .batchnorm import BatchNorm2d
 from .conv import conv_bn
 from .layers import ResidualBlock, conv2d, pool3x3
+from .pretrained import Pretrained, mindcv
 from .registry import register_model
 from .resnet import ResNet
 
@@ -75,49 +76,57 @@ def _res2net(layers: tuple[int, ...], base_width: int, scale: int, v1b: bool = F
     return ResNet(Bottle2neck, layers, block_args=dict(base_width=base_width, scale=scale), **kwargs)
 
 
-@register_model
+@register_model(params=25_699_120, gmacs=4.26, timm="res2net50_26w_4s",
+                weights=mindcv("res2net/res2net50-f42cf71b.ckpt", 79.35, 94.64, "res2net/res2net_50_ascend.yaml"))
 def res2net50(**kwargs: Any) -> ResNet:
     """Res2Net-50 26w x 4s."""
     return _res2net((3, 4, 6, 3), 26, 4, **kwargs)
 
 
-@register_model
+@register_model(params=45_206_688, gmacs=8.07, timm="res2net101_26w_4s",
+                weights=mindcv("res2net/res2net101-8ae60132.ckpt", 79.56, 94.70, "res2net/res2net_101_ascend.yaml"))
 def res2net101(**kwargs: Any) -> ResNet:
     """Res2Net-101 26w x 4s."""
     return _res2net((3, 4, 23, 3), 26, 4, **kwargs)
 
 
-@register_model
+@register_model(params=25_059_816, gmacs=4.18, timm="res2net50_14w_8s",
+                weights=Pretrained(79.5, 94.7, "PaddleClas"))
 def res2net50_14w_8s(**kwargs: Any) -> ResNet:
     """Res2Net-50 14w x 8s."""
     return _res2net((3, 4, 6, 3), 14, 8, **kwargs)
 
 
-@register_model
+@register_model(params=25_287_304, gmacs=4.16, timm="res2net50_48w_2s",
+                weights=Pretrained(77.32, 93.53, "paper"))
 def res2net50_48w_2s(**kwargs: Any) -> ResNet:
     """Res2Net-50 48w x 2s."""
     return _res2net((3, 4, 6, 3), 48, 2, **kwargs)
 
 
-@register_model
+@register_model(params=37_051_448, gmacs=6.30, timm="res2net50_26w_6s",
+                weights=Pretrained(78.58, 94.13, "paper"))
 def res2net50_26w_6s(**kwargs: Any) -> ResNet:
     """Res2Net-50 26w x 6s."""
     return _res2net((3, 4, 6, 3), 26, 6, **kwargs)
 
 
-@register_model
+@register_model(params=48_403_776, gmacs=8.34, timm="res2net50_26w_8s",
+                weights=Pretrained(79.20, 94.37, "paper"))
 def res2net50_26w_8s(**kwargs: Any) -> ResNet:
     """Res2Net-50 26w x 8s."""
     return _res2net((3, 4, 6, 3), 26, 8, **kwargs)
 
 
-@register_model
+@register_model(params=25_718_352, gmacs=4.49, timm="res2net50d", weights=(
+    mindcv("res2net/res2net50_v1b-99304e92.ckpt", 80.32, 95.09, "res2net/res2net_50_v1b_ascend.yaml")))
 def res2net50_v1b(**kwargs: Any) -> ResNet:
     """Res2Net-50-v1b 26w x 4s: deep stem and avg-pool shortcut."""
     return _res2net((3, 4, 6, 3), 26, 4, v1b=True, **kwargs)
 
 
-@register_model
+@register_model(params=45_225_920, gmacs=8.31, timm="res2net101d", weights=(
+    mindcv("res2net/res2net101_v1b-7e6db001.ckpt", 81.14, 95.41, "res2net/res2net_101_v1b_ascend.yaml")))
 def res2net101_v1b(**kwargs: Any) -> ResNet:
     """Res2Net-101-v1b 26w x 4s: deep stem and avg-pool shortcut."""
     return _res2net((3, 4, 23, 3), 26, 4, v1b=True, **kwargs)

@@ -5,10 +5,13 @@ from typing import Any
 
 from mindspore import Tensor, nn, ops
 
+from resgarden.base.specs import EvalTransform
+
 from .batchnorm import BatchNorm2d
 from .blocked import channel_count
 from .conv import conv_bn
 from .layers import GlobalAvgPool, ResidualBlock, conv2d, make_divisible, pool3x3
+from .pretrained import mindcv
 from .radix import RadixReduce
 from .registry import register_model
 from .resnet import ResNet
@@ -93,13 +96,16 @@ def _resnest(layers: tuple[int, ...], stem_width: int, **kwargs: Any) -> ResNet:
                   block_args=dict(radix=2, avd=True), **kwargs)
 
 
-@register_model
+@register_model(params=27_483_240, gmacs=5.37, timm="resnest50d",
+                weights=mindcv("resnest/resnest50-f2e7fc9c.ckpt", 80.81, 95.16, "resnest/resnest50_ascend.yaml"))
 def resnest50(**kwargs: Any) -> ResNet:
     """ResNeSt-50 2s1x64d."""
     return _resnest((3, 4, 6, 3), 32, **kwargs)
 
 
-@register_model
+@register_model(params=48_275_016, gmacs=10.20, timm="resnest101e",
+                weights=mindcv("resnest/resnest101-7cc5c258.ckpt", 82.90, 96.12, "resnest/resnest101_ascend.yaml",
+                               eval_transform=EvalTransform(image_size=256, crop_pct=0.9)))  # as mindcv evaluates it
 def resnest101(**kwargs: Any) -> ResNet:
     """ResNeSt-101 2s1x64d."""
     return _resnest((3, 4, 23, 3), 64, **kwargs)

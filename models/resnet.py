@@ -17,9 +17,18 @@ from .batchnorm import BatchNorm2d
 from .blocked import blocked_width, layout_ops
 from .conv import conv_bn, native_conv_available
 from .features import FeatureInfo, FeatureMap, check_frozen_stages, check_out_indices, freeze
-from .layers import (ConvBnSequence, GlobalAvgPool, ResidualBlock, conv2d, conv_padding, init_weights, pool3x3,
-                     takes_blocked)
+from .layers import (
+    ConvBnSequence,
+    GlobalAvgPool,
+    ResidualBlock,
+    conv2d,
+    conv_padding,
+    init_weights,
+    pool3x3,
+    takes_blocked,
+)
 from .pooling import AvgPool
+from .pretrained import mindcv
 from .registry import register_model
 
 STAGE_PLANES = (64, 128, 256, 512)
@@ -282,49 +291,65 @@ class ResNet(nn.Cell):
         return self.forward_head(self.forward_features(x))
 
 
-@register_model
+@register_model(params=11_689_512, gmacs=1.81, timm="resnet18",
+                weights=mindcv("resnet/resnet18-1e65cd21.ckpt", 70.21, 89.62, "resnet/resnet_18_ascend.yaml"))
 def resnet18(**kwargs: Any) -> ResNet:
     """ResNet-18."""
     return ResNet(BasicBlock, (2, 2, 2, 2), **kwargs)
 
 
-@register_model
+@register_model(params=21_797_672, gmacs=3.66, timm="resnet34",
+                weights=mindcv("resnet/resnet34-f297d27e.ckpt", 74.15, 91.98, "resnet/resnet_34_ascend.yaml"))
 def resnet34(**kwargs: Any) -> ResNet:
     """ResNet-34."""
     return ResNet(BasicBlock, (3, 4, 6, 3), **kwargs)
 
 
-@register_model
+@register_model(params=25_557_032, gmacs=4.09, timm="resnet50",
+                weights=mindcv("resnet/resnet50-e0733ab8.ckpt", 76.69, 93.50, "resnet/resnet_50_ascend.yaml"))
 def resnet50(**kwargs: Any) -> ResNet:
     """ResNet-50."""
     return ResNet(Bottleneck, (3, 4, 6, 3), **kwargs)
 
 
-@register_model
+@register_model(params=44_549_160, gmacs=7.80, timm="resnet101",
+                weights=mindcv("resnet/resnet101-689c5e77.ckpt", 78.24, 94.09, "resnet/resnet_101_ascend.yaml"))
 def resnet101(**kwargs: Any) -> ResNet:
     """ResNet-101."""
     return ResNet(Bottleneck, (3, 4, 23, 3), **kwargs)
 
 
-@register_model
+@register_model(params=60_192_808, gmacs=11.51, timm="resnet152",
+                weights=mindcv("resnet/resnet152-beb689d8.ckpt", 78.72, 94.45, "resnet/resnet_152_ascend.yaml"))
 def resnet152(**kwargs: Any) -> ResNet:
     """ResNet-152."""
     return ResNet(Bottleneck, (3, 8, 36, 3), **kwargs)
 
 
-@register_model
+@register_model(params=25_576_264, gmacs=4.33, timm="resnet50d")
+def resnet50d(**kwargs: Any) -> ResNet:
+    """ResNet-50-D: the deep stem (width 32) and the avg-pool shortcut; PyTorch-style pool padding,
+    as its weights come from timm (``python -m models.convert``)."""
+    kwargs.setdefault("pool_pad", "pad")
+    return ResNet(Bottleneck, (3, 4, 6, 3), deep_stem=True, stem_width=32, avg_down=True, **kwargs)
+
+
+@register_model(params=25_028_904, gmacs=4.23, timm="resnext50_32x4d", weights=(
+    mindcv("resnext/resnext50_32x4d-af8aba16.ckpt", 78.53, 94.10, "resnext/resnext50_32x4d_ascend.yaml")))
 def resnext50_32x4d(**kwargs: Any) -> ResNet:
     """ResNeXt-50 32x4d."""
     return ResNet(Bottleneck, (3, 4, 6, 3), block_args=dict(groups=32, base_width=4), **kwargs)
 
 
-@register_model
+@register_model(params=44_177_704, gmacs=7.97, timm="resnext101_32x4d", weights=(
+    mindcv("resnext/resnext101_32x4d-3c1e9c51.ckpt", 79.83, 94.80, "resnext/resnext101_32x4d_ascend.yaml")))
 def resnext101_32x4d(**kwargs: Any) -> ResNet:
     """ResNeXt-101 32x4d."""
     return ResNet(Bottleneck, (3, 4, 23, 3), block_args=dict(groups=32, base_width=4), **kwargs)
 
 
-@register_model
+@register_model(params=83_455_272, gmacs=15.46, timm="resnext101_64x4d", weights=(
+    mindcv("resnext/resnext101_64x4d-8929255b.ckpt", 80.30, 94.82, "resnext/resnext101_64x4d_ascend.yaml")))
 def resnext101_64x4d(**kwargs: Any) -> ResNet:
     """ResNeXt-101 64x4d."""
     return ResNet(Bottleneck, (3, 4, 23, 3), block_args=dict(groups=64, base_width=4), **kwargs)

@@ -11,7 +11,7 @@ import benchmark
 def test_a_worker_serves_timed_rounds_then_its_peak_memory():
     worker = benchmark._Worker(sys.executable, "mindspore", "resnet18", "infer", "pynative", 2, 32, "native")
     try:
-        assert worker.ready["first_call_s"] > 0 and worker.ready["note"]
+        assert worker.ready["first_call_s"] > 0 and worker.ready["note"] and worker.ready["timm"] == "resnet18"
         rounds = [worker.seconds(2), worker.seconds(1)]
     finally:
         result = worker.close()
@@ -28,11 +28,16 @@ def test_a_worker_that_fails_to_start_reports_its_last_error_line(tmp_path):
 
 
 def test_the_table_reports_the_median_of_per_round_ratios(monkeypatch, capsys):
+    started = []
+
     class FakeWorker:
         """MindSpore 2 s per round, timm 1 s then 4 s: per-round ratios 0.5 and 2."""
-        def __init__(self, python, framework, *rest):
+        def __init__(self, python, framework, model, *rest):
             self.framework, self.turn = framework, 0
             self.ready = dict(first_call_s=1.5, note=f"{framework} note")
+            if framework == "mindspore":  # the real worker reads it from the model's card
+                self.ready["timm"] = f"timm twin of {model}"
+            started.append((framework, model))
 
         def seconds(self, steps):
             self.turn += 1
@@ -45,6 +50,7 @@ def test_the_table_reports_the_median_of_per_round_ratios(monkeypatch, capsys):
     monkeypatch.setattr(benchmark, "SETTLE_S", 0)
     assert benchmark.main(["--models", "resnet50", "--tasks", "train", "--compare-timm", "--repeats", "1",
                            "--rounds", "2", "--steps", "4"]) == 0
+    assert started == [("mindspore", "resnet50"), ("timm", "timm twin of resnet50")]
     row = capsys.readouterr().out.splitlines()[1].split()
     # 4 steps x 8 images / 2 s = 16 img/s; timm 32 and 8 img/s (median 20); ratios 0.5 and 2 (median 1.25)
     assert row[4:] == ["16.00", "1.5", "123", "20.00", "1.25", "0.50-2.00"]

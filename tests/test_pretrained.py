@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 import models
-from models import pretrained
-from models.pretrained import PRETRAINED
+from models import pretrained, registry
 from models.weights import WeightsError, load_weights
 from resgarden.base.download import DownloadError, download_verified
 
@@ -75,7 +74,8 @@ def cache(tmp_path, monkeypatch):
 
 
 def _point_entry(monkeypatch, url: str, name: str = "resnet18") -> None:
-    monkeypatch.setitem(PRETRAINED, name, dataclasses.replace(PRETRAINED[name], url=url))
+    card = models.model_card(name)
+    monkeypatch.setitem(registry._CARDS, name, dataclasses.replace(card, weights=dataclasses.replace(card.weights, url=url)))
 
 
 @pytest.mark.slow

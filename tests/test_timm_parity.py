@@ -15,7 +15,6 @@ import pytest
 
 import models
 from models.convert import convert
-from resgarden.bench.worker import TIMM_NAMES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENV_PYTHON = os.path.join(os.path.dirname(HERE), ".venv-torch", "bin", "python")
@@ -59,10 +58,10 @@ def _close(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
 
 
-@pytest.mark.parametrize("name", sorted(TIMM_NAMES))
+@pytest.mark.parametrize("name", models.list_models())
 @pytest.mark.slow
 def test_converted_timm_weights_give_timm_logits_and_maps(timm_server, tmp_path, pynative_mode, name):
-    folder = timm_server(TIMM_NAMES[name])
+    folder = timm_server(models.model_card(name).timm)
     ckpt = str(tmp_path / "w.ckpt")
     convert(name, str(folder / "weights.safetensors"), ckpt)
     os.remove(folder / "weights.safetensors")  # the largest are a few hundred MB: keep the disk free

@@ -7,7 +7,7 @@ line protocol on stdin/stdout, so that the parent can interleave the two framewo
 on a machine whose speed drifts (a shared VM), adjacent rounds see the same conditions.
 
     parent -> worker: "RUN <steps>" (time that many steps) | "END"
-    worker -> parent: "READY <json: first_call_s, note>" | "TIME <seconds>" | "RESULT <json: peak_rss_mb>"
+    worker -> parent: "READY <json: first_call_s, note[, timm: the same model's timm name]>" | "TIME <seconds>" | "RESULT <json: peak_rss_mb>"
 """
 from __future__ import annotations
 
@@ -16,17 +16,6 @@ import resource
 import sys
 import time
 from typing import Callable, TextIO
-
-# Our registry names -> the same architecture in timm.
-TIMM_NAMES = {
-    "resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50", "resnet101": "resnet101",
-    "resnet152": "resnet152", "resnext50_32x4d": "resnext50_32x4d", "resnext101_32x4d": "resnext101_32x4d",
-    "resnext101_64x4d": "resnext101_64x4d", "res2net50": "res2net50_26w_4s", "res2net101": "res2net101_26w_4s",
-    "res2net50_14w_8s": "res2net50_14w_8s", "res2net50_48w_2s": "res2net50_48w_2s",
-    "res2net50_26w_6s": "res2net50_26w_6s", "res2net50_26w_8s": "res2net50_26w_8s",
-    "res2net50_v1b": "res2net50d", "res2net101_v1b": "res2net101d",
-    "resnest50": "resnest50d", "resnest101": "resnest101e",
-}
 
 Step = Callable[[], None]
 
@@ -67,11 +56,12 @@ def mindspore_step(model_name: str, task: str, mode: str, batch: int, size: int)
 
 
 def timm_step(model_name: str, task: str, mode: str, batch: int, size: int) -> tuple[Step, str]:
-    """timm's same architecture, eager PyTorch: one SGD-momentum step or one inference call."""
+    """timm's model ``model_name`` (the parent names it from our model's card), eager PyTorch: one
+    SGD-momentum step or one inference call."""
     import timm
     import torch
 
-    net = timm.create_model(TIMM_NAMES[model_name])
+    net = timm.create_model(model_name)
     images = torch.randn(batch, 3, size, size)
     if task == "infer":
         net.eval()
@@ -89,7 +79,7 @@ def timm_step(model_name: str, task: str, mode: str, batch: int, size: int) -> t
             optimizer.zero_grad(set_to_none=True)
             criterion(net(images), labels).backward()
             optimizer.step()
-    note = (f"torch {torch.__version__} eager, timm {timm.__version__} {TIMM_NAMES[model_name]}, "
+    note = (f"torch {torch.__version__} eager, timm {timm.__version__} {model_name}, "
             f"{torch.get_num_threads()} threads")
     return step, note
 
@@ -103,7 +93,12 @@ def serve(framework: str, model_name: str, task: str, mode: str, batch: int, siz
     step()
     first = time.perf_counter() - start
     step()
-    print("READY " + json.dumps(dict(first_call_s=first, note=note)), file=replies, flush=True)
+    ready = dict(first_call_s=first, note=note)
+    if framework == "mindspore":  # the same architecture's name in timm, from the model's card
+        import models
+
+        ready["timm"] = models.model_card(model_name).timm
+    print("READY " + json.dumps(ready), file=replies, flush=True)
     for line in commands:
         word, *rest = line.split()
         if word == "END":
