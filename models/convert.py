@@ -4,8 +4,9 @@
 
 ``.safetensors`` files are read without PyTorch; ``.pth``/``.pt``/``.bin`` only through
 ``torch.load(weights_only=True)`` when PyTorch is installed, never by a bare unpickle. timm and
-torchvision pad their 3x3 pools PyTorch-style, so converted weights are used with
-``create_model(name, pool_pad="pad", checkpoint_path=...)`` (Res2Net models default to it).
+torchvision pad their 3x3 pools PyTorch-style: the checkpoint records it (``meta.build``, written
+by :func:`models.checkpoint.save_atomic`), so ``create_model(name, checkpoint_path=...)``, validate,
+export and fine-tuning build the model that way by themselves.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from typing import Mapping
 
 import numpy as np
 
-from resgarden.base.atomic import atomic_path
 from resgarden.base.errors import UserError
 
 # PyTorch module names -> ours, then BN tensor names -> MindSpore's.
@@ -78,9 +78,9 @@ def torch_to_ours(state: Mapping[str, np.ndarray], our_names: set[str]) -> dict[
 
 
 def convert(model_name: str, src: str, out: str, num_classes: int | None = None) -> str:
-    """Convert ``src`` into a MindSpore checkpoint ``out`` for ``model_name``; returns the load report."""
-    import mindspore as ms
-
+    """Convert ``src`` into a MindSpore checkpoint ``out`` for ``model_name`` that records the
+    model, its classes and how it computes (PyTorch-style pool padding); returns the load report."""
+    from .checkpoint import save_atomic
     from .registry import check_model_name, create_model
     from .weights import load_weights
 
@@ -93,8 +93,8 @@ def convert(model_name: str, src: str, out: str, num_classes: int | None = None)
     model = create_model(model_name, num_classes=classes, pool_pad="pad")
     mapped = torch_to_ours(state, set(model.parameters_dict()))
     report = load_weights(model, mapped)  # strict: every parameter present with the right shape
-    with atomic_path(out, suffix=".ckpt") as tmp:
-        ms.save_checkpoint(model, tmp)
+    save_atomic(model, out, meta=dict(model=model_name, num_classes=classes, build=dict(model.pretrained_cfg.build),
+                                      converted_from=os.path.basename(src)))
     return report.table()
 
 
@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def action() -> str:
         report = convert(args.model, args.src, args.out, args.num_classes)
-        return (f"{report}\nwrote {args.out}; load it with create_model({args.model!r}, pool_pad='pad', "
-                "checkpoint_path=...)")
+        return (f"{report}\nwrote {args.out} (PyTorch-style pool padding recorded); load it with "
+                f"create_model({args.model!r}, checkpoint_path=...) or --ckpt_path")
 
     return run("convert", action)
 

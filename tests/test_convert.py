@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import mindspore as ms
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -36,9 +37,27 @@ def test_timm_layout_round_trips(tmp_path, name):
     save_file(_as_torch_layout(source), str(path))
     out = tmp_path / "w.ckpt"
     convert(name, str(path), str(out))
-    loaded = models.create_model(name, num_classes=5, pool_pad="pad", checkpoint_path=str(out))
+    loaded = models.create_model(name, num_classes=5, checkpoint_path=str(out))  # padding from the file
+    assert dict(loaded.pretrained_cfg.build) == {"pool_pad": "pad"}
     for key, param in source.parameters_dict().items():
         np.testing.assert_array_equal(loaded.parameters_dict()[key].asnumpy(), param.asnumpy())
+
+
+def test_converted_weights_keep_their_build_settings(tmp_path):
+    """A plain ResNet defaults to MindSpore-style pools; converted timm weights must still be built
+    with PyTorch's, by whoever loads them (create_model, validate, fine-tuning)."""
+    source = models.create_model("resnet18", num_classes=5, pool_pad="pad")
+    path = tmp_path / "w.safetensors"
+    save_file(_as_torch_layout(source), str(path))
+    convert("resnet18", str(path), str(tmp_path / "w.ckpt"))
+    loaded = models.create_model("resnet18", num_classes=5, checkpoint_path=str(tmp_path / "w.ckpt"))
+    assert dict(loaded.pretrained_cfg.build) == {"pool_pad": "pad"}
+    checkpoint = models.weights.open_checkpoint(str(tmp_path / "w.ckpt"))
+    assert checkpoint.model_name() == "resnet18" and checkpoint.meta["converted_from"] == "w.safetensors"
+    images = ms.Tensor(np.random.RandomState(0).randn(2, 3, 33, 33).astype(np.float32))  # odd size: padding shows
+    source.set_train(False)
+    loaded.set_train(False)
+    np.testing.assert_allclose(loaded(images).asnumpy(), source(images).asnumpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_unmatched_tensors_and_formats_fail_clearly(tmp_path):
