@@ -1,26 +1,163 @@
-"""Training checkpoints: atomic writes, keep-latest-k plus best, and the state exact resume needs.
+"""The checkpoint format, in one place: what a file holds (weights, training state, ``meta.*`` run
+metadata, a run's EMA, a training wrapper's prefix), how it is read (:func:`open_checkpoint`) and
+written (:func:`save_atomic`, atomically), and a run's checkpoints (keep-latest-k plus best, the
+manifest, the state exact resume needs). Loading weights into a model: :mod:`models.weights`.
 
-A checkpoint holds every parameter of the training cell (weights, BN statistics, optimizer
+A training checkpoint holds every parameter of the training cell (weights, BN statistics, optimizer
 moments and its global step) and, as ``meta.*`` entries, the epoch, global step, best metric,
 model name and class list. ``checkpoints.json`` in the checkpoint folder lists the files with
 their epoch and metric, so that resuming from a folder never parses file names.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from models.weights import META_PREFIX, SKIPPED_STEPS, Checkpoint, WeightsError, open_checkpoint, read_meta
 from resgarden.base.atomic import atomic_path, write_text
+from resgarden.base.errors import UserError
+
+from .layouts import Layout, detect_layout, source_model
+
+logger = logging.getLogger("resgarden")
+
+# Entries of a training checkpoint that are not model weights: optimizer moments and counters,
+# loss-scale state, and the run metadata saved beside the weights (META_PREFIX).
+SKIPPED_STEPS = "overflow_skipped_steps"  # the Parameter counting optimizer steps skipped on overflow
+TRAINING_STATE_GROUPS = ("moments.", "accum.", "stat.", "adam_m.", "adam_v.", "lamb_m.", "lamb_v.", "ema.",
+                         "meta.", "accum_grads.", "learning_rate_group_")
+TRAINING_STATE_NAMES = frozenset({"global_step", "learning_rate", "momentum", "beta1_power", "beta2_power",
+                                  "scale_sense", "current_iterator_step", "last_overflow_iterator_step",
+                                  "epoch_num", "step_num", "loss_scale", "loss_scale_good_steps",
+                                  "accum_micro_step", "ema_updates", SKIPPED_STEPS})
+
+
+# prefixes a training wrapper gives every weight name when the checkpoint was saved from it (a
+# WithLossCell / TrainOneStepCell subclass whose auto_prefix is on: mindspore/models' checkpoints);
+# their own loaders strip "network."
+WRAPPER_PREFIXES = ("network.", "_backbone.")
+
+
+def is_training_state(name: str) -> bool:
+    """True for optimizer / loss-scale / run-metadata entries of a training checkpoint."""
+    return name in TRAINING_STATE_NAMES or name.startswith(TRAINING_STATE_GROUPS)
+
+
+class WeightsError(UserError):
+    """A checkpoint cannot be read or does not fit the model."""
+
+
+def shape_of(value: object) -> tuple[int, ...]:
+    return tuple(value.shape)  # Parameter, Tensor and ndarray all have .shape
+
+
+def read_checkpoint(path: str) -> dict[str, ms.Parameter]:
+    """Read a MindSpore checkpoint, turning any failure into one clear WeightsError."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise WeightsError(f"checkpoint is empty (0 bytes): {path}")
+    try:
+        return ms.load_checkpoint(path)
+    except Exception as exc:  # MindSpore raises ValueError/RuntimeError/TypeError for bad files
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"cannot read checkpoint {path} (truncated or not a MindSpore checkpoint): "
+                           f"{first_line}") from None
+
+
+HEAD_PREFIX = "classifier."
+META_PREFIX = "meta."  # run metadata saved beside the weights (save_atomic)
+EMA_PREFIX = "ema."  # the EMA of the weights a run kept
+
+
+def read_meta(state: Mapping[str, object]) -> dict[str, object]:
+    """The ``meta.*`` entries of a loaded checkpoint as plain Python values (empty for others)."""
+    meta = {}
+    for key, value in state.items():
+        if key.startswith(META_PREFIX):
+            raw = value.asnumpy().item() if hasattr(value, "asnumpy") else value
+            meta[key[len(META_PREFIX):]] = json.loads(raw) if isinstance(raw, str) else raw
+    return meta
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint file as read: its entries, and the run metadata our training checkpoints carry."""
+
+    path: str
+    state: dict[str, object]
+
+    @functools.cached_property
+    def meta(self) -> dict[str, object]:
+        return read_meta(self.state)
+
+    @functools.cached_property
+    def has_ema(self) -> bool:
+        return any(k.startswith(EMA_PREFIX) for k in self.state)
+
+    @functools.cached_property
+    def model_state(self) -> dict[str, object]:
+        """The model weights, in the checkpoint's own names (less a training wrapper's prefix, see
+        :attr:`wrapper_prefix`): the run's EMA of them when it kept one, else the plain ones;
+        optimizer state and run metadata left out."""
+        if self.has_ema:
+            weights = {k[len(EMA_PREFIX):]: v for k, v in self.state.items() if k.startswith(EMA_PREFIX)}
+        else:
+            weights = self.state
+        weights = {k: v for k, v in weights.items() if not is_training_state(k)}
+        return {k[len(self.wrapper_prefix):]: v for k, v in weights.items()}
+
+    @functools.cached_property
+    def wrapper_prefix(self) -> str:
+        """The prefix every weight name carries because the checkpoint was saved from a training
+        wrapper (``network.``, also repeated), or ""."""
+        names = [k for k in (self.state if not self.has_ema else
+                             (k[len(EMA_PREFIX):] for k in self.state if k.startswith(EMA_PREFIX)))
+                 if not is_training_state(k)]
+        prefix = ""
+        while names:
+            found = next((p for p in WRAPPER_PREFIXES if all(n.startswith(prefix + p) for n in names)), None)
+            if found is None:
+                break
+            prefix += found
+        return prefix
+
+    @functools.cached_property
+    def layout(self) -> Layout:
+        return detect_layout(self.model_state)
+
+    def model_name(self) -> str | None:
+        """The model these weights are for: our run metadata's, or a mindspore/models layout's
+        architecture as its names and shapes tell; None when unknown."""
+        if self.meta.get("model"):
+            return str(self.meta["model"])
+        return source_model(self.layout, self.model_state)
+
+    def head_classes(self) -> int | None:
+        """Outputs of the checkpoint's classifier (1001 counts as the 1000 classes it holds)."""
+        head = next((v for k, v in self.model_state.items() if self.layout.rename(k) == HEAD_PREFIX + "weight"),
+                    None)
+        if head is None:
+            return None
+        rows = int(shape_of(head)[0])
+        return 1000 if rows == 1001 else rows
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    """Read ``path`` once (one clear WeightsError if it cannot be read)."""
+    return Checkpoint(path, dict(read_checkpoint(path)))
+
+
+# ---------------------------------------------------------------- a run's checkpoints
 
 MANIFEST = "checkpoints.json"
-logger = logging.getLogger("resgarden")
 
 
 def save_atomic(cell: nn.Cell | list[dict[str, Any]], path: str, meta: dict[str, Any]) -> None:

@@ -17,8 +17,9 @@ from mindspore import nn
 
 from resgarden.base.specs import EvalTransform
 
+from .checkpoint import Checkpoint, open_checkpoint
 from .pretrained import Pretrained, load_pretrained
-from .weights import Checkpoint, WeightsInfo, build_settings, load_weights, open_checkpoint
+from .weights import WeightsInfo, build_settings, load_weights
 
 logger = logging.getLogger("resgarden")
 BUILD_SETTINGS = ("conv_pad", "pool_pad")  # how a model computes, recorded with the weights trained in it
@@ -114,7 +115,7 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, i
         checkpoint_path: a MindSpore checkpoint to load (ours, mindcv's or mindspore/models'
             layout; the model is built the way the source network computes, e.g. with 'same'
             padding for mindspore/models' ResNet-50), or one already read with
-            :func:`models.weights.open_checkpoint`.
+            :func:`models.checkpoint.open_checkpoint`.
         head: a checkpoint head of other classes than ``num_classes``: ``"replace"`` it by a fresh
             one (logged), or ``"refuse"`` (WeightsError). 1001-class heads are cut to 1000 either way.
         **kwargs: further trunk arguments, e.g. ``features_only=True`` or ``pool_pad="pad"``.

@@ -1,10 +1,7 @@
-"""The one way weights enter our models: checkpoint reading, layout name mapping, head fitting,
-readable reports."""
+"""The one way weights enter our models: layout name mapping, head fitting, readable reports
+(the checkpoint file itself: :mod:`models.checkpoint`)."""
 from __future__ import annotations
 
-import functools
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -12,35 +9,10 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from resgarden.base.errors import UserError
 from resgarden.base.specs import EvalTransform
 
-from .layouts import Layout, detect_layout, source_model, to_our_names
-
-# Entries of a training checkpoint that are not model weights: optimizer moments and counters,
-# loss-scale state, and the run metadata saved beside the weights (see models/checkpoint.py).
-SKIPPED_STEPS = "overflow_skipped_steps"  # the Parameter counting optimizer steps skipped on overflow
-TRAINING_STATE_GROUPS = ("moments.", "accum.", "stat.", "adam_m.", "adam_v.", "lamb_m.", "lamb_v.", "ema.",
-                         "meta.", "accum_grads.", "learning_rate_group_")
-TRAINING_STATE_NAMES = frozenset({"global_step", "learning_rate", "momentum", "beta1_power", "beta2_power",
-                                  "scale_sense", "current_iterator_step", "last_overflow_iterator_step",
-                                  "epoch_num", "step_num", "loss_scale", "loss_scale_good_steps",
-                                  "accum_micro_step", "ema_updates", SKIPPED_STEPS})
-
-
-# prefixes a training wrapper gives every weight name when the checkpoint was saved from it (a
-# WithLossCell / TrainOneStepCell subclass whose auto_prefix is on: mindspore/models' checkpoints);
-# their own loaders strip "network."
-WRAPPER_PREFIXES = ("network.", "_backbone.")
-
-
-def is_training_state(name: str) -> bool:
-    """True for optimizer / loss-scale / run-metadata entries of a training checkpoint."""
-    return name in TRAINING_STATE_NAMES or name.startswith(TRAINING_STATE_GROUPS)
-
-
-class WeightsError(UserError):
-    """A checkpoint cannot be read or does not fit the model."""
+from .checkpoint import HEAD_PREFIX, Checkpoint, WeightsError, is_training_state, open_checkpoint, shape_of
+from .layouts import detect_layout, to_our_names
 
 
 @dataclass
@@ -72,106 +44,7 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def read_checkpoint(path: str) -> dict[str, ms.Parameter]:
-    """Read a MindSpore checkpoint, turning any failure into one clear WeightsError."""
-    if not os.path.isfile(path):
-        raise WeightsError(f"checkpoint not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise WeightsError(f"checkpoint is empty (0 bytes): {path}")
-    try:
-        return ms.load_checkpoint(path)
-    except Exception as exc:  # MindSpore raises ValueError/RuntimeError/TypeError for bad files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"cannot read checkpoint {path} (truncated or not a MindSpore checkpoint): "
-                           f"{first_line}") from None
-
-
-def _shape(value: object) -> tuple[int, ...]:
-    return tuple(value.shape)  # Parameter, Tensor and ndarray all have .shape
-
-
 HEAD_POLICIES = ("refuse", "replace")
-HEAD_PREFIX = "classifier."
-META_PREFIX = "meta."  # run metadata saved beside the weights by models/checkpoint.py
-EMA_PREFIX = "ema."  # the EMA of the weights a run kept
-
-
-def read_meta(state: Mapping[str, object]) -> dict[str, object]:
-    """The ``meta.*`` entries of a loaded checkpoint as plain Python values (empty for others)."""
-    meta = {}
-    for key, value in state.items():
-        if key.startswith(META_PREFIX):
-            raw = value.asnumpy().item() if hasattr(value, "asnumpy") else value
-            meta[key[len(META_PREFIX):]] = json.loads(raw) if isinstance(raw, str) else raw
-    return meta
-
-
-@dataclass
-class Checkpoint:
-    """A checkpoint file as read: its entries, and the run metadata our training checkpoints carry."""
-
-    path: str
-    state: dict[str, object]
-
-    @functools.cached_property
-    def meta(self) -> dict[str, object]:
-        return read_meta(self.state)
-
-    @functools.cached_property
-    def has_ema(self) -> bool:
-        return any(k.startswith(EMA_PREFIX) for k in self.state)
-
-    @functools.cached_property
-    def model_state(self) -> dict[str, object]:
-        """The model weights, in the checkpoint's own names (less a training wrapper's prefix, see
-        :attr:`wrapper_prefix`): the run's EMA of them when it kept one, else the plain ones;
-        optimizer state and run metadata left out."""
-        if self.has_ema:
-            weights = {k[len(EMA_PREFIX):]: v for k, v in self.state.items() if k.startswith(EMA_PREFIX)}
-        else:
-            weights = self.state
-        weights = {k: v for k, v in weights.items() if not is_training_state(k)}
-        return {k[len(self.wrapper_prefix):]: v for k, v in weights.items()}
-
-    @functools.cached_property
-    def wrapper_prefix(self) -> str:
-        """The prefix every weight name carries because the checkpoint was saved from a training
-        wrapper (``network.``, also repeated), or ""."""
-        names = [k for k in (self.state if not self.has_ema else
-                             (k[len(EMA_PREFIX):] for k in self.state if k.startswith(EMA_PREFIX)))
-                 if not is_training_state(k)]
-        prefix = ""
-        while names:
-            found = next((p for p in WRAPPER_PREFIXES if all(n.startswith(prefix + p) for n in names)), None)
-            if found is None:
-                break
-            prefix += found
-        return prefix
-
-    @functools.cached_property
-    def layout(self) -> Layout:
-        return detect_layout(self.model_state)
-
-    def model_name(self) -> str | None:
-        """The model these weights are for: our run metadata's, or a mindspore/models layout's
-        architecture as its names and shapes tell; None when unknown."""
-        if self.meta.get("model"):
-            return str(self.meta["model"])
-        return source_model(self.layout, self.model_state)
-
-    def head_classes(self) -> int | None:
-        """Outputs of the checkpoint's classifier (1001 counts as the 1000 classes it holds)."""
-        head = next((v for k, v in self.model_state.items() if self.layout.rename(k) == HEAD_PREFIX + "weight"),
-                    None)
-        if head is None:
-            return None
-        rows = int(_shape(head)[0])
-        return 1000 if rows == 1001 else rows
-
-
-def open_checkpoint(path: str) -> Checkpoint:
-    """Read ``path`` once (one clear WeightsError if it cannot be read)."""
-    return Checkpoint(path, dict(read_checkpoint(path)))
 
 
 @dataclass(frozen=True)
@@ -249,8 +122,8 @@ def load_weights(model: nn.Cell, source: str | Checkpoint | Mapping[str, object]
     for name, value in state.items():
         if name not in params:
             report.unexpected.append(name)
-        elif _shape(value) != tuple(params[name].shape):
-            report.mismatched[name] = (_shape(value), tuple(params[name].shape))
+        elif shape_of(value) != tuple(params[name].shape):
+            report.mismatched[name] = (shape_of(value), tuple(params[name].shape))
         else:
             data = value if isinstance(value, ms.Parameter) else ms.Tensor(np.asarray(value))
             to_load[name] = data if isinstance(data, ms.Parameter) else ms.Parameter(data, name=name)
@@ -268,7 +141,7 @@ def _fit_head(state: dict[str, object], params: Mapping[str, ms.Parameter], head
     keys = [k for k in (HEAD_PREFIX + "weight", HEAD_PREFIX + "bias") if k in state]
     if not keys:
         return False
-    have = _shape(state[keys[0]])[0]
+    have = shape_of(state[keys[0]])[0]
     want = params[HEAD_PREFIX + "weight"].shape[0] if HEAD_PREFIX + "weight" in params else 0
     if have == want:
         return False

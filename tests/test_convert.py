@@ -52,7 +52,7 @@ def test_converted_weights_keep_their_build_settings(tmp_path):
     convert("resnet18", str(path), str(tmp_path / "w.ckpt"))
     loaded = models.create_model("resnet18", num_classes=5, checkpoint_path=str(tmp_path / "w.ckpt"))
     assert dict(loaded.pretrained_cfg.build) == {"pool_pad": "pad"}
-    checkpoint = models.weights.open_checkpoint(str(tmp_path / "w.ckpt"))
+    checkpoint = models.checkpoint.open_checkpoint(str(tmp_path / "w.ckpt"))
     assert checkpoint.model_name() == "resnet18" and checkpoint.meta["converted_from"] == "w.safetensors"
     images = ms.Tensor(np.random.RandomState(0).randn(2, 3, 33, 33).astype(np.float32))  # odd size: padding shows
     source.set_train(False)

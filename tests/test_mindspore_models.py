@@ -12,7 +12,8 @@ import pytest
 import models
 import validate as validate_entry
 from models import layouts
-from models.weights import WeightsError, open_checkpoint
+from models.checkpoint import open_checkpoint
+from models.weights import WeightsError
 from tests.helpers import write_imagenet_layout
 from tests.msmodels_reference import OfficialResNet, ResNeXtNet, randomise_statistics
 

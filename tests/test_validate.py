@@ -213,7 +213,7 @@ def test_weights_that_do_not_say_their_data_need_it_named(tmp_path, monkeypatch,
 
 
 def test_the_data_a_run_trained_on_comes_from_its_classes():
-    from models.weights import Checkpoint
+    from models.checkpoint import Checkpoint
     from resgarden.data.datasets import CIFAR10_CLASSES, DIGITS_CLASSES
     from resgarden.inference.model_loading import trained_on
 

@@ -12,8 +12,7 @@ from typing import Any
 import mindspore as ms
 import numpy as np
 
-from models.checkpoint import MANIFEST, manifest_folder, save_atomic
-from models.weights import open_checkpoint
+from models.checkpoint import MANIFEST, manifest_folder, open_checkpoint, save_atomic
 from resgarden.base.errors import ConfigError
 from resgarden.base.specs import AverageSpec
 

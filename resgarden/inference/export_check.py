@@ -8,7 +8,7 @@ import logging
 import mindspore as ms
 import numpy as np
 
-from models.weights import Checkpoint
+from models.checkpoint import Checkpoint
 from resgarden.base.errors import ConfigError, ExportMismatch
 from resgarden.base.specs import InferenceJob
 from resgarden.data.datasets import image_transform, load_eval_split

@@ -8,10 +8,9 @@ import os
 from mindspore import nn
 
 import models
-from models.checkpoint import open_run_checkpoint
+from models.checkpoint import Checkpoint, open_run_checkpoint
 from models.fold import fold_batchnorm
 from models.profile import count_params
-from models.weights import Checkpoint
 from resgarden.base.errors import ConfigError
 from resgarden.base.specs import DataSpec, EvalTransform, InferenceJob
 from resgarden.data.datasets import CIFAR10_CLASSES, DIGITS_CLASSES

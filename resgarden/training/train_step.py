@@ -18,7 +18,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.amp import all_finite
 
-from models.weights import SKIPPED_STEPS
+from models.checkpoint import SKIPPED_STEPS
 
 _unscale = ops.MultitypeFuncGraph("unscale")
 _accumulate = ops.MultitypeFuncGraph("accumulate")

@@ -17,9 +17,16 @@ from mindspore import nn
 from tqdm import tqdm
 
 import models
-from models.checkpoint import CheckpointManager, find_checkpoint, load_training_state, open_run_checkpoint
+from models.checkpoint import (
+    EMA_PREFIX,
+    Checkpoint,
+    CheckpointManager,
+    find_checkpoint,
+    load_training_state,
+    open_checkpoint,
+    open_run_checkpoint,
+)
 from models.profile import count_params
-from models.weights import EMA_PREFIX, Checkpoint, open_checkpoint
 from resgarden.base.atomic import remove_stale, write_text
 from resgarden.base.errors import ConfigError, DistributedError, Preempted, StepCountError, TrainingDiverged, WriteError
 from resgarden.base.logs import setup_logging
