@@ -1,11 +1,13 @@
 """config.py: precedence, both flag dialects, booleans, lists, key=value, and clear errors."""
 from __future__ import annotations
 
+import dataclasses
 import shlex
 
 import pytest
 import yaml
 
+import config
 from config import ConfigError, config_yaml, load_yaml, parse_config
 from resgarden.base.atomic import write_text
 
@@ -100,3 +102,28 @@ def test_saved_config_round_trips(tmp_path):
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["model"] == "resnest50" and saved["scale"] == [0.1, 1.0] and saved["pretrained"] is True
     assert parse_config(["-c", str(tmp_path / "run" / "config.yaml")]).model == "resnest50"
+
+
+def _differences(built, declared, path: str) -> list[str]:
+    if dataclasses.is_dataclass(built) and dataclasses.is_dataclass(declared):
+        return [d for f in dataclasses.fields(built)
+                for d in _differences(getattr(built, f.name), getattr(declared, f.name), f"{path}.{f.name}")]
+    return [] if built == declared else [f"{path}: the settings give {built!r}, the spec declares {declared!r}"]
+
+
+def test_the_specs_defaults_are_the_settings_defaults():
+    """A setting's default is declared in config.py's table; a spec field's default must be that same
+    value, so that a spec built directly (tests, the Python API) behaves as the command line does."""
+    settings = config.parse_config([])
+    jobs = {"TrainJob": config.train_job(settings), "InferenceJob": config.inference_job(settings)}
+    found = []
+    for name, job in jobs.items():
+        for f in dataclasses.fields(job):
+            value = getattr(job, f.name)
+            if dataclasses.is_dataclass(value):
+                declared = dataclasses.replace(type(value)(), **({"config_yaml": value.config_yaml}
+                                                                  if f.name == "run" else {}))
+                found += _differences(value, declared, f"{name}.{f.name}")
+            elif f.default is not dataclasses.MISSING:
+                found += _differences(value, f.default, f"{name}.{f.name}")
+    assert not found, "\n".join(found)

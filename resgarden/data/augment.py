@@ -23,6 +23,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from resgarden.base.specs import Augmentation, EvalTransform
 from resgarden.data.images import decode_rgb, jpeg_size
 
 cv2.setNumThreads(1)  # one image per thread; the loader runs several threads
@@ -32,19 +33,17 @@ ERASE_SCALE, ERASE_RATIO = (0.02, 0.33), (0.3, 3.3)
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """Encoded image (or decoded HWC uint8 array) -> (3, size, size) float32, for one split."""
-    size: int
+    """Encoded image (or decoded HWC uint8 array) -> (3, size, size) float32, for one split: the
+    evaluation transform's size, resize, interpolation and normalisation, and in training the
+    augmentation's crop, flip, jitter and erasing (or ``policy``, its auto-augment policy)."""
     training: bool
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (0.75, 1.333)
-    hflip: float = 0.5
-    resize: int = 256  # evaluation: shorter side before the centred crop
-    interpolation: str = "bilinear"
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    color_jitter: float = 0.0
-    re_prob: float = 0.0
+    eval: EvalTransform = EvalTransform()
+    augmentation: Augmentation = Augmentation()
     policy: Callable[[np.ndarray], np.ndarray] | None = field(default=None, compare=False)  # auto-augment
+
+    @property
+    def size(self) -> int:
+        return self.eval.image_size
 
     def __call__(self, image: bytes | np.ndarray, rng: np.random.Generator | None,
                  out: np.ndarray | None = None) -> np.ndarray:
@@ -53,12 +52,12 @@ class ImageTransform:
             pixels = self._crop(image, rng)
             if self.policy is not None:
                 pixels = np.asarray(self.policy(pixels))  # mindcv's policies take arrays (faster than PIL images)
-            elif self.color_jitter:
-                pixels = jitter(pixels, rng, self.color_jitter)
+            elif self.augmentation.color_jitter:
+                pixels = jitter(pixels, rng, self.augmentation.color_jitter)
         else:
             pixels = self._centre(image)
-        out = normalize(pixels, self.mean, self.std, out)
-        if self.training and self.re_prob > 0 and rng.random() < self.re_prob:
+        out = normalize(pixels, self.eval.mean, self.eval.std, out)
+        if self.training and self.augmentation.re_prob > 0 and rng.random() < self.augmentation.re_prob:
             erase(out, rng)
         return out
 
@@ -68,14 +67,14 @@ class ImageTransform:
             image = decode_rgb(image)
             size = image.shape[:2]
         height, width = size
-        top, left, crop_h, crop_w = crop_box(rng, height, width, self.scale, self.ratio)
+        top, left, crop_h, crop_w = crop_box(rng, height, width, self.augmentation.scale, self.augmentation.ratio)
         if not isinstance(image, np.ndarray):
             image = decode_rgb(image, fast=True, reduce=dct_factor(min(crop_h, crop_w), self.size))
         scale_y, scale_x = image.shape[0] / height, image.shape[1] / width
         y, x = int(top * scale_y), int(left * scale_x)
         crop = image[y:y + max(1, round(crop_h * scale_y)), x:x + max(1, round(crop_w * scale_x))]
-        pixels = cv2.resize(crop, (self.size, self.size), interpolation=INTERPOLATION[self.interpolation])
-        if self.hflip > 0 and rng.random() < self.hflip:
+        pixels = cv2.resize(crop, (self.size, self.size), interpolation=INTERPOLATION[self.eval.interpolation])
+        if self.augmentation.hflip > 0 and rng.random() < self.augmentation.hflip:
             pixels = cv2.flip(pixels, 1)
         return pixels
 
@@ -83,10 +82,10 @@ class ImageTransform:
         pixels = image if isinstance(image, np.ndarray) else decode_rgb(image)
         height, width = pixels.shape[:2]
         if height <= width:
-            new_h, new_w = self.resize, int(self.resize * width / height)
+            new_h, new_w = self.eval.resize, int(self.eval.resize * width / height)
         else:
-            new_h, new_w = int(self.resize * height / width), self.resize
-        pixels = cv2.resize(pixels, (new_w, new_h), interpolation=INTERPOLATION[self.interpolation])
+            new_h, new_w = int(self.eval.resize * height / width), self.eval.resize
+        pixels = cv2.resize(pixels, (new_w, new_h), interpolation=INTERPOLATION[self.eval.interpolation])
         if min(new_h, new_w) < self.size:  # a crop larger than the image: zero padding, as MindSpore's
             pad_h, pad_w = max(0, self.size - new_h), max(0, self.size - new_w)
             pixels = cv2.copyMakeBorder(pixels, pad_h // 2, pad_h - pad_h // 2, pad_w // 2, pad_w - pad_w // 2,

@@ -228,10 +228,7 @@ def auto_augment_policy(augmentation: Augmentation, transform: EvalTransform):
 def image_transform(loader: LoaderSpec, training: bool) -> ImageTransform:
     """Everything an image of a training or evaluation split goes through before batching."""
     transform, augmentation = loader.eval_transform, loader.augmentation
-    return ImageTransform(size=transform.image_size, training=training, scale=augmentation.scale,
-                          ratio=augmentation.ratio, hflip=augmentation.hflip, resize=transform.resize,
-                          interpolation=transform.interpolation, mean=transform.mean, std=transform.std,
-                          color_jitter=augmentation.color_jitter, re_prob=augmentation.re_prob,
+    return ImageTransform(training=training, eval=transform, augmentation=augmentation,
                           policy=auto_augment_policy(augmentation, transform)
                           if training and augmentation.auto_augment else None)
 
