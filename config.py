@@ -175,6 +175,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("val_while_train", True, "evaluate on the validation split during training", parse_bool),
     S("val_interval", 1, "evaluate every N epochs", int),
     S("log_interval", 10, "log every N steps", int),
+    S("tensorboard", True, "write TensorBoard event files to <run>/tensorboard/ (loss, LR, loss scale, img/s per "
+      "log point; validation per epoch; the settings)", parse_bool),
     S("json", None, "validate/eval: also write the metrics to this JSON file"),
     S("real_labels", None, "validate/eval: ImageNet-ReaL labels (real.json, one label list per val image in "
       "sorted file-name order): also report ReaL top-1/top-5"),
@@ -471,7 +473,8 @@ def train_job(c: argparse.Namespace) -> TrainJob:
         run=RunSpec(epochs=c.epoch_size, output_dir=c.ckpt_save_dir, resume=c.resume,
                     save_interval=c.ckpt_save_interval, keep_checkpoints=c.keep_checkpoint_max,
                     save_policy=c.ckpt_save_policy, val_while_train=c.val_while_train, val_interval=c.val_interval,
-                    log_interval=c.log_interval, sink_mode=c.dataset_sink_mode, config_yaml=config_yaml(c)))
+                    log_interval=c.log_interval, tensorboard=c.tensorboard, sink_mode=c.dataset_sink_mode,
+                    config_yaml=config_yaml(c)))
 
 
 def inference_job(c: argparse.Namespace) -> InferenceJob:

@@ -114,3 +114,35 @@ def wait_for_output(proc: subprocess.Popen, lines: list[str], text: str, timeout
     while not any(text in line for line in lines):
         assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
         time.sleep(0.05)
+
+
+def read_board(folder: str, last_file_only: bool = False) -> tuple[dict[str, dict[int, float]], dict[str, str]]:
+    """The scalars ({tag: {step: value}}) and texts of a TensorBoard folder's event files, read with
+    tensorboardX's own protobuf types, as TensorBoard shows them: the files in the order written,
+    a file that starts a session at step s (a resumed run's purge_step) hiding what earlier files
+    logged from step s on."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, dict[int, float]] = {}
+    texts: dict[str, str] = {}
+    names = sorted(f for f in os.listdir(folder) if f.startswith("events.out.tfevents"))
+    for name in names[-1:] if last_file_only else names:
+        with open(os.path.join(folder, name), "rb") as handle:
+            data = handle.read()
+        offset = 0
+        while offset < len(data):  # TFRecord: length, its CRC, the record, its CRC
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                for points in scalars.values():
+                    for step in [s for s in points if s >= event.step]:
+                        del points[step]
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+                elif value.HasField("tensor"):
+                    texts[value.tag] = b"".join(value.tensor.string_val).decode()
+    return scalars, texts

@@ -12,7 +12,7 @@ import train as train_entry
 from models import checkpoint
 from models.checkpoint import find_checkpoint, read_meta
 from resgarden.training.trainer import train
-from tests.helpers import train_job_of, write_imagenet_layout
+from tests.helpers import read_board, train_job_of, write_imagenet_layout
 
 BASE = ["--model=resnet18", "--image_size=32", "--batch_size=8", "--num_parallel_workers=1", "--lr=0.01",
         "--warmup_epochs=0", "--weight_decay=0", "--log_interval=1", "--scale", "0.6", "1.0", "--crop_pct=1.0"]
@@ -49,6 +49,13 @@ def test_learns_and_writes_the_run_layout(tiny, tmp_path):
     meta = read_meta(ms.load_checkpoint(find_checkpoint(run_dir)))
     assert meta["epoch"] == 4 and meta["global_step"] == 5 * 4 and meta["classes"][0] == "n01440764"
     assert not [f for f in os.listdir(ckpt_dir) if f.startswith(".tmp")]
+    scalars, texts = read_board(os.path.join(run_dir, "tensorboard"))  # every log point, every epoch
+    assert sorted(scalars["train/loss"]) == list(range(1, 21))
+    assert {"train/lr", "train/img_per_s", "train/loss_scale", "train/skipped_steps"} <= set(scalars)
+    assert sorted(scalars["val/top1"]) == [4, 8, 12, 16, 20]
+    assert scalars["val/top1"][20] == pytest.approx(records[-1]["val_top1"])
+    assert scalars["train/epoch_loss"][4] == pytest.approx(records[0]["train_loss"])
+    assert "model: resnet18" in texts["config/text_summary"]
 
 
 EXTRAS = ["--ema", "--ema_decay=0.9", "--gradient_accumulation_steps=2", "--clip_grad", "--clip_value=5",
@@ -79,6 +86,13 @@ def test_resume_is_exact(tiny, tmp_path, extra):
     assert int(again["global_step"]) == (6 if extra else 12)  # optimizer steps: accumulation halves them
     if extra:
         assert "ema.conv1.weight" in again and float(again["ema_updates"]) == 6
+    else:  # the curves continue from the resume step: each step once, the resumed run's values from step 9
+        board = os.path.join(full["run_dir"], "tensorboard")
+        assert len(os.listdir(board)) == 2
+        scalars, _ = read_board(board)
+        assert sorted(scalars["train/loss"]) == list(range(1, 13))
+        resumed_only, _ = read_board(board, last_file_only=True)
+        assert sorted(resumed_only["train/loss"]) == list(range(9, 13))
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

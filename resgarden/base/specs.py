@@ -209,6 +209,7 @@ class RunSpec:
     val_while_train: bool = True
     val_interval: int = 1
     log_interval: int = 10
+    tensorboard: bool = True  # event files in <run>/tensorboard/ (resgarden.training.board)
     sink_mode: bool = False
     config_yaml: str = ""  # the settings as YAML, written to the run folder
 

@@ -47,6 +47,7 @@ from resgarden.runtime.distributed import (
     seed_random_ops,
 )
 from resgarden.training.amp import Float32Loss, apply_amp
+from resgarden.training.board import Board
 from resgarden.training.optim import create_optimizer, freeze_backbone, lr_per_step
 from resgarden.training.plot import plot_metrics
 from resgarden.training.steps import SinkSteps, batch_steps, sink_size_for, use_sink_mode
@@ -94,6 +95,7 @@ class Run:
     stop: StopRequest = field(default_factory=StopRequest)
     best: float = float("-inf")
     sink_source: Any = None  # dataset sink mode: the batch source of all remaining epochs
+    board: Board = field(default_factory=lambda: Board(None))  # TensorBoard (rank 0, --tensorboard)
 
 
 def _fit(job: TrainJob, cluster: Cluster, stop: StopRequest) -> dict[str, Any]:
@@ -103,12 +105,15 @@ def _fit(job: TrainJob, cluster: Cluster, stop: StopRequest) -> dict[str, Any]:
     sink = _sink_steps(run)
     clock = RunClock(run.start_step, job.run.epochs * run.steps_per_epoch)
     record: dict[str, Any] = {}
-    for epoch in range(run.start_epoch, job.run.epochs):
-        record = _train_epoch(run, epoch, clock, sink)
-        stop_now = record.pop("stop_requested") and epoch + 1 < job.run.epochs
-        path = _end_epoch(run, epoch, record, force_save=stop_now)
-        if stop_now:  # asked at the epoch's last step: its checkpoint is the one to resume from
-            _preempted(run, f"after epoch {epoch + 1}", path)
+    try:
+        for epoch in range(run.start_epoch, job.run.epochs):
+            record = _train_epoch(run, epoch, clock, sink)
+            stop_now = record.pop("stop_requested") and epoch + 1 < job.run.epochs
+            path = _end_epoch(run, epoch, record, force_save=stop_now)
+            if stop_now:  # asked at the epoch's last step: its checkpoint is the one to resume from
+                _preempted(run, f"after epoch {epoch + 1}", path)
+    finally:
+        run.board.close()
     if cluster.distributed:
         _check_in_sync(run.train_cell, cluster)
     metrics = os.path.join(run.run_dir, "metrics.jsonl")
@@ -154,6 +159,10 @@ def _setup(job: TrainJob, cluster: Cluster) -> Run:
     if cluster.is_main:
         write_text(os.path.join(run.run_dir, "config.yaml"), job.run.config_yaml)
         run.manager = CheckpointManager(run.ckpt_dir, job.model.name, job.run.keep_checkpoints, job.run.save_policy)
+        if job.run.tensorboard:
+            run.board = Board(run.run_dir, run.start_step)
+            run.board.text("config", "```yaml\n" + job.run.config_yaml + "```", run.start_step)
+            logger.info("TensorBoard: tensorboard --logdir %s", run.board.folder)
     logger.info("model %s: %d classes, %s params | %d train / %s val images | %d steps/epoch, batch %d | run %s",
                 job.model.name, run.num_classes, f"{count_params(run.model):,}", len(run.train_split),
                 len(run.val_split) if run.val_split else "no", run.steps_per_epoch, run.loader.batch_size,
@@ -361,6 +370,8 @@ def _end_epoch(run: Run, epoch: int, record: dict[str, Any], force_save: bool = 
         meta = _checkpoint_meta(run, epoch=epoch, global_step=record["global_step"], metric=metric)
         path = run.manager.save(run.train_cell, meta, is_best)
         logger.info("saved %s", path)
+    run.board.scalars(record["global_step"], {"train/epoch_loss": record["train_loss"], "val/top1": record.get("val_top1"),
+                                              "val/top5": record.get("val_top5"), "val/loss": record.get("val_loss")})
     metrics = os.path.join(run.run_dir, "metrics.jsonl")
     try:
         with open(metrics, "a", encoding="utf-8") as handle:
@@ -412,9 +423,14 @@ def _run_epoch(steps: Iterator[tuple[int, ms.Tensor]], run: Run, clock: RunClock
         loss_sum, pending = loss_sum + sum(n * value for n, value in losses), []
         images_per_s = cluster.size * (done - first_step) * run.loader.batch_size / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{losses[-1][1]:.4f}", img_s=f"{images_per_s:.1f}")
+        lr = _lr(run.lrs, clock.step, accumulation)
         logger.info("epoch %d/%d step %d/%d loss %.4f lr %.6f %.1f img/s eta %s", epoch + 1, epochs, done,
-                    steps_per_epoch, losses[-1][1], _lr(run.lrs, clock.step, accumulation), images_per_s, clock.eta())
+                    steps_per_epoch, losses[-1][1], lr, images_per_s, clock.eta())
         skipped = int(train_cell.skipped_steps.asnumpy())
+        if run.board.folder:
+            run.board.scalars(clock.step, {"train/loss": losses[-1][1], "train/lr": lr, "train/img_per_s": images_per_s,
+                                           "train/loss_scale": float(train_cell.loss_scale.asnumpy()),
+                                           "train/skipped_steps": skipped})
         _check_device_steps(run, clock.step, skipped)
         if skipped > skipped_logged:
             logger.warning("%d optimizer step(s) skipped since the last log: gradients overflowed (loss scale now "
