@@ -182,7 +182,11 @@ SETTINGS: tuple[Setting, ...] = (
       "sorted file-name order): also report ReaL top-1/top-5"),
     S("results_csv", None, "validate/eval: append one row (model, weights, transform, top-1/5, ReaL, params, "
       "img/s) to this CSV table"),
-    S("images", [], "infer: image files to classify", str, nargs="+"),
+    S("images", [], "infer: image files, folders of them (recursive) or .txt lists of paths to classify", str,
+      nargs="+"),
+    S("top_k", 5, "infer: classes reported per image", int),
+    S("predictions", None, "infer: write each image's top-k classes and probabilities to this file (.json, "
+      "else CSV) instead of printing them"),
     # export
     S("file_format", "MINDIR", "export format", choices=("MINDIR", "ONNX", "AIR")),
     S("file_name", None, "export: output file (default: <model>.<format>)"),
@@ -255,7 +259,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "milestones": _increasing_epochs, "epoch_size": _at_least(1), "loss_scale": _above(0.0),
     "clip_value": _above(0.0), "gradient_accumulation_steps": _at_least(1), "ema_decay": _between(0.0, 1.0, True),
     "ckpt_save_interval": _at_least(1), "keep_checkpoint_max": _at_least(1), "val_interval": _at_least(1),
-    "log_interval": _at_least(1), "last": _at_least(0), "best": _at_least(0),
+    "log_interval": _at_least(1), "last": _at_least(0), "best": _at_least(0), "top_k": _at_least(1),
 }
 
 
@@ -483,7 +487,7 @@ def inference_job(c: argparse.Namespace) -> InferenceJob:
     given = frozenset(n for n in getattr(c, "explicit", ()) if n == "model" or n in EVAL_FIELDS)
     return InferenceJob(context=_context(c), model=_model(c), weights=_weights(c), loader=_loader(c), given=given,
                         cluster=_cluster(c), data=_data(c), json_path=c.json, real_labels=c.real_labels,
-                        results_csv=c.results_csv, images=tuple(c.images),
+                        results_csv=c.results_csv, images=tuple(c.images), top_k=c.top_k, predictions=c.predictions,
                         file_format=c.file_format, file_name=c.file_name, dynamic_batch=c.dynamic_batch,
                         verify=c.verify)
 

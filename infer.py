@@ -2,6 +2,7 @@
 
     python infer.py --model=resnet50 --pretrained --images cat.jpg dog.jpg
     python infer.py --ckpt_path=runs/<run> --images digit.png
+    python infer.py --model=resnet50 --pretrained --images photos/ --predictions=photos.csv
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ def _infer(argv: list[str] | None) -> str:
     cfg = configure(argv, prog="infer.py", description=__doc__)
     from resgarden.inference.predict import format_predictions, predict  # the engine after the device target is chosen
 
-    return format_predictions(predict(inference_job(cfg)))
+    job = inference_job(cfg)
+    return format_predictions(predict(job), written_to=job.predictions)
 
 
 def main(argv: list[str] | None = None) -> int:

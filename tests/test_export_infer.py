@@ -1,6 +1,8 @@
 """export.py (MINDIR round trip, dynamic batch, ONNX) and infer.py (top-5 names)."""
 from __future__ import annotations
 
+import csv
+import json
 import os
 
 import mindspore as ms
@@ -126,4 +128,24 @@ def test_infer_prints_top5_names_from_a_run(tmp_path, capsys):
     assert shown == {imagenet_lemmas()[c] for c in classes}
     assert sum(float(line.split("%")[0]) for line in lines[1:]) == pytest.approx(100, abs=0.1)
     assert infer_entry.main([f"--ckpt_path={run['run_dir']}", "--images", str(tmp_path / "none.jpg")]) == 2
-    assert "cannot read image" in capsys.readouterr().err
+    assert "no such image, folder or list file" in capsys.readouterr().err
+
+    # a folder (with an unreadable file, left out) and a list file, in batches, to CSV and JSON
+    folder = root / "val"
+    (folder / classes[1] / "broken.jpg").write_bytes(b"not a jpeg")
+    table, listing = tmp_path / "p.csv", tmp_path / "list.txt"
+    assert infer_entry.main([f"--ckpt_path={run['run_dir']}", "--images", str(folder), "--batch_size=3",
+                             "--top_k=2", f"--predictions={table}"]) == 0
+    printed = capsys.readouterr().out
+    assert "cannot read image" in printed and "broken.jpg" in printed  # logged, left out
+    assert printed.strip().endswith(f"wrote the top-2 classes of 16 images to {table}")
+    rows = list(csv.DictReader(table.open()))
+    assert len(rows) == 16 and list(rows[0]) == ["image", "class_1", "prob_1", "class_2", "prob_2"]
+    assert all("broken" not in row["image"] for row in rows)
+    listing.write_text(os.path.relpath(image, tmp_path) + "\n")
+    out = tmp_path / "p.json"
+    assert infer_entry.main([f"--ckpt_path={run['run_dir']}", "--images", str(listing), f"--predictions={out}"]) == 0
+    [alone] = json.loads(out.read_text())
+    in_batch = next(row for row in rows if row["image"] == image)  # batched like alone, to float rounding
+    assert alone["top"][0]["name"] == in_batch["class_1"]
+    assert alone["top"][0]["prob"] == pytest.approx(float(in_batch["prob_1"]), abs=1e-5)

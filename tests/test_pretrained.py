@@ -203,3 +203,26 @@ def test_weights_cache_flag_of_the_entry_points(server, tmp_path, monkeypatch, r
                                 f"--weights_cache={flag_cache}", "--image_size=32"]) == 0
     assert os.listdir(flag_cache) == [filename]
     assert "images 4" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_validate_scores_every_model_a_pattern_matches(server, cache, monkeypatch, resnet18_state, tmp_path, capsys):
+    """`validate.py --model='resnet[13][84]' --pretrained`: resnet18 and resnet34, one after the other;
+    resnet34's download fails its hash: resnet18's line is printed, then one error naming resnet34."""
+    import validate as validate_entry
+    from tests.helpers import write_imagenet_layout
+
+    www, base = server
+    _point_entry(monkeypatch, f"{base}/{_publish(www, resnet18_state)}")
+    (www / "resnet34-00000000.ckpt").write_bytes(b"not these weights")
+    _point_entry(monkeypatch, f"{base}/resnet34-00000000.ckpt", name="resnet34")
+    data = tmp_path / "imagenet"
+    write_imagenet_layout(str(data), per_class=3, size=36)
+    table = tmp_path / "results.csv"
+    args = ["--model=resnet[13][84]", "--pretrained", "--dataset=imagenet", f"--data_dir={data}", "--image_size=32",
+            "--crop_pct=1.0", "--num_parallel_workers=1", f"--results_csv={table}"]
+    assert validate_entry.main(args) == 2
+    captured = capsys.readouterr()
+    assert "resnet18: top-1" in captured.out
+    assert captured.err.startswith("validate.py: error: 1 of 2 models failed: resnet34 (sha256 of")
+    assert [row.split(",")[0] for row in table.read_text().splitlines()[1:]] == ["resnet18"]

@@ -10,7 +10,7 @@ import pytest
 import eval as eval_entry  # noqa: F401  (the module must import cleanly)
 import models
 import validate as validate_entry
-from config import inference_job, parse_config, train_job
+from config import ConfigError, inference_job, parse_config, train_job
 from resgarden.data.datasets import load_cifar10_split, load_imagenet_split, make_loader
 from resgarden.inference.accuracy import accumulate
 from resgarden.training.trainer import train
@@ -222,3 +222,17 @@ def test_the_data_a_run_trained_on_comes_from_its_classes():
              for classes in (DIGITS_CLASSES, CIFAR10_CLASSES, ["n01440764", "n01443537"])]
     assert kinds == ["digits", "cifar10", "imagenet"]
     assert trained_on(job, None) is None  # a fresh model: nothing to go by
+
+
+def test_a_model_pattern_takes_the_models_with_released_weights():
+    from resgarden.inference.validation import models_to_score
+
+    def job(*args):
+        return inference_job(parse_config(list(args)))
+
+    assert models_to_score(job("--model=res2net50")) == ["res2net50"]
+    assert models_to_score(job("--model=res2net50*", "--pretrained")) == ["res2net50", "res2net50_v1b"]
+    with pytest.raises(ConfigError, match="add --pretrained"):
+        models_to_score(job("--model=res2net50*"))
+    with pytest.raises(ConfigError, match=r"no model matching 'res2net50_\[24\]\*' has released weights"):
+        models_to_score(job("--model=res2net50_[24]*", "--pretrained"))

@@ -245,7 +245,9 @@ class InferenceJob:
     json_path: str | None = None  # validate: also write the metrics here
     real_labels: str | None = None  # validate: ImageNet-ReaL labels file (real.json)
     results_csv: str | None = None  # validate: append a row to this results table
-    images: tuple[str, ...] = ()  # infer: files to classify
+    images: tuple[str, ...] = ()  # infer: files, folders or list files to classify
+    top_k: int = 5  # infer: classes per image
+    predictions: str | None = None  # infer: write the predictions here (.json, else CSV)
     file_format: str = "MINDIR"  # export
     file_name: str | None = None
     dynamic_batch: bool = True  # export: the batch dimension left open (MINDIR, ONNX)

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 from typing import Any
 
+import models
 from resgarden.base.atomic import write_text
-from resgarden.base.errors import ConfigError
+from resgarden.base.errors import ConfigError, UserError
 from resgarden.base.specs import InferenceJob
 from resgarden.data.datasets import load_eval_split
 from resgarden.data.real_labels import read_real_labels
@@ -60,6 +62,49 @@ def validate(job: InferenceJob) -> dict[str, Any]:
         append_result(job.results_csv, dict(result, image_size=transform.image_size, crop_pct=transform.crop_pct,
                                              interpolation=transform.interpolation, param_count=model.param_count))
     return result
+
+
+PATTERN_CHARACTERS = "*?["
+
+
+def models_to_score(job: InferenceJob) -> list[str]:
+    """``--model`` as given, or the registered models its shell-style pattern matches (``'res2net*'``;
+    with ``--pretrained`` those with released weights), as timm's validate.py takes them."""
+    pattern = job.model.name
+    if not any(c in pattern for c in PATTERN_CHARACTERS):
+        return [pattern]
+    if not job.weights.pretrained:
+        raise ConfigError(f"--model={pattern!r} scores several models' released weights: add --pretrained")
+    names = models.list_models(pattern)
+    released = [n for n in names if (w := models.model_card(n).weights) is not None and w.url]
+    if not released:
+        raise ConfigError(f"no model matching {pattern!r} has released weights"
+                          + (f" ({', '.join(names)} have none)" if names else "; `python -m models --list` shows them"))
+    skipped = sorted(set(names) - set(released))
+    if skipped:
+        logger.info("no released weights, not scored: %s", ", ".join(skipped))
+    return released
+
+
+def validate_models(job: InferenceJob) -> tuple[list[dict[str, Any]], list[str]]:
+    """:func:`validate` for each of :func:`models_to_score`, logging each result as it comes; a model
+    that fails is logged and the others go on. Returns the results and the failures ("name (why)")."""
+    names = models_to_score(job)
+    if names == [job.model.name]:
+        return [validate(job)], []
+    results, failed = [], []
+    for index, name in enumerate(names, 1):
+        one = dataclasses.replace(job, model=dataclasses.replace(job.model, name=name), given=job.given | {"model"})
+        try:
+            results.append(validate(one))
+            line = format_result(results[-1])
+            if line:
+                logger.info("[%d/%d] %s", index, len(names), line)
+        except UserError as exc:
+            failed.append(f"{name} ({exc})")
+            logger.error("[%d/%d] %s: %s", index, len(names), name, exc)
+        gc.collect()  # the model and its compiled graphs before the next one
+    return results, failed
 
 
 def _index_named(classes: list[str]) -> bool:
