@@ -118,6 +118,7 @@ def load_weights(model: nn.Cell, source: str | Checkpoint | Mapping[str, object]
     if ema:
         report.notes.append("the run kept an EMA of its weights: using it")
     replaced = _fit_head(state, params, head, report.notes)
+    _fit_input_conv(state, params, report.notes)
     to_load: dict[str, ms.Parameter] = {}
     for name, value in state.items():
         if name not in params:
@@ -133,6 +134,31 @@ def load_weights(model: nn.Cell, source: str | Checkpoint | Mapping[str, object]
         raise WeightsError(f"weights from {origin} do not fit {type(model).__name__}:\n{report.table()}")
     ms.load_param_into_net(model, to_load, strict_load=False)
     return report
+
+
+INPUT_CONVS = ("conv1.weight", "conv1.0.weight")  # the stem's first convolution: 7x7, or the deep stem's 3x3
+
+
+def _fit_input_conv(state: dict[str, object], params: Mapping[str, ms.Parameter], notes: list[str]) -> None:
+    """RGB weights into a model of other input channels, in place, as timm's ``adapt_input_conv``
+    does: one channel takes the sum over R, G and B; N channels repeat R, G, B (cut to N) and scale
+    by 3 / N, which keeps the activations' scale (exact for 1 or a multiple of 3 channels holding
+    the same plane)."""
+    name = next((n for n in INPUT_CONVS if n in state and n in params), None)
+    if name is None:
+        return
+    weight = state[name]
+    weight = weight.asnumpy() if hasattr(weight, "asnumpy") else np.asarray(weight)
+    have, want = weight.shape[1], int(params[name].shape[1])
+    if have == want or have != 3 or weight.shape[0] != params[name].shape[0]:
+        return  # the shape check reports anything else
+    if want == 1:
+        adapted = weight.sum(axis=1, keepdims=True)
+    else:
+        adapted = np.tile(weight, (1, -(-want // 3), 1, 1))[:, :want] * (3.0 / want)
+    state[name] = adapted.astype(weight.dtype)
+    notes.append(f"the input convolution ({name}) adapted from 3 to {want} channels (summed RGB for 1; RGB "
+                 "repeated and scaled by 3/N otherwise, as timm's adapt_input_conv)")
 
 
 def _fit_head(state: dict[str, object], params: Mapping[str, ms.Parameter], head: str, notes: list[str]) -> bool:

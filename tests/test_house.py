@@ -163,3 +163,30 @@ def test_every_module_has_a_layer_in_the_import_contract():
                     entry.endswith(".py") or os.path.isdir(os.path.join(ROOT, folder, entry))):
                 continue
             assert f"{folder}.{stem}" in listed, f"{folder}/{entry} is in no layer of pyproject.toml's contract"
+
+
+@pytest.mark.parametrize("channels", [1, 6])
+def test_rgb_weights_load_into_other_input_channels(channels, caplog):
+    """As timm's adapt_input_conv: an image whose channels all hold the same plane gives the RGB model's
+    logits (1 channel: the RGB kernels summed; N: repeated and scaled by 3/N, exact for multiples of 3)."""
+    rgb = models.create_model("resnet18", num_classes=5)
+    state = {k: v.asnumpy() for k, v in rgb.parameters_dict().items()}
+    other = models.create_model("resnet18", num_classes=5, in_channels=channels)
+    report = load_weights(other, state)
+    assert any("adapted from 3 to" in note for note in report.notes)
+    plane = np.random.RandomState(0).rand(2, 1, 32, 32).astype(np.float32)
+    rgb.set_train(False)
+    other.set_train(False)
+    want = rgb(ms.Tensor(np.repeat(plane, 3, axis=1))).asnumpy()
+    got = other(ms.Tensor(np.repeat(plane, channels, axis=1))).asnumpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_four_channel_input_conv_is_timms_adaptation():
+    rgb = np.random.RandomState(1).randn(64, 3, 7, 7).astype(np.float32)
+    model = models.create_model("resnet18", num_classes=5, in_channels=4)
+    state = {k: v.asnumpy() for k, v in model.parameters_dict().items()}
+    state["conv1.weight"] = rgb
+    load_weights(model, state)
+    want = np.concatenate([rgb, rgb[:, :1]], axis=1) * 0.75  # timm: repeat(1, 2, 1, 1)[:, :4] * 3 / 4
+    np.testing.assert_allclose(model.conv1.weight.asnumpy(), want, rtol=1e-6)
