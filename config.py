@@ -60,6 +60,17 @@ def parse_bool(value: Any) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false/1/0), got {value!r}")
 
 
+def parse_weights(value: Any) -> bool | str:
+    """--pretrained: a boolean (the released MindSpore weights), or timm's by name ``timm:<model>.<tag>``
+    / a file ``timm:<path>.safetensors``."""
+    if isinstance(value, str) and value.strip().startswith("timm:") and len(value.strip()) > len("timm:"):
+        return value.strip()
+    try:
+        return parse_bool(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected true/false or timm:<model>.<tag>, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -128,7 +139,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("model", "resnet50", "registered model name (python -m models --list)"),
     S("num_classes", None, "classifier outputs (default: the number of classes in the data)", int),
     S("in_channels", 3, "input image channels", int),
-    S("pretrained", False, "start from the released ImageNet weights", parse_bool),
+    S("pretrained", False, "start from the released ImageNet weights (true), or timm's by name: "
+      "timm:<model>.<tag> from the Hugging Face cache or hub, timm:<file>.safetensors", parse_weights),
     S("weights_cache", None, "folder for downloaded weights (default: $RESGARDEN_CACHE or ~/.cache/resgarden)"),
     S("ckpt_path", None, "weights to start from / evaluate (file, or a run directory)",
       aliases=("checkpoint_file_path", "checkpoint_path")),
@@ -315,8 +327,8 @@ def build_parser(prog: str | None = None, description: str | None = None) -> arg
             if "_" in name:
                 flags.append(f"--{name.replace('_', '-')}")
         kwargs: dict[str, Any] = dict(dest=s.name, help=f"{s.help} (default: {s.default})")
-        if s.type is parse_bool:
-            kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
+        if s.type in (parse_bool, parse_weights):  # a bare flag means true
+            kwargs.update(type=s.type, nargs="?", const=True, metavar="BOOL" if s.type is parse_bool else "WEIGHTS")
         else:
             kwargs.update(type=s.type)
             if s.nargs:

@@ -18,7 +18,8 @@ from mindspore import nn
 from resgarden.base.specs import EvalTransform
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .pretrained import Pretrained, load_pretrained
+from .pretrained import Pretrained, cache_dir, load_pretrained
+from .timm_hub import is_timm_source, timm_checkpoint
 from .weights import WeightsInfo, build_settings, load_weights
 
 logger = logging.getLogger("resgarden")
@@ -99,7 +100,7 @@ def zoo_table(pattern: str = "*") -> str:
     return "\n".join(rows)
 
 
-def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, in_channels: int = 3,
+def create_model(name: str, pretrained: bool | str = False, num_classes: int = 1000, in_channels: int = 3,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  checkpoint_path: str | Checkpoint | None = None, head: str = "replace", **kwargs: Any) -> nn.Cell:
     """Build a registered model, optionally with weights; ``model.pretrained_cfg`` (a
@@ -107,7 +108,8 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, i
 
     Args:
         name: a name from :func:`list_models`.
-        pretrained: load the released ImageNet weights of ``name`` (downloaded and verified).
+        pretrained: load the released ImageNet weights of ``name`` (downloaded and verified), or
+            ``"timm:<model>.<tag>"`` / ``"timm:<file>.safetensors"``: timm's (:mod:`models.timm_hub`).
         num_classes: classifier outputs (0: no classifier, the model returns pooled features).
         in_channels: input image channels.
         drop_rate: dropout before the classifier.
@@ -124,6 +126,9 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, i
     if pretrained and checkpoint_path:
         raise ValueError("give either pretrained=True or checkpoint_path, not both")
     checkpoint = None
+    timm_source = pretrained if is_timm_source(pretrained) else None
+    if timm_source:
+        checkpoint_path, pretrained = timm_checkpoint(timm_source, name, card.timm, cache_dir()), False
     if checkpoint_path:
         checkpoint = open_checkpoint(checkpoint_path) if isinstance(checkpoint_path, str) else checkpoint_path
         kwargs = _built_like_source(name, checkpoint, kwargs)
@@ -141,6 +146,8 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, i
         level = logging.INFO if report.renamed or report.notes else logging.DEBUG
         logger.log(level, "%s: weights from %s: %s", name, checkpoint.path, report.table())
         info = WeightsInfo.of_checkpoint(checkpoint, info.eval_transform)
+        if timm_source:
+            info = dataclasses.replace(info, source=timm_source)
     model.pretrained_cfg = dataclasses.replace(info, build=tuple(sorted(build.items())))
     return model
 

@@ -79,3 +79,49 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("convert: error: unknown model 'resnet5'")
     assert main(["--model=resnet18", f"--src={tmp_path / 'x.safetensors'}", f"--out={tmp_path / 'o.ckpt'}"]) == 2
     assert "weights file not found" in capsys.readouterr().err
+
+
+def _hub_cache(root, repo: str, files: dict[str, bytes]) -> None:
+    """Hugging Face's cache layout: models--<org>--<name>/refs/main -> snapshots/<revision>/<file>."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(revision)
+    snapshot = folder / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+
+
+@pytest.mark.slow
+def test_timm_weights_by_name_from_the_hugging_face_cache(tmp_path, monkeypatch, caplog):
+    from huggingface_hub import constants
+
+    import config
+
+    hub, cache = tmp_path / "hub", tmp_path / "weights"
+    source = models.create_model("resnet18", pool_pad="pad")
+    weights = tmp_path / "model.safetensors"
+    save_file(_as_torch_layout(source), str(weights))
+    _hub_cache(hub, "timm/resnet18.a1_in1k", {"model.safetensors": weights.read_bytes()})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("RESGARDEN_CACHE", str(cache))
+    assert config.parse_config(["--pretrained=timm:resnet18.a1_in1k"]).pretrained == "timm:resnet18.a1_in1k"
+
+    model = models.create_model("resnet18", pretrained="timm:resnet18.a1_in1k")
+    assert model.pretrained_cfg.source == "timm:resnet18.a1_in1k" and dict(model.pretrained_cfg.build) == {"pool_pad": "pad"}
+    for key, param in source.parameters_dict().items():
+        np.testing.assert_array_equal(model.parameters_dict()[key].asnumpy(), param.asnumpy())
+    [converted] = os.listdir(cache / "timm")  # converted once, named by the source's hash
+    assert converted.startswith("resnet18-resnet18.a1_in1k-") and converted.endswith(".ckpt")
+    stamp = os.path.getmtime(cache / "timm" / converted)
+    models.create_model("resnet18", num_classes=7, pretrained="timm:resnet18.a1_in1k")  # fine-tuning: a new head
+    assert os.listdir(cache / "timm") == [converted] and os.path.getmtime(cache / "timm" / converted) == stamp
+
+    with pytest.raises(models.weights.WeightsError, match="weights of timm's resnet34; resnet18 is timm's resnet18"):
+        models.create_model("resnet18", pretrained="timm:resnet34.a1_in1k")
+    with pytest.raises(models.weights.WeightsError, match=r"timm/resnet18.tv_in1k are not in the Hugging Face cache"):
+        models.create_model("resnet18", pretrained="timm:resnet18.tv_in1k")  # offline, not cached
+    model = models.create_model("resnet18", pretrained=f"timm:{weights}")  # a file
+    np.testing.assert_array_equal(model.conv1.weight.asnumpy(), source.conv1.weight.asnumpy())

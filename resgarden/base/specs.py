@@ -126,7 +126,7 @@ class ModelSpec:
 class WeightsSpec:
     """Which weights: the released ones, or a checkpoint file or run folder."""
 
-    pretrained: bool = False
+    pretrained: bool | str = False  # True: the released MindSpore weights; "timm:<model>.<tag>": timm's
     ckpt_path: str | None = None
     fold_bn: bool = True  # inference: fold BatchNorm into the convolutions
 

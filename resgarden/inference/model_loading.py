@@ -24,7 +24,7 @@ def read_weights(job: InferenceJob) -> Checkpoint | None:
     None for ``--pretrained``. Exactly one of them must be given. Call after
     :func:`resgarden.runtime.context.set_context` (and, in a data-parallel job, ``init_cluster``): reading a
     checkpoint creates Parameters."""
-    if job.weights.pretrained == bool(job.weights.ckpt_path):
+    if bool(job.weights.pretrained) == bool(job.weights.ckpt_path):
         raise ConfigError("give exactly one of --pretrained or --ckpt_path (a file or a run folder)")
     return open_run_checkpoint(job.weights.ckpt_path) if job.weights.ckpt_path else None
 
