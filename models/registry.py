@@ -128,7 +128,8 @@ def create_model(name: str, pretrained: bool | str = False, num_classes: int = 1
     checkpoint = None
     timm_source = pretrained if is_timm_source(pretrained) else None
     if timm_source:
-        checkpoint_path, pretrained = timm_checkpoint(timm_source, name, card.timm, cache_dir()), False
+        checkpoint_path = timm_checkpoint(timm_source, name, card.timm, cache_dir(), card.build)
+        pretrained = False
     if checkpoint_path:
         checkpoint = open_checkpoint(checkpoint_path) if isinstance(checkpoint_path, str) else checkpoint_path
         kwargs = _built_like_source(name, checkpoint, kwargs)

@@ -4,7 +4,7 @@ e.g. ``timm:res2net50_14w_8s.in1k``, the only released weights of several of our
 The ``model.safetensors`` of the Hugging Face repository ``timm/<model>.<tag>`` comes from the local
 Hugging Face cache (``$HF_HOME``, ``$HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1`` is honoured), or from the hub
 when it can be reached; ``timm:/path/to/weights.safetensors`` names a file instead. The weights are
-converted once (:func:`models.convert.convert`, which records PyTorch-style pool padding) into
+converted once (:func:`models.torch_weights.save_converted`, which records PyTorch-style pool padding) into
 ``<weights cache>/timm/`` under the SHA-256 of the source file, and that checkpoint is loaded.
 """
 from __future__ import annotations
@@ -12,8 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from typing import Callable
+
+from mindspore import nn
 
 from .checkpoint import WeightsError
+from .torch_weights import TORCH_BUILD, read_torch_weights, save_converted, source_classes
 
 PREFIX = "timm:"
 FILENAME = "model.safetensors"
@@ -44,11 +48,10 @@ def _hub_file(repo: str) -> str:
                            f"and pass --pretrained=timm:/path/to/{FILENAME}") from None
 
 
-def timm_checkpoint(source: str, model: str, timm_name: str, cache: str) -> str:
+def timm_checkpoint(source: str, model: str, timm_name: str, cache: str, build: Callable[..., nn.Cell]) -> str:
     """The MindSpore checkpoint converted from ``source`` (``timm:<name>.<tag>`` or
-    ``timm:<file>.safetensors``) for our ``model`` (timm's ``timm_name``), cached under ``cache``."""
-    from .convert import convert
-
+    ``timm:<file>.safetensors``) for our ``model`` (timm's ``timm_name``; ``build`` makes it), cached
+    under ``cache``."""
     reference = source[len(PREFIX):]
     if reference.endswith(".safetensors"):
         if not os.path.isfile(reference):
@@ -64,5 +67,6 @@ def timm_checkpoint(source: str, model: str, timm_name: str, cache: str) -> str:
     out = os.path.join(cache, "timm", f"{model}-{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}-{digest}.ckpt")
     if not os.path.isfile(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        convert(model, path, out)
+        state = read_torch_weights(path)
+        save_converted(build(num_classes=source_classes(state), **TORCH_BUILD), model, state, out, path)
     return out
