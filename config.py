@@ -31,6 +31,7 @@ from resgarden.base.specs import (
     ClusterSpec,
     ContextSpec,
     DataSpec,
+    DistillSpec,
     EvalTransform,
     InferenceJob,
     LoaderSpec,
@@ -173,6 +174,12 @@ SETTINGS: tuple[Setting, ...] = (
     S("clip_grad", False, "clip the global gradient norm", parse_bool),
     S("clip_value", 15.0, "global gradient norm limit", float),
     S("gradient_accumulation_steps", 1, "apply the optimizer every N steps on the mean gradient", int),
+    S("teacher_model", None, "knowledge distillation: the teacher, a registered model (off when not given)"),
+    S("teacher_pretrained", False, "distillation: the teacher's released weights (true) or timm's "
+      "(timm:<model>.<tag>)", parse_weights),
+    S("teacher_ckpt", None, "distillation: the teacher's checkpoint (a file or a run folder)"),
+    S("kd_alpha", 0.5, "distillation: weight of the teacher's soft targets (1 - it: the labels')", float),
+    S("kd_temperature", 1.0, "distillation: softmax temperature of teacher and student", float),
     S("ema", False, "keep an exponential moving average of the weights; validate and export it", parse_bool),
     S("ema_decay", 0.9999, "EMA decay", float),
     # checkpoints and logging
@@ -272,6 +279,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "clip_value": _above(0.0), "gradient_accumulation_steps": _at_least(1), "ema_decay": _between(0.0, 1.0, True),
     "ckpt_save_interval": _at_least(1), "keep_checkpoint_max": _at_least(1), "val_interval": _at_least(1),
     "log_interval": _at_least(1), "last": _at_least(0), "best": _at_least(0), "top_k": _at_least(1),
+    "kd_alpha": _between(0.0, 1.0), "kd_temperature": _above(0.0),
 }
 
 
@@ -490,7 +498,9 @@ def train_job(c: argparse.Namespace) -> TrainJob:
                     save_interval=c.ckpt_save_interval, keep_checkpoints=c.keep_checkpoint_max,
                     save_policy=c.ckpt_save_policy, val_while_train=c.val_while_train, val_interval=c.val_interval,
                     log_interval=c.log_interval, tensorboard=c.tensorboard, sink_mode=c.dataset_sink_mode,
-                    config_yaml=config_yaml(c)))
+                    config_yaml=config_yaml(c)),
+        distill=DistillSpec(teacher_model=c.teacher_model, teacher_pretrained=c.teacher_pretrained,
+                            teacher_ckpt=c.teacher_ckpt, alpha=c.kd_alpha, temperature=c.kd_temperature))
 
 
 def inference_job(c: argparse.Namespace) -> InferenceJob:

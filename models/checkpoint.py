@@ -160,13 +160,16 @@ def open_checkpoint(path: str) -> Checkpoint:
 MANIFEST = "checkpoints.json"
 
 
+NOT_SAVED = ("teacher.",)  # parameters a training cell holds that are not the run's: a distillation teacher
+
+
 def save_atomic(cell: nn.Cell | list[dict[str, Any]], path: str, meta: dict[str, Any]) -> None:
     """Save ``cell``'s parameters (or a list of ``{"name", "data"}`` entries) and ``meta`` (as
-    ``meta.*`` entries) to ``path``, atomically."""
+    ``meta.*`` entries) to ``path``, atomically; a teacher's (:data:`NOT_SAVED`) are left out."""
     append = {META_PREFIX + k: (json.dumps(v) if not isinstance(v, (int, float)) or isinstance(v, bool) else v)
               for k, v in meta.items()}
     with atomic_path(path, suffix=".ckpt") as tmp:
-        ms.save_checkpoint(cell, tmp, append_dict=append)
+        ms.save_checkpoint(cell, tmp, append_dict=append, choice_func=lambda name: not name.startswith(NOT_SAVED))
 
 
 class CheckpointManager:
@@ -284,7 +287,7 @@ def load_training_state(train_cell: nn.Cell, checkpoint: Checkpoint) -> dict[str
     The learning-rate schedule is the one computed for this run (the same for an unchanged
     schedule; a longer ``--epoch_size`` extends it), logged when it differs from the checkpoint's."""
     state, path = checkpoint.state, checkpoint.path
-    everything = train_cell.parameters_dict()
+    everything = {n: p for n, p in train_cell.parameters_dict().items() if not n.startswith(NOT_SAVED)}
     params = {n: p for n, p in everything.items() if not is_lr_schedule(n)}
     own_schedule = {n: p for n, p in everything.items() if is_lr_schedule(n)}
     changed = [n for n, p in own_schedule.items() if n in state and (

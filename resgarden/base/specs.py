@@ -171,6 +171,17 @@ class StepSpec:
 
 
 @dataclass(frozen=True)
+class DistillSpec:
+    """Knowledge distillation from a frozen teacher (resgarden.training.distill); off without one."""
+
+    teacher_model: str | None = None
+    teacher_pretrained: bool | str = False  # the released weights, or "timm:<model>.<tag>"
+    teacher_ckpt: str | None = None
+    alpha: float = 0.5  # weight of the teacher's soft targets
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
 class ContextSpec:
     """MindSpore's process context."""
 
@@ -228,6 +239,7 @@ class TrainJob:
     optim: OptimSpec
     step: StepSpec
     run: RunSpec
+    distill: DistillSpec = field(default_factory=DistillSpec)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,8 @@ class TrainStep(nn.Cell):
         accumulation_steps: apply the optimizer every N calls on the mean gradient.
         ema_decay: keep an EMA of all weights and BN statistics (0: off), warmed up as
             ``min(decay, (1 + t) / (10 + t))``.
+        ema_of: the Cell whose parameters the EMA covers (default ``network``'s; with distillation the
+            student alone).
 
     In a data-parallel context (``parallel_mode=data_parallel``) every micro-step's gradients and
     the returned loss are averaged over the ranks, so all state above stays identical on every rank.
@@ -72,7 +74,7 @@ class TrainStep(nn.Cell):
 
     def __init__(self, network: nn.Cell, optimizer: nn.Optimizer, loss_scale: float = 1.0,
                  dynamic_loss_scale: bool = False, scale_window: int = 2000, clip_norm: float = 0.0,
-                 accumulation_steps: int = 1, ema_decay: float = 0.0) -> None:
+                 accumulation_steps: int = 1, ema_decay: float = 0.0, ema_of: nn.Cell | None = None) -> None:
         super().__init__(auto_prefix=False)
         self.network = network
         self.network.set_grad()
@@ -98,7 +100,7 @@ class TrainStep(nn.Cell):
             self.all_reduce = ops.AllReduce()  # sums: the loss, and the ranks' overflow verdicts
         self.ema_decay = ema_decay
         if ema_decay > 0:
-            self.model_params = ParameterTuple(list(network.get_parameters()))
+            self.model_params = ParameterTuple(list((ema_of or network).get_parameters()))
             self.ema_params = self.model_params.clone(prefix="ema", init="same")
             self.ema_updates = Parameter(Tensor(0.0, ms.float32), name="ema_updates", requires_grad=False)
 

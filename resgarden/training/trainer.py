@@ -48,6 +48,7 @@ from resgarden.runtime.distributed import (
 )
 from resgarden.training.amp import Float32Loss, apply_amp
 from resgarden.training.board import Board
+from resgarden.training.distill import DistillationLoss, build_teacher
 from resgarden.training.optim import create_optimizer, freeze_backbone, lr_per_step
 from resgarden.training.plot import plot_metrics
 from resgarden.training.steps import SinkSteps, batch_steps, sink_size_for, use_sink_mode
@@ -220,11 +221,16 @@ def _build_train_cell(run: Run) -> None:
     if job.optim.freeze_backbone:
         logger.info("frozen backbone: %d parameters fixed, training the classifier only", freeze_backbone(run.model))
     optimizer = create_optimizer(run.model, job.optim, run.lrs)
-    network = nn.WithLossCell(apply_amp(run.model, job.step.amp_level), Float32Loss(loss_fn))
+    student = apply_amp(run.model, job.step.amp_level)
+    if job.distill.teacher_model:
+        teacher = build_teacher(job.distill, run.num_classes, job.step.amp_level)
+        network = DistillationLoss(student, teacher, loss_fn, job.distill.alpha, job.distill.temperature)
+    else:
+        network = nn.WithLossCell(student, Float32Loss(loss_fn))
     step = job.step
     run.train_cell = TrainStep(network, optimizer, loss_scale=step.loss_scale,
                                dynamic_loss_scale=step.dynamic_loss_scale, clip_norm=step.clip_norm,
-                               accumulation_steps=step.accumulation, ema_decay=step.ema_decay)
+                               accumulation_steps=step.accumulation, ema_decay=step.ema_decay, ema_of=run.model)
     run.train_cell.set_train(True)
     if step.ema_decay > 0:  # computes as the trained model does (its padding)
         run.ema_model = models.create_model(job.model.name, num_classes=run.num_classes,
