@@ -33,7 +33,8 @@ class Bottle2neck(ResidualBlock):
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1,
                  down_sample: nn.Cell | None = None, drop_path: float = 0.0,
-                 groups: int = 1, base_width: int = 26, scale: int = 4, pool_pad: str = "pad") -> None:
+                 groups: int = 1, base_width: int = 26, scale: int = 4, pool_pad: str = "pad", dilation: int = 1,
+                 first_dilation: int | None = None) -> None:
         super().__init__(down_sample, drop_path)
         if scale < 2:
             raise ValueError(f"Res2Net scale must be >= 2, got {scale}")
@@ -44,7 +45,8 @@ class Bottle2neck(ResidualBlock):
         self.is_stage = stride > 1 or down_sample is not None
         self.conv1 = conv2d(in_channels, width * scale, 1)
         self.bn1 = BatchNorm2d(width * scale)
-        self.convs = nn.CellList([conv2d(width, width, 3, stride, groups=groups) for _ in range(self.num_convs)])
+        self.convs = nn.CellList([conv2d(width, width, 3, stride, groups=groups, dilation=first_dilation or dilation)
+                                  for _ in range(self.num_convs)])
         self.bns = nn.CellList([BatchNorm2d(width) for _ in range(self.num_convs)])
         self.pool = pool3x3("avg", stride, pool_pad) if self.is_stage else None
         self.conv3 = conv2d(width * scale, planes * self.expansion, 1)

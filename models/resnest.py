@@ -22,13 +22,13 @@ class SplitAttn(nn.Cell):
     axis, computed from their pooled sum (ResNeSt, Zhang et al. 2020)."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1,
-                 radix: int = 2, rd_ratio: float = 0.25, rd_divisor: int = 8) -> None:
+                 radix: int = 2, rd_ratio: float = 0.25, rd_divisor: int = 8, dilation: int = 1) -> None:
         super().__init__()
         self.radix = radix
         self.groups = groups
         mid_channels = out_channels * radix
         attn_channels = make_divisible(in_channels * radix * rd_ratio, rd_divisor, min_value=32)
-        self.conv = conv2d(in_channels, mid_channels, 3, stride, groups=groups * radix)
+        self.conv = conv2d(in_channels, mid_channels, 3, stride, groups=groups * radix, dilation=dilation)
         self.bn0 = BatchNorm2d(mid_channels)
         self.pool = GlobalAvgPool(keep_dims=True)
         self.radix_reduce = RadixReduce(radix) if radix > 1 else None
@@ -65,7 +65,8 @@ class ResNestBottleneck(ResidualBlock):
     def __init__(self, in_channels: int, planes: int, stride: int = 1,
                  down_sample: nn.Cell | None = None, drop_path: float = 0.0,
                  radix: int = 2, cardinality: int = 1, base_width: int = 64, avd: bool = True,
-                 avd_first: bool = False, pool_pad: str = "same") -> None:
+                 avd_first: bool = False, pool_pad: str = "same", dilation: int = 1,
+                 first_dilation: int | None = None) -> None:
         super().__init__(down_sample, drop_path)
         group_width = int(planes * (base_width / 64.0)) * cardinality
         avd_stride = stride if avd and stride > 1 else 0
@@ -73,7 +74,8 @@ class ResNestBottleneck(ResidualBlock):
         self.avd_first = avd_first
         self.conv1 = conv2d(in_channels, group_width, 1)
         self.bn1 = BatchNorm2d(group_width)
-        self.conv2 = SplitAttn(group_width, group_width, conv_stride, groups=cardinality, radix=radix)
+        self.conv2 = SplitAttn(group_width, group_width, conv_stride, groups=cardinality, radix=radix,
+                               dilation=first_dilation or dilation)
         self.avd_layer = pool3x3("avg", avd_stride, pool_pad) if avd_stride else None
         self.conv3 = conv2d(group_width, planes * self.expansion, 1)
         self.bn3 = BatchNorm2d(planes * self.expansion)

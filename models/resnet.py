@@ -11,7 +11,7 @@ import time
 from typing import Any, Sequence
 
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from .batchnorm import BatchNorm2d
 from .blocked import blocked_width, layout_ops
@@ -42,11 +42,12 @@ class BasicBlock(ResidualBlock):
     blocked_layout = "all"
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1,
-                 down_sample: nn.Cell | None = None, drop_path: float = 0.0) -> None:
+                 down_sample: nn.Cell | None = None, drop_path: float = 0.0, dilation: int = 1,
+                 first_dilation: int | None = None) -> None:
         super().__init__(down_sample, drop_path)
-        self.conv1 = conv2d(in_channels, planes, 3, stride)
+        self.conv1 = conv2d(in_channels, planes, 3, stride, dilation=first_dilation or dilation)
         self.bn1 = BatchNorm2d(planes)
-        self.conv2 = conv2d(planes, planes, 3)
+        self.conv2 = conv2d(planes, planes, 3, dilation=dilation)
         self.bn2 = BatchNorm2d(planes)
 
     def construct(self, x: Tensor) -> Tensor:
@@ -64,12 +65,12 @@ class Bottleneck(ResidualBlock):
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1,
                  down_sample: nn.Cell | None = None, drop_path: float = 0.0,
-                 groups: int = 1, base_width: int = 64) -> None:
+                 groups: int = 1, base_width: int = 64, dilation: int = 1, first_dilation: int | None = None) -> None:
         super().__init__(down_sample, drop_path)
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = conv2d(in_channels, width, 1)
         self.bn1 = BatchNorm2d(width)
-        self.conv2 = conv2d(width, width, 3, stride, groups=groups)
+        self.conv2 = conv2d(width, width, 3, stride, groups=groups, dilation=first_dilation or dilation)
         self.bn2 = BatchNorm2d(width)
         self.conv3 = conv2d(width, planes * self.expansion, 1)
         self.bn3 = BatchNorm2d(planes * self.expansion)
@@ -81,11 +82,16 @@ class Bottleneck(ResidualBlock):
         return self.merge(self.conv3, self.bn3, out, shortcut)
 
 
-def make_shortcut(in_channels: int, out_channels: int, stride: int, avg_down: bool) -> ConvBnSequence:
-    """Projection shortcut: strided 1x1 conv + BN, or (ResNet-D) avg-pool, 1x1 conv, BN."""
+def make_shortcut(in_channels: int, out_channels: int, stride: int, avg_down: bool,
+                  dilation: int = 1) -> ConvBnSequence:
+    """Projection shortcut: strided 1x1 conv + BN, or (ResNet-D) avg-pool, 1x1 conv, BN; in a dilated
+    stage (``dilation`` > 1, stride 1) timm's 2x2 stride-1 pool with zeros past the bottom/right edge."""
     if not avg_down:
         return ConvBnSequence([conv2d(in_channels, out_channels, 1, stride), BatchNorm2d(out_channels)])
-    pool = nn.AvgPool2d(kernel_size=stride, stride=stride, pad_mode="same") if stride > 1 else nn.Identity()
+    if dilation > 1 and stride == 1:
+        pool = AvgPool2x2Same()
+    else:
+        pool = nn.AvgPool2d(kernel_size=stride, stride=stride, pad_mode="same") if stride > 1 else nn.Identity()
     if stride > 1 and native_conv_available():
         pool = AvgPool(stride, stride, "same", pool)
     return ConvBnSequence([pool, conv2d(in_channels, out_channels, 1), BatchNorm2d(out_channels)])
@@ -101,6 +107,25 @@ def make_stem(in_channels: int, deep_stem: bool, stem_width: int) -> tuple[nn.Ce
         conv2d(stem_width, stem_width * 2, 3),
     ])
     return stem, stem_width * 2
+
+
+class AvgPool2x2Same(nn.Cell):
+    """timm's ``AvgPool2dSame(2, 1)`` of dilated avg-pool shortcuts: one row and column of zeros past
+    the bottom / right edge (by concatenation, see :func:`models.layers.pool3x3`), counted, then a
+    2x2 average at stride 1: (N, C, H, W) -> (N, C, H, W)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=1)
+
+    def construct(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        x = ops.concat((x, ops.zeros((n, c, 1, w), x.dtype)), axis=2)
+        x = ops.concat((x, ops.zeros((n, c, h + 1, 1), x.dtype)), axis=3)
+        return self.pool(x)
+
+
+OUTPUT_STRIDES = (8, 16, 32)
 
 
 class ResNet(nn.Cell):
@@ -130,6 +155,9 @@ class ResNet(nn.Cell):
             (strides 4, 8, 16, 32).
         frozen_stages: -1 nothing fixed; 0 the stem; k the stem and stages 1..k: their parameters
             are not trained and their BatchNorms keep normalising with the running statistics.
+        output_stride: 32, or 16 / 8 for dense features (segmentation): the last stage (16) or the
+            last two (8) keep their input's resolution and dilate their 3x3 convolutions instead,
+            as timm's ``output_stride``; the same parameters, so ImageNet weights load.
         zero_init_last: start every block's last BN at gamma=0.
 
     ``feature_info`` (:class:`models.features.FeatureInfo`) describes the maps ``construct``
@@ -141,13 +169,15 @@ class ResNet(nn.Cell):
                  stem_width: int = 64, avg_down: bool = False, pool_pad: str = "same",
                  block_args: dict[str, Any] | None = None, features_only: bool = False,
                  zero_init_last: bool = False, conv_pad: str = "pad", out_indices: Sequence[int] = (0, 1, 2, 3, 4),
-                 frozen_stages: int = -1) -> None:
+                 frozen_stages: int = -1, output_stride: int = 32) -> None:
         super().__init__()
+        if output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
         out_indices = check_out_indices(out_indices)
         frozen_stages = check_frozen_stages(frozen_stages)
         with conv_padding(conv_pad):
             self._build(block, layers, num_classes, in_channels, drop_path_rate, deep_stem, stem_width, avg_down,
-                        pool_pad, block_args)
+                        pool_pad, block_args, output_stride)
         self.dropout = nn.Dropout(p=drop_rate) if drop_rate > 0 else None
         init_weights(self, zero_init_last)
         self.features_only = features_only
@@ -188,7 +218,7 @@ class ResNet(nn.Cell):
 
     def _build(self, block: type, layers: Sequence[int], num_classes: int, in_channels: int, drop_path_rate: float,
                deep_stem: bool, stem_width: int, avg_down: bool, pool_pad: str,
-               block_args: dict[str, Any] | None) -> None:
+               block_args: dict[str, Any] | None, output_stride: int = 32) -> None:
         """Stem, stages and head (see the class docstring for the arguments)."""
         if len(layers) != 4:
             raise ValueError(f"ResNet needs 4 stages, got layers={list(layers)}")
@@ -204,20 +234,26 @@ class ResNet(nn.Cell):
         self.max_pool = pool3x3("max", 2, pool_pad)
         maps = [FeatureMap(num_chs=width, reduction=2, module="relu")]
         total_blocks, block_index = sum(layers), 0
+        net_stride, dilation = 4, 1
         for stage, (planes, num_blocks) in enumerate(zip(STAGE_PLANES, layers)):
-            stride = 1 if stage == 0 else 2
+            stride, previous_dilation = 1 if stage == 0 else 2, dilation
+            if net_stride >= output_stride:  # dense: keep the resolution, dilate instead
+                dilation, stride = dilation * stride, 1
+            net_stride *= stride
             out_width = planes * block.expansion
             blocks = []
             for i in range(num_blocks):
                 down_sample = None
                 if i == 0 and (stride != 1 or width != out_width):
-                    down_sample = make_shortcut(width, out_width, stride, avg_down)
+                    down_sample = make_shortcut(width, out_width, stride, avg_down, dilation)
                 drop_path = drop_path_rate * block_index / max(total_blocks - 1, 1)
+                dilations = dict(dilation=dilation, first_dilation=previous_dilation if i == 0 else dilation) \
+                    if dilation > 1 else {}
                 blocks.append(block(width, planes, stride if i == 0 else 1, down_sample=down_sample,
-                                    drop_path=drop_path, **block_args))
+                                    drop_path=drop_path, **dilations, **block_args))
                 width, block_index = out_width, block_index + 1
             setattr(self, f"layer{stage + 1}", nn.SequentialCell(blocks))
-            maps.append(FeatureMap(num_chs=width, reduction=4 * 2 ** stage, module=f"layer{stage + 1}"))
+            maps.append(FeatureMap(num_chs=width, reduction=net_stride, module=f"layer{stage + 1}"))
         self.feature_info = FeatureInfo(maps)
         self.num_features = width
         self.unused_weights: tuple[str, ...] = ()

@@ -123,3 +123,17 @@ def test_train_py_frozen_stages(tmp_path, caplog):
             np.testing.assert_array_equal(after[key], before[key], err_msg=key)
     assert not np.array_equal(after["layer2.0.conv1.weight"], before["layer2.0.conv1.weight"])
     assert not np.array_equal(after["layer2.0.bn1.moving_mean"], before["layer2.0.bn1.moving_mean"])
+
+
+@pytest.mark.parametrize("output_stride, reductions", [(16, [2, 4, 8, 16, 16]), (8, [2, 4, 8, 8, 8])])
+def test_output_stride_keeps_the_weights_and_reports_the_reductions(pynative_mode, output_stride, reductions):
+    dense = models.create_model("resnet18", features_only=True, output_stride=output_stride)
+    assert dense.feature_info.reduction() == reductions
+    plain = models.create_model("resnet18")
+    assert {k: tuple(v.shape) for k, v in dense.parameters_dict().items()} == \
+        {k: tuple(v.shape) for k, v in plain.parameters_dict().items() if not k.startswith("classifier.")}
+    dense.set_train(False)
+    maps = dense(ms.Tensor(np.zeros((1, 3, 64, 64), np.float32)))
+    assert [m.shape[2] for m in maps] == [64 // r for r in reductions]
+    with pytest.raises(ValueError, match="output_stride must be one of"):
+        models.create_model("resnet18", output_stride=4)

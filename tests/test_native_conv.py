@@ -21,6 +21,7 @@ GEOMETRIES = {  # in, out, kernel, stride, padding, dilation, groups, bias
     "1x1 stride 2": (8, 16, 1, 2, 0, 1, 1, False),
     "7x7 stem": (3, 16, 7, 2, 3, 1, 1, False),
     "dilated": (8, 16, 3, 1, 2, 2, 1, False),
+    "dilated 4, grouped (output_stride=8)": (32, 64, 3, 1, 4, 4, 2, False),
     "grouped": (16, 32, 3, 2, 1, 1, 4, False),
     "4 channels per group": (16, 16, 3, 1, 1, 1, 4, False),  # gradients in NHWC (ResNeXt 32x4d's first stage)
     "odd channels": (13, 26, 3, 1, 1, 1, 1, False),

@@ -61,12 +61,27 @@ def _close(got: np.ndarray, want: np.ndarray) -> float:
 @pytest.mark.parametrize("name", models.list_models())
 @pytest.mark.slow
 def test_converted_timm_weights_give_timm_logits_and_maps(timm_server, tmp_path, pynative_mode, name):
-    folder = timm_server(models.model_card(name).timm)
+    _same_as_timm(timm_server, tmp_path, name)
+
+
+# one model per block construct (the avg-pool shortcut, Res2Net's stage pool, split attention); 8
+# dilates the last two stages (dilations 2 and 4, the first block of each at the previous one's)
+@pytest.mark.parametrize("name, output_stride", [("resnet18", 8), ("resnet50d", 16), ("resnet50d", 8),
+                                                 ("resnext50_32x4d", 8), ("res2net50", 8), ("res2net50_v1b", 16),
+                                                 ("resnest50", 8)])
+@pytest.mark.slow
+def test_dilated_trunks_give_timms_output_stride(timm_server, tmp_path, pynative_mode, name, output_stride):
+    _same_as_timm(timm_server, tmp_path, name, output_stride)
+
+
+def _same_as_timm(timm_server, tmp_path, name: str, output_stride: int = 32) -> None:
+    """Random timm weights converted to ours give timm's logits and feature maps."""
+    folder = timm_server(models.model_card(name).timm + (f"@{output_stride}" if output_stride != 32 else ""))
     ckpt = str(tmp_path / "w.ckpt")
     convert(name, str(folder / "weights.safetensors"), ckpt)
     os.remove(folder / "weights.safetensors")  # the largest are a few hundred MB: keep the disk free
     images = ms.Tensor(np.load(folder / "images.npy"))
-    model = models.create_model(name, pool_pad="pad", checkpoint_path=ckpt)
+    model = models.create_model(name, pool_pad="pad", checkpoint_path=ckpt, output_stride=output_stride)
     model.set_train(False)
     assert _close(model(images).asnumpy(), np.load(folder / "logits.npy")) < TOLERANCE
     theirs = np.load(folder / "features.npz")

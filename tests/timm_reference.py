@@ -5,7 +5,8 @@ maps of its ``features_only`` form with the same weights, for tests/test_timm_pa
     python tests/timm_reference.py <out dir> <timm name> [<timm name> ...]
     python tests/timm_reference.py <out dir> --serve     (one name per input line, answers its folder)
 
-writes <out dir>/<timm name>/{weights.safetensors, images.npy, logits.npy, features.npz}. Serving
+writes <out dir>/<timm name>/{weights.safetensors, images.npy, logits.npy, features.npz}. A name
+``<timm name>@<n>`` builds the model with ``output_stride=n``. Serving
 keeps one torch process for many models while the caller removes each folder after use (the
 largest weights are a few hundred MB).
 """
@@ -18,9 +19,11 @@ import torch
 from safetensors.torch import save_file
 
 
-def reference(name: str, out: str) -> str:
+def reference(spec: str, out: str) -> str:
+    name, _, stride = spec.partition("@")
+    options = dict(output_stride=int(stride)) if stride else {}
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False)
+    model = timm.create_model(name, pretrained=False, **options)
     generator = np.random.RandomState(1)
     with torch.no_grad():
         for module in model.modules():
@@ -32,14 +35,14 @@ def reference(name: str, out: str) -> str:
                 module.running_var.copy_(torch.from_numpy(generator.uniform(0.5, 1.5, size).astype(np.float32)))
     model.eval()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    features = timm.create_model(name, pretrained=False, features_only=True)
+    features = timm.create_model(name, pretrained=False, features_only=True, **options)
     features.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
     features.eval()
     images = np.random.RandomState(2).randn(2, 3, 96, 96).astype(np.float32)
     with torch.no_grad():
         logits = model(torch.from_numpy(images)).numpy()
         maps = [m.numpy() for m in features(torch.from_numpy(images))]
-    folder = os.path.join(out, name)
+    folder = os.path.join(out, spec)
     os.makedirs(folder, exist_ok=True)
     save_file(state, os.path.join(folder, "weights.safetensors"))
     np.save(os.path.join(folder, "images.npy"), images)
