@@ -101,7 +101,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     checkpoint.save_atomic(net, str(target), dict(epoch=0))
     before = target.read_bytes()
 
-    def crash(cell, path, append_dict=None):
+    def crash(cell, path, append_dict=None, choice_func=None):
         open(path, "wb").write(b"partial")
         raise KeyboardInterrupt
 
