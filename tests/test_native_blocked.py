@@ -225,13 +225,19 @@ def test_training_step_matches_nchw_trunk(pynative_mode):
     # the native NCHW ones then differ by a few % in some gradients, whatever the layout). Seed 13:
     # the two computations' rounding flips no ReLU of this net (with most inputs it flips one,
     # moving some gradients by 1-10 %), with AVX-512 and under the AVX2 cap.
+    _trunk_steps_agree(lambda: ResNet(Bottleneck, (2, 1, 1, 1), num_classes=10), batch=4, size=96)
+
+
+def _trunk_steps_agree(build, batch: int, size: int) -> None:
+    """A training step of the trunk ``build`` makes, on blocked activations and in NCHW: the same
+    loss, gradients and running statistics (same weights: seeded)."""
     rng = np.random.RandomState(13)
-    x = ms.Tensor(rng.randn(4, 3, 96, 96).astype(np.float32))
-    labels = ms.Tensor(rng.randint(0, 10, 4).astype(np.int32))
+    x = ms.Tensor(rng.randn(batch, 3, size, size).astype(np.float32))
+    labels = ms.Tensor(rng.randint(0, 10, batch).astype(np.int32))
     results = []
     for blocked in (True, False):
         ms.set_seed(0)
-        net = ResNet(Bottleneck, (2, 1, 1, 1), num_classes=10)
+        net = build()
         assert net.blocked
         net.blocked = blocked
         results.append(step_results(net, x, labels))
@@ -245,17 +251,8 @@ def test_dilated_training_step_matches_nchw_trunk(pynative_mode, block, block_ar
     """output_stride=8: dilated 3x3 convolutions (2 and 4) on the native kernels, the dilated avg-pool
     shortcut and Res2Net's stride-1 stage pool, blocked against NCHW (ResNeSt's dilated split
     attention: test_residual_blocks_match_nchw; its whole random trunk is too ill-conditioned here)."""
-    rng = np.random.RandomState(13)
-    x = ms.Tensor(rng.randn(2, 3, 64, 64).astype(np.float32))
-    labels = ms.Tensor(rng.randint(0, 10, 2).astype(np.int32))
-    results = []
-    for blocked in (True, False):
-        ms.set_seed(0)
-        net = ResNet(block, (1, 1, 1, 1), num_classes=10, avg_down=True, output_stride=8, block_args=block_args)
-        assert net.blocked
-        net.blocked = blocked
-        results.append(step_results(net, x, labels))
-    assert_same_step(*results)
+    _trunk_steps_agree(lambda: ResNet(block, (1, 1, 1, 1), num_classes=10, avg_down=True, output_stride=8,
+                                      block_args=block_args), batch=2, size=64)
 
 
 def test_feature_maps_are_nchw(pynative_mode):
