@@ -140,3 +140,14 @@ def test_every_python_block_compiles(page):
     with open(os.path.join(ROOT, page), encoding="utf-8") as handle:
         for block in _blocks(handle.read(), "python"):
             compile(block, page, "exec")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_file_the_pages_name_exists(page):
+    with open(os.path.join(ROOT, page), encoding="utf-8") as handle:
+        named = set(re.findall(r"\b((?:resgarden|models|tests|configs|docs)/[\w./-]+\.(?:py|cc|h|yaml|md|tsv))\b",
+                               handle.read()))
+    base = ROOT if page == "README.md" or page.startswith("docs") else os.path.join(ROOT, os.path.dirname(page))
+    missing = sorted(p for p in named if not os.path.exists(os.path.join(ROOT, p))
+                     and not os.path.exists(os.path.join(base, p)))
+    assert not missing, f"{page} names files that do not exist: {missing}"
