@@ -174,6 +174,10 @@ SETTINGS: tuple[Setting, ...] = (
     S("clip_grad", False, "clip the global gradient norm", parse_bool),
     S("clip_value", 15.0, "global gradient norm limit", float),
     S("gradient_accumulation_steps", 1, "apply the optimizer every N steps on the mean gradient", int),
+    S("bce_loss", False, "binary cross-entropy over the classes instead of softmax cross-entropy (the ResNet-strikes-"
+      "back recipes, timm's --bce-loss); --label_smoothing smooths its one-hot targets", parse_bool),
+    S("bce_target_thresh", None, "with --bce_loss: targets above this become 1, the others 0 (timm's "
+      "--bce-target-thresh)", float),
     S("teacher_model", None, "knowledge distillation: the teacher, a registered model (off when not given)"),
     S("teacher_pretrained", False, "distillation: the teacher's released weights (true) or timm's "
       "(timm:<model>.<tag>)", parse_weights),
@@ -279,7 +283,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "clip_value": _above(0.0), "gradient_accumulation_steps": _at_least(1), "ema_decay": _between(0.0, 1.0, True),
     "ckpt_save_interval": _at_least(1), "keep_checkpoint_max": _at_least(1), "val_interval": _at_least(1),
     "log_interval": _at_least(1), "last": _at_least(0), "best": _at_least(0), "top_k": _at_least(1),
-    "kd_alpha": _between(0.0, 1.0), "kd_temperature": _above(0.0),
+    "kd_alpha": _between(0.0, 1.0), "kd_temperature": _above(0.0), "bce_target_thresh": _between(0.0, 1.0),
 }
 
 
@@ -490,7 +494,8 @@ def train_job(c: argparse.Namespace) -> TrainJob:
         optim=OptimSpec(opt=c.opt, momentum=c.momentum, weight_decay=c.weight_decay,
                         filter_bias_and_bn=c.filter_bias_and_bn, backbone_lr_scale=c.backbone_lr_scale,
                         freeze_backbone=c.freeze_backbone),
-        step=StepSpec(label_smoothing=c.label_smoothing, amp_level=c.amp_level, loss_scale=c.loss_scale,
+        step=StepSpec(label_smoothing=c.label_smoothing, bce_loss=c.bce_loss, bce_target_thresh=c.bce_target_thresh,
+                      amp_level=c.amp_level, loss_scale=c.loss_scale,
                       dynamic_loss_scale=c.loss_scale_type == "dynamic",
                       clip_norm=c.clip_value if c.clip_grad else 0.0,
                       accumulation=max(1, c.gradient_accumulation_steps), ema_decay=c.ema_decay if c.ema else 0.0),

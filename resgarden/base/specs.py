@@ -162,6 +162,8 @@ class StepSpec:
     """One training step: loss, mixed precision, loss scale, clipping, accumulation, EMA."""
 
     label_smoothing: float = 0.0
+    bce_loss: bool = False  # binary cross-entropy over the classes (resgarden.training.losses)
+    bce_target_thresh: float | None = None
     amp_level: str = "O0"
     loss_scale: float = 1.0
     dynamic_loss_scale: bool = False

@@ -49,6 +49,7 @@ from resgarden.runtime.distributed import (
 from resgarden.training.amp import Float32Loss, apply_amp
 from resgarden.training.board import Board
 from resgarden.training.distill import DistillationLoss, build_teacher
+from resgarden.training.losses import BinaryCrossEntropy
 from resgarden.training.optim import create_optimizer, freeze_backbone, lr_per_step
 from resgarden.training.plot import plot_metrics
 from resgarden.training.steps import SinkSteps, batch_steps, sink_size_for, use_sink_mode
@@ -211,7 +212,11 @@ def _build_train_cell(run: Run) -> None:
     job = run.job
     run.lrs = lr_per_step(job.schedule, run.steps_per_epoch / job.step.accumulation)
     # with mixup/cutmix the targets arrive smoothed already
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.0 if run.loader.mixing.enabled else job.step.label_smoothing)
+    smoothing = 0.0 if run.loader.mixing.enabled else job.step.label_smoothing
+    if job.step.bce_loss:
+        loss_fn = BinaryCrossEntropy(smoothing, job.step.bce_target_thresh, soft_targets=run.loader.mixing.enabled)
+    else:
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=smoothing)
     if job.model.frozen_stages >= 0:
         fixed = sum(1 for p in run.model.get_parameters()
                     if not p.requires_grad and not p.name.endswith(("moving_mean", "moving_variance")))
