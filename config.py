@@ -174,6 +174,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("clip_grad", False, "clip the global gradient norm", parse_bool),
     S("clip_value", 15.0, "global gradient norm limit", float),
     S("gradient_accumulation_steps", 1, "apply the optimizer every N steps on the mean gradient", int),
+    S("aug_repeats", 0, "repeated augmentation: each training image this many times per epoch, its copies on "
+      "different ranks, the epoch about as long (the RSB recipes use 3; timm's --aug-repeats); 0 or 1: off", int),
     S("bce_loss", False, "binary cross-entropy over the classes instead of softmax cross-entropy (the ResNet-strikes-"
       "back recipes, timm's --bce-loss); --label_smoothing smooths its one-hot targets", parse_bool),
     S("bce_target_thresh", None, "with --bce_loss: targets above this become 1, the others 0 (timm's "
@@ -283,7 +285,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "clip_value": _above(0.0), "gradient_accumulation_steps": _at_least(1), "ema_decay": _between(0.0, 1.0, True),
     "ckpt_save_interval": _at_least(1), "keep_checkpoint_max": _at_least(1), "val_interval": _at_least(1),
     "log_interval": _at_least(1), "last": _at_least(0), "best": _at_least(0), "top_k": _at_least(1),
-    "kd_alpha": _between(0.0, 1.0), "kd_temperature": _above(0.0), "bce_target_thresh": _between(0.0, 1.0),
+    "kd_alpha": _between(0.0, 1.0), "kd_temperature": _above(0.0), "bce_target_thresh": _between(0.0, 1.0), "aug_repeats": _at_least(0),
 }
 
 
@@ -459,7 +461,7 @@ def _cluster(c: argparse.Namespace) -> ClusterSpec:
 
 def _loader(c: argparse.Namespace) -> LoaderSpec:
     return LoaderSpec(
-        batch_size=c.batch_size, workers=c.num_parallel_workers, seed=c.seed,
+        batch_size=c.batch_size, workers=c.num_parallel_workers, seed=c.seed, aug_repeats=c.aug_repeats,
         eval_transform=EvalTransform(image_size=c.image_size, crop_pct=c.crop_pct, interpolation=c.interpolation,
                                      mean=tuple(c.mean), std=tuple(c.std)),
         augmentation=Augmentation(scale=tuple(c.scale), ratio=tuple(c.ratio), hflip=c.hflip,

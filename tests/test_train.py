@@ -61,10 +61,10 @@ def test_learns_and_writes_the_run_layout(tiny, tmp_path):
 EXTRAS = ["--ema", "--ema_decay=0.9", "--gradient_accumulation_steps=2", "--clip_grad", "--clip_value=5",
           "--loss_scale_type=dynamic", "--loss_scale=256", "--label_smoothing=0.1", "--opt=lamb", "--lr=0.01",
           "--mixup=0.4", "--cutmix=1.0", "--mixup_off_epoch=2", "--auto_augment=randaug-m9-mstd0.5", "--re_prob=0.25",
-          "--bce_loss", "--bce_target_thresh=0.2"]
+          "--bce_loss", "--bce_target_thresh=0.2", "--aug_repeats=3"]
 
 
-@pytest.mark.parametrize("extra", [[], EXTRAS], ids=["plain", "ema-accumulation-clip-scale-mixup-randaug-bce"])
+@pytest.mark.parametrize("extra", [[], EXTRAS], ids=["plain", "ema-accumulation-clip-scale-mixup-randaug-bce-repeats"])
 @pytest.mark.slow
 def test_resume_is_exact(tiny, tmp_path, extra):
     args = BASE + extra + [f"--data_dir={tiny}", f"--ckpt_save_dir={tmp_path}", "--epoch_size=3",

@@ -105,6 +105,7 @@ class LoaderSpec:
     workers: int | None = None  # None: resgarden.runtime.context.with_data_workers decides per rank
     worker_cpus: tuple[int, ...] | None = None  # the workers' CPU affinity (None: the rank's)
     seed: int = 42
+    aug_repeats: int = 0  # repeated augmentation: each image this many times per epoch, over the ranks (0, 1: off)
     eval_transform: EvalTransform = field(default_factory=EvalTransform)
     augmentation: Augmentation = field(default_factory=Augmentation)
     mixing: Mixing = field(default_factory=Mixing)

@@ -8,6 +8,7 @@ epoch) and handed to MindSpore through a ``GeneratorDataset``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import tarfile
@@ -197,6 +198,39 @@ def shard_order(order: np.ndarray, rank: int, size: int, equal: bool) -> np.ndar
     return order[rank::size]
 
 
+REPEAT_ROUND = 256  # repeated augmentation: the epoch's images, rounded down to a multiple of this, over the ranks
+
+
+def repeated_shard(order: np.ndarray, rank: int, size: int, repeats: int) -> np.ndarray:
+    """Rank ``rank``'s share of an epoch with repeated augmentation (Hoffer et al. 2020; DeiT's and
+    timm's ``RepeatAugSampler``): each image of ``order`` ``repeats`` times in a row, dealt round-robin,
+    so that its copies go to different ranks (or, in one process, follow each other, each with its own
+    augmentation); an epoch keeps about the images' count, rounded down to 256, over the ranks."""
+    count = len(order)
+    positions = np.arange(rank, math.ceil(count * repeats / size) * size, size)[:_repeated_count(count, size, repeats)]
+    return np.repeat(order, repeats)[positions % (count * repeats)]
+
+
+def _repeated_count(count: int, size: int, repeats: int) -> int:
+    """Samples per rank and epoch with repeated augmentation (see :func:`repeated_shard`)."""
+    selected = (count // REPEAT_ROUND * REPEAT_ROUND // size if count >= REPEAT_ROUND else math.ceil(count / size))
+    return min(selected, math.ceil(count * repeats / size))
+
+
+def training_order(num_samples: int, seed: int, epoch: int, rank: int, size: int, repeats: int = 0) -> np.ndarray:
+    """Rank ``rank``'s samples of training epoch ``epoch``: its share of the epoch's permutation, with
+    repeated augmentation when ``repeats`` > 1."""
+    order = epoch_order(num_samples, seed, epoch, shuffle=True)
+    if repeats > 1:
+        return repeated_shard(order, rank, size, repeats)
+    return shard_order(order, rank, size, equal=True)
+
+
+def samples_per_rank(num_samples: int, size: int, repeats: int = 0) -> int:
+    """How many samples each rank trains on per epoch (see :func:`training_order`)."""
+    return _repeated_count(num_samples, size, repeats) if repeats > 1 else num_samples // size
+
+
 def _interpolation(name: str):
     from mindspore.dataset.vision import Inter
 
@@ -259,7 +293,8 @@ def make_loader(split: Split, loader: LoaderSpec, training: bool, epoch: int = 0
     ds.config.set_seed(seed)
     random.seed(seed)  # Python-side augmentations (auto-augment policies, mixup)
     np.random.seed(seed % (2**32))
-    orders = [shard_order(epoch_order(len(split), loader.seed, e, shuffle=training), rank, size, equal=training)
+    orders = [training_order(len(split), loader.seed, e, rank, size, loader.aug_repeats) if training
+              else shard_order(epoch_order(len(split), loader.seed, e, shuffle=False), rank, size, equal=False)
               for e in range(epoch, epoch + epochs)]
     if epochs > 1:
         orders = [order[:len(order) // loader.batch_size * loader.batch_size] for order in orders]

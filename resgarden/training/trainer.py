@@ -32,7 +32,7 @@ from resgarden.base.errors import ConfigError, DistributedError, Preempted, Step
 from resgarden.base.logs import setup_logging
 from resgarden.base.preemption import StopRequest, stop_requests
 from resgarden.base.specs import LoaderSpec, TrainJob
-from resgarden.data.datasets import Split, load_splits, make_loader
+from resgarden.data.datasets import Split, load_splits, make_loader, samples_per_rank
 from resgarden.inference.accuracy import evaluate
 from resgarden.platform import apply_cpu_speed_guard
 from resgarden.runtime.context import check_model, set_context, with_data_workers
@@ -184,7 +184,7 @@ def _load_data(job: TrainJob, cluster: Cluster) -> Run:
         raise ConfigError(f"mixup/cutmix pair up images: batch_size must be even, got {loader.batch_size}")
     if num_classes < len(train_split.classes):
         raise ConfigError(f"num_classes={num_classes} but the data has {len(train_split.classes)} classes")
-    steps_per_epoch = len(train_split) // cluster.size // loader.batch_size
+    steps_per_epoch = samples_per_rank(len(train_split), cluster.size, loader.aug_repeats) // loader.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"batch_size={loader.batch_size} x {cluster.size} ranks is larger than the "
                           f"{len(train_split)} training images")
