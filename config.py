@@ -119,6 +119,8 @@ SETTINGS: tuple[Setting, ...] = (
       "CPU affinity divided by the ranks on its node, at most 16)", int),
     S("batch_size", 32, "images per step (per process)", int),
     S("image_size", 224, "training / evaluation crop size", int, aliases=("image_resize",)),
+    S("train_image_size", None, "training crop size when it differs from the evaluation's --image_size (the "
+      "ResNet-strikes-back A3 recipe trains at 160 and evaluates at 224)", int),
     S("scale", [0.08, 1.0], "RandomResizedCrop area range", float, nargs="+"),
     S("ratio", [0.75, 1.333], "RandomResizedCrop aspect ratio range", float, nargs="+"),
     S("hflip", 0.5, "horizontal flip probability", float),
@@ -272,7 +274,7 @@ def _increasing_epochs(v: Any) -> str | None:
 PROBABILITY = _between(0.0, 1.0)
 CHECKS: dict[str, Callable[[Any], str | None]] = {
     "device_id": _at_least(0), "seed": _at_least(0), "dist_port": _between(1, 65535), "dist_timeout": _at_least(1),
-    "num_parallel_workers": _at_least(1), "batch_size": _at_least(1), "image_size": _at_least(8),
+    "num_parallel_workers": _at_least(1), "batch_size": _at_least(1), "image_size": _at_least(8), "train_image_size": _at_least(8),
     "scale": _pair(0.0, 1.0), "ratio": _pair(0.0, None), "hflip": PROBABILITY, "color_jitter": _at_least(0),
     "re_prob": PROBABILITY, "mixup": _at_least(0), "cutmix": _at_least(0), "mixup_prob": PROBABILITY,
     "mixup_switch_prob": PROBABILITY, "mixup_off_epoch": _at_least(0), "crop_pct": _between(0.01, 1.0),
@@ -464,7 +466,7 @@ def _loader(c: argparse.Namespace) -> LoaderSpec:
         batch_size=c.batch_size, workers=c.num_parallel_workers, seed=c.seed, aug_repeats=c.aug_repeats,
         eval_transform=EvalTransform(image_size=c.image_size, crop_pct=c.crop_pct, interpolation=c.interpolation,
                                      mean=tuple(c.mean), std=tuple(c.std)),
-        augmentation=Augmentation(scale=tuple(c.scale), ratio=tuple(c.ratio), hflip=c.hflip,
+        augmentation=Augmentation(size=c.train_image_size, scale=tuple(c.scale), ratio=tuple(c.ratio), hflip=c.hflip,
                                   auto_augment=c.auto_augment, color_jitter=c.color_jitter or 0.0,
                                   re_prob=c.re_prob),
         mixing=Mixing(mixup=c.mixup, cutmix=c.cutmix, prob=c.mixup_prob, switch_prob=c.mixup_switch_prob,

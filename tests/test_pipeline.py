@@ -278,3 +278,19 @@ def _children_of(pid: int, marker: bytes | None = None) -> list[int]:
         if int(fields[1]) == pid and fields[0] != "Z" and (marker in theirs if marker else theirs == command):
             found.append(int(entry))
     return found
+
+
+def test_a_training_size_below_the_evaluation_size(photos):
+    """--train_image_size (the RSB A3 recipe: 160 px training, 224 px evaluation): training batches and
+    the auto-augment policy's translation take the training size, evaluation the --image_size."""
+    loader = train_job(parse_config(["--image_size=64", "--train_image_size=40",
+                                     "--auto_augment=randaug-m9-mstd0.5"])).loader
+    train, evaluate = data.image_transform(loader, True), data.image_transform(loader, False)
+    photo = open(photos.paths[0], "rb").read()
+    assert train(photo, np.random.default_rng(0)).shape == (3, 40, 40)
+    assert evaluate(photo, None).shape == (3, 64, 64)
+    assert train.policy.ops[0].hparams["translate_const"] == int(40 * 0.45)
+    source = batches.BatchSource(photos, np.arange(len(photos)), train, seed_key=(0,), batch_size=2,
+                                 drop_remainder=True, workers=1)
+    images, _ = next(iter(source))
+    assert images.shape == (2, 3, 40, 40)

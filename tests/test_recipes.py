@@ -50,10 +50,11 @@ def test_every_block_construct_of_the_recipes_trains_with_its_own_model():
 def test_recipe_trains_one_tiny_epoch(tmp_path, path):
     write_imagenet_layout(str(tmp_path / "data"), per_class=4, size=40)
     own = os.path.relpath(path, os.path.join(REPO, "configs")) in OWN_MODEL
+    smaller = ["--train_image_size=24"] if load_yaml(path).get("train_image_size") else []  # trains below eval
     cfg = parse_config(["-c", path, "--dataset=imagenet", f"--data_dir={tmp_path / 'data'}", "--num_classes=4",
                         "--pretrained=False", "--image_size=32", "--batch_size=8", "--epoch_size=1",
                         "--amp_level=O0", f"--ckpt_save_dir={tmp_path / 'runs'}", "--num_parallel_workers=1",
-                        *([] if own else ["--model=resnet18"])])
+                        *smaller, *([] if own else ["--model=resnet18"])])
     result = train(train_job(cfg))
     assert result["epoch"] == 1 and result["train_loss"] > 0
 
@@ -73,6 +74,32 @@ SOURCE_VALUES = {
         filter_bias_and_bn=False, label_smoothing=0.1, mixup=0.2, val_interval=1, num_parallel_workers=4),
 }
 MINDCV_RECIPES = [p for p in RECIPES if "Source: mindcv" in open(p).read()]
+
+# ResNet strikes back (arXiv:2110.00476), Table 1, columns A1 / A2 / A3, as our settings; the BCE target
+# threshold is timm's --bce-target-thresh of those runs, the eval crop timm's pretrained_cfg for them
+_RSB = dict(model="resnet50", batch_size=256, image_size=224, crop_pct=0.95, interpolation="bicubic", opt="lamb",
+            scheduler="cosine", warmup_epochs=5.0, cutmix=1.0, bce_loss=True, bce_target_thresh=0.2, re_prob=0.0,
+            drop_rate=0.0, ema=False, clip_grad=False, filter_bias_and_bn=True, amp_level="O2")
+RSB_VALUES = {
+    "resnet/resnet50_rsb_a1.yaml": dict(_RSB, epoch_size=600, lr=5e-3, weight_decay=0.01, label_smoothing=0.1,
+                                        drop_path_rate=0.05, aug_repeats=3, mixup=0.2, train_image_size=None,
+                                        auto_augment="randaug-m7-mstd0.5-inc1"),
+    "resnet/resnet50_rsb_a2.yaml": dict(_RSB, epoch_size=300, lr=5e-3, weight_decay=0.02, label_smoothing=0.0,
+                                        drop_path_rate=0.05, aug_repeats=3, mixup=0.1, train_image_size=None,
+                                        auto_augment="randaug-m7-mstd0.5-inc1"),
+    "resnet/resnet50_rsb_a3.yaml": dict(_RSB, epoch_size=100, lr=8e-3, weight_decay=0.02, label_smoothing=0.0,
+                                        drop_path_rate=0.0, aug_repeats=0, mixup=0.1, train_image_size=160,
+                                        auto_augment="randaug-m6-mstd0.5-inc1"),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RSB_VALUES))
+def test_resnet_strikes_back_recipes_hold_the_papers_values(recipe):
+    cfg = parse_config(["-c", os.path.join(REPO, "configs", recipe)])
+    wrong = {name: (getattr(cfg, name), value) for name, value in RSB_VALUES[recipe].items()
+             if not (getattr(cfg, name) == pytest.approx(value) if isinstance(value, float) else
+                     getattr(cfg, name) == value)}
+    assert not wrong, wrong
 
 
 @pytest.mark.parametrize("recipe", sorted(SOURCE_VALUES))

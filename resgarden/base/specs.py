@@ -52,8 +52,10 @@ EVAL_FIELDS = tuple(f.name for f in dataclasses.fields(EvalTransform))
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Training-only image augmentation (RandomResizedCrop, flip, policy, jitter, erasing)."""
+    """Training-only image augmentation (RandomResizedCrop to ``size``, or to the evaluation's size
+    when None; flip, policy, jitter, erasing)."""
 
+    size: int | None = None
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (0.75, 1.333)
     hflip: float = 0.5

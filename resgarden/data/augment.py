@@ -43,7 +43,9 @@ class ImageTransform:
 
     @property
     def size(self) -> int:
-        return self.eval.image_size
+        """The output's side: the training crop (``augmentation.size``, else the evaluation's), or
+        the evaluation's centre crop."""
+        return (self.training and self.augmentation.size) or self.eval.image_size
 
     def __call__(self, image: bytes | np.ndarray, rng: np.random.Generator | None,
                  out: np.ndarray | None = None) -> np.ndarray:

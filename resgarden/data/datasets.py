@@ -245,7 +245,7 @@ def auto_augment_policy(augmentation: Augmentation, transform: EvalTransform):
     from mindcv.data import auto_augment as policies
 
     name = augmentation.auto_augment
-    hparams = dict(translate_const=int(transform.image_size * 0.45),
+    hparams = dict(translate_const=int((augmentation.size or transform.image_size) * 0.45),  # of the training crop
                    interpolation=_interpolation(transform.interpolation),
                    img_mean=tuple(min(255, round(m * 255)) for m in transform.mean))
     if name.startswith("randaug"):

@@ -86,28 +86,40 @@ _lamb_update = ops.MultitypeFuncGraph("lamb_update")
 @_lamb_update.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
                        "Tensor", "Bool", "Bool")
 def _lamb_step(beta1, beta2, eps, global_step, lr, weight_decay, param, m, v, gradient, decay_flag, optim_filter):
-    """One LAMB update of ``param`` (You et al. 2020) from elementary ops, so it runs on every device."""
+    """One LAMB update of ``param`` (You et al. 2020) in timm's form, from elementary ops so that it runs
+    on every device: the layer-wise trust ratio only where weight decay applies (``decay_flag``)."""
     if not optim_filter:
         return gradient
     step = ops.cast(global_step, ms.float32)
     next_m = beta1 * m + (1.0 - beta1) * gradient
     next_v = beta2 * v + (1.0 - beta2) * gradient * gradient
     update = (next_m / (1.0 - ops.pow(beta1, step))) / (ops.sqrt(next_v / (1.0 - ops.pow(beta2, step))) + eps)
-    if decay_flag:
-        update = update + weight_decay * param
-    weight_norm = ops.norm(param)
-    update_norm = ops.norm(update)
-    trust = ops.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, ops.ones_like(weight_norm))
     ops.assign(m, next_m)
     ops.assign(v, next_v)
-    return ops.assign(param, param - lr * trust * update)
+    if decay_flag:
+        update = update + weight_decay * param
+        weight_norm = ops.norm(param)
+        update_norm = ops.norm(update)
+        update = update * ops.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm,
+                                    ops.ones_like(weight_norm))
+    return ops.assign(param, param - lr * update)
 
 
 class Lamb(nn.Lamb):
-    """MindSpore's LAMB with the update written in elementary ops instead of the fused ``Lamb``
-    kernel, which MindSpore lacks on CPU; same state (``lamb_m``/``lamb_v``, global step)."""
+    """LAMB as timm's ``Lamb`` (its defaults, which the ResNet-strikes-back recipes train with): the
+    gradients first clipped to a global norm of ``max_grad_norm`` (0: not), bias-corrected moments,
+    the trust ratio only on the parameters that weight decay reaches. The update is written in
+    elementary ops instead of MindSpore's fused ``Lamb`` kernel, which MindSpore lacks on CPU (and
+    which also adapts the parameters without decay); same state (``lamb_m``/``lamb_v``, global step)."""
+
+    def __init__(self, params, learning_rate, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-6,
+                 weight_decay: float = 0.0, max_grad_norm: float = 1.0) -> None:
+        super().__init__(params, learning_rate, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+        self.max_grad_norm = max_grad_norm
 
     def construct(self, gradients):
+        if self.max_grad_norm > 0:
+            gradients = ops.clip_by_global_norm(gradients, self.max_grad_norm)
         weight_decay = self.get_weight_decay()
         lr = self.get_lr()
         self.assignadd(self.global_step, self.global_step_increase_tensor)
