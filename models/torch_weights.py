@@ -7,9 +7,10 @@ parameter names, and writing them as a checkpoint that records how the model com
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 from mindspore import nn
@@ -19,6 +20,7 @@ from resgarden.base.errors import UserError
 from .checkpoint import save_atomic
 from .weights import load_weights
 
+logger = logging.getLogger("resgarden")
 # PyTorch module names -> ours, then BN tensor names -> MindSpore's.
 TORCH_MODULE_MAP = ((r"^fc\.", "classifier."), (r"\.downsample\.", ".down_sample."))
 TORCH_BN_MAP = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
@@ -84,12 +86,16 @@ def source_classes(state: Mapping[str, np.ndarray]) -> int:
     return int(state["fc.weight"].shape[0]) if "fc.weight" in state else 1000
 
 
-def save_converted(model: nn.Cell, model_name: str, state: Mapping[str, np.ndarray], out: str, source: str) -> str:
+def save_converted(model: nn.Cell, model_name: str, state: Mapping[str, np.ndarray], out: str, source: str,
+                   check: Callable[[nn.Cell], str] | None = None) -> str:
     """Load ``state`` (PyTorch names) strictly into ``model`` (built with :data:`TORCH_BUILD` and the
-    source's classes) and write it to ``out`` with the model, its classes, the source file and
-    TORCH_BUILD recorded, so that whoever loads it builds the model that way; returns the load report."""
+    source's classes), run ``check`` on it (it raises to refuse, else says what it found, logged), and
+    write it to ``out`` with the model, its classes, the source file and TORCH_BUILD recorded, so that
+    whoever loads it builds the model that way; returns the load report."""
     mapped = torch_to_ours(state, set(model.parameters_dict()))
     report = load_weights(model, mapped)  # strict: every parameter present with the right shape
+    if check is not None:
+        logger.info("%s from %s: %s", model_name, os.path.basename(source), check(model))
     save_atomic(model, out, meta=dict(model=model_name, num_classes=source_classes(state), build=dict(TORCH_BUILD),
                                       converted_from=os.path.basename(source)))
     return report.table()

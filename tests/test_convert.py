@@ -125,3 +125,60 @@ def test_timm_weights_by_name_from_the_hugging_face_cache(tmp_path, monkeypatch,
         models.create_model("resnet18", pretrained="timm:resnet18.tv_in1k")  # offline, not cached
     model = models.create_model("resnet18", pretrained=f"timm:{weights}")  # a file
     np.testing.assert_array_equal(model.conv1.weight.asnumpy(), source.conv1.weight.asnumpy())
+
+
+CHECK_AGAINST_TIMM = """
+import sys
+sys.path.append(sys.argv[1])  # torch + timm of the torch environment, behind this one's packages
+import logging
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+import models
+from models import torch_weights
+if sys.argv[2] == "swapped":  # a converter that mixes up two tensors of the same shape
+    rename = torch_weights.torch_to_ours
+    def swapping(state, names):
+        out = rename(state, names)
+        out["layer1.0.conv1.weight"], out["layer1.0.conv2.weight"] = out["layer1.0.conv2.weight"], out["layer1.0.conv1.weight"]
+        return out
+    torch_weights.torch_to_ours = swapping
+try:
+    models.create_model("resnet18", pretrained="timm:resnet18.a1_in1k")
+except models.weights.WeightsError as exc:
+    print("refused:", exc)
+"""
+
+
+@pytest.mark.slow
+def test_timm_weights_are_checked_against_timm_where_it_is_installed(tmp_path):
+    """With torch and timm importable, a conversion must give timm's own logits for the same weights
+    (on a fixed input) before it is cached; one that does not is refused and leaves nothing."""
+    import subprocess
+    import sys
+
+    from tests.test_timm_parity import torch_python
+
+    python = torch_python()
+    if python is None:
+        pytest.skip("no torch + timm (.venv-torch)")
+    site = subprocess.run([python, "-c", "import timm, os; print(os.path.dirname(os.path.dirname(timm.__file__)))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    hub, cache = tmp_path / "hub", tmp_path / "weights"
+    source = models.create_model("resnet18", pool_pad="pad")
+    weights = tmp_path / "model.safetensors"
+    save_file(_as_torch_layout(source), str(weights))
+    _hub_cache(hub, "timm/resnet18.a1_in1k", {"model.safetensors": weights.read_bytes()})
+    env = dict(os.environ, HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1", RESGARDEN_CACHE=str(cache))
+    root = os.path.dirname(HERE)
+
+    def convert_with(converter: str) -> str:
+        done = subprocess.run([sys.executable, "-c", CHECK_AGAINST_TIMM, site, converter], capture_output=True,
+                              text=True, env=env, cwd=root, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    swapped = convert_with("swapped")
+    assert "refused: the converted weights do not give timm's resnet18 logits" in swapped, swapped[-3000:]
+    assert not os.listdir(cache / "timm")  # nothing cached
+    checked = convert_with("as is")
+    assert "checked against timm's resnet18: logits equal within" in checked, checked[-3000:]
+    assert len(os.listdir(cache / "timm")) == 1
