@@ -102,7 +102,7 @@ def test_warmup_then_cosine():
     cfg = parse_config(["--lr=0.4", "--warmup_epochs=1", "--epoch_size=3", "--min_lr=0.0"])
     lrs = lr_per_step(train_job(cfg).schedule, 10)
     assert len(lrs) == 30
-    np.testing.assert_allclose(lrs[:10], 0.4 * np.arange(1, 11) / 10, rtol=1e-6)
+    np.testing.assert_allclose(lrs[:10], 0.4 * np.arange(0, 10) / 10, rtol=1e-6)
     assert lrs[10] == pytest.approx(0.4) and lrs[-1] == pytest.approx(0.2 * (1 + math.cos(math.pi * 19 / 20)))
 
 
@@ -124,3 +124,20 @@ def test_no_weight_decay_on_bn_and_bias():
     decay = dict(zip([p.name for p in opt.parameters], opt.decay_flags))
     assert decay["conv1.weight"] and decay["classifier.weight"]
     assert not decay["bn1.gamma"] and not decay["bn1.beta"] and not decay["classifier.bias"]
+
+
+@pytest.mark.slow
+def test_nesterov_is_nesterov(exec_mode):
+    """--opt=nesterov: PyTorch's SGD(nesterov=True) update, by hand (MindSpore 2.10's CPU Momentum
+    kernel ignores use_nesterov and ran plain momentum)."""
+    from resgarden.training.optim import NesterovMomentum
+
+    net = nn.Dense(3, 2)
+    net.weight.set_data(ms.Tensor(W0))
+    opt = NesterovMomentum([net.weight], learning_rate=0.1, momentum=0.9)
+    w, moment = W0.astype(np.float64), np.zeros_like(W0, np.float64)
+    for gw, _ in GRADS:
+        opt((ms.Tensor(gw),))
+        moment = 0.9 * moment + gw
+        w = w - 0.1 * (gw + 0.9 * moment)
+    np.testing.assert_allclose(net.weight.asnumpy(), w, rtol=1e-6, atol=1e-7)

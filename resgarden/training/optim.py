@@ -11,7 +11,9 @@ from resgarden.base.specs import OptimSpec, ScheduleSpec
 
 
 def lr_per_step(schedule: ScheduleSpec, steps_per_epoch: float) -> np.ndarray:
-    """The LR of every optimizer step: linear warm-up to ``lr``, then the configured schedule.
+    """The LR of every optimizer step: linear warm-up from 0 (``lr * step / warmup_steps``, so the
+    first step has LR 0 and the first step after the warm-up ``lr``, as mindcv's and PaddleClas's
+    warm-ups), then the configured schedule.
 
     ``steps_per_epoch`` may be fractional (gradient accumulation over an uneven epoch).
     """
@@ -21,7 +23,7 @@ def lr_per_step(schedule: ScheduleSpec, steps_per_epoch: float) -> np.ndarray:
     main_steps = max(total - warmup, 1)
     for step in range(total):
         if step < warmup:
-            lrs[step] = schedule.lr * (step + 1) / warmup
+            lrs[step] = schedule.lr * step / warmup
             continue
         t = step - warmup
         epoch = int(step // steps_per_epoch)
@@ -71,13 +73,44 @@ def create_optimizer(net: nn.Cell, optim: OptimSpec, lrs: np.ndarray) -> nn.Opti
     """momentum / nesterov / sgd / adamw / lamb over ``net`` with the per-step LRs ``lrs``."""
     groups = param_groups(net, optim, lrs)
     lr = list(lrs)
-    if optim.opt in ("momentum", "nesterov"):
-        return nn.Momentum(groups, lr, optim.momentum, use_nesterov=optim.opt == "nesterov")
+    if optim.opt == "momentum":
+        return nn.Momentum(groups, lr, optim.momentum)
+    if optim.opt == "nesterov":
+        return NesterovMomentum(groups, lr, optim.momentum)
     if optim.opt == "sgd":
         return nn.SGD(groups, lr)
     if optim.opt == "lamb":
         return Lamb(groups, lr, beta1=optim.momentum)
     return nn.AdamWeightDecay(groups, lr, beta1=optim.momentum)
+
+
+_nesterov_update = ops.MultitypeFuncGraph("nesterov_update")
+
+
+@_nesterov_update.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
+def _nesterov_step(momentum, lr, gradient, param, moment):
+    """``moment = momentum * moment + gradient; param -= lr * (gradient + momentum * moment)``."""
+    next_moment = momentum * moment + gradient
+    ops.assign(moment, next_moment)
+    return ops.assign(param, param - lr * (gradient + momentum * next_moment))
+
+
+class NesterovMomentum(nn.Momentum):
+    """SGD with Nesterov momentum, as ``nn.Momentum(use_nesterov=True)`` and PyTorch's SGD
+    (``nesterov=True``, no dampening) define it, written in elementary ops: MindSpore 2.10's CPU
+    ``ApplyMomentum`` ignores ``use_nesterov`` and runs plain momentum. Same state (``moments``)."""
+
+    def __init__(self, params, learning_rate, momentum: float, weight_decay: float = 0.0) -> None:
+        super().__init__(params, learning_rate, momentum, weight_decay=weight_decay, use_nesterov=True)
+
+    def construct(self, gradients):
+        gradients = self.scale_grad(self.gradients_centralization(self.decay_weight(gradients)))
+        lr = self.get_lr()
+        self.assignadd(self.global_step, self.global_step_increase_tensor)
+        if self.is_group_lr:
+            return self.hyper_map(ops.partial(_nesterov_update, self.momentum), lr, gradients, self.params,
+                                  self.moments)
+        return self.hyper_map(ops.partial(_nesterov_update, self.momentum, lr), gradients, self.params, self.moments)
 
 
 _lamb_update = ops.MultitypeFuncGraph("lamb_update")

@@ -52,6 +52,9 @@ def _ema_update(decay: Tensor, average: Tensor, value: Tensor) -> Tensor:
     return ops.assign(average, average * decay + value * (1.0 - decay))
 
 
+EMA_WARMUP = 2000.0  # updates over which the EMA's decay rises to ema_decay (1 - 1/e of it), as mindcv's
+
+
 class TrainStep(nn.Cell):
     """loss -> scaled grads -> unscale -> [accumulate] -> finite check -> [dynamic scale] -> [clip]
     -> optimizer (skipped and counted in ``skipped_steps`` on overflow) -> [EMA]. Returns the loss.
@@ -63,8 +66,8 @@ class TrainStep(nn.Cell):
         dynamic_loss_scale: halve the scale on overflow, double it after ``scale_window`` good steps.
         clip_norm: clip the global gradient norm to this value (0: off).
         accumulation_steps: apply the optimizer every N calls on the mean gradient.
-        ema_decay: keep an EMA of all weights and BN statistics (0: off), warmed up as
-            ``min(decay, (1 + t) / (10 + t))``.
+        ema_decay: keep an EMA of all weights and BN statistics (0: off), warmed up as mindcv's
+            ``decay * (1 - exp(-t / 2000))`` after ``t`` updates.
         ema_of: the Cell whose parameters the EMA covers (default ``network``'s; with distillation the
             student alone).
 
@@ -129,7 +132,7 @@ class TrainStep(nn.Cell):
             if self.ema_decay > 0:
                 updates = self.ema_updates + 1.0
                 ops.assign(self.ema_updates, updates)
-                decay = ops.minimum(Tensor(self.ema_decay, ms.float32), (1.0 + updates) / (10.0 + updates))
+                decay = self.ema_decay * (1.0 - ops.exp(-updates / EMA_WARMUP))
                 self.hyper_map(ops.partial(_ema, decay), self.ema_params, self.model_params)
         return finite
 
