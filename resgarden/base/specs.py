@@ -4,6 +4,7 @@ models' weights table and the engine share :class:`EvalTransform`."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +28,9 @@ class EvalTransform:
 
     @property
     def resize(self) -> int:
-        """The short side images are resized to before the centre crop."""
-        return int(round(self.image_size / self.crop_pct))
+        """The short side images are resized to before the centre crop: ``image_size / crop_pct``
+        rounded down, as mindcv's and timm's evaluation transforms round it."""
+        return int(math.floor(self.image_size / self.crop_pct + 1e-9))
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form, as stored in checkpoint metadata."""

@@ -8,9 +8,10 @@ one thread).
 
 Training: RandomResizedCrop as torchvision / MindSpore sample it (10 tries of area and log-ratio,
 else the centred crop of the clamped ratio); a JPEG is decoded at 1/2, 1/4 or 1/8 of its size in
-the DCT domain where the crop keeps at least the output size at that scale. Colour jitter and
-random erasing follow torchvision's ColorJitter (brightness, contrast, saturation in random order)
-and RandomErasing (value 0), as MindSpore's RandomColorAdjust and RandomErasing do. Evaluation: the
+the DCT domain where the crop keeps at least the output size at that scale. Colour jitter follows
+torchvision's ColorJitter (brightness, contrast, saturation in random order), as MindSpore's
+RandomColorAdjust does; random erasing (value 0) draws its box as MindSpore's RandomErasing, which
+mindcv's recipes use (tests/test_augment_parity.py compares the distributions). Evaluation: the
 shorter side resized to ``resize`` and a centred crop in MindSpore's arithmetic (long side and
 offsets floored), so scores match MindSpore's Resize + CenterCrop.
 """
@@ -156,13 +157,14 @@ def jitter(pixels: np.ndarray, rng: np.random.Generator, strength: float) -> np.
 
 
 def erase(chw: np.ndarray, rng: np.random.Generator) -> None:
-    """Zero one random box of ``chw`` in place (area 2-33 %, aspect 0.3-3.3, up to 10 tries)."""
+    """Zero one random box of ``chw`` in place, drawn as MindSpore's RandomErasing (which mindcv's
+    recipes use) draws it: area 2-33 % and width / height uniform in 0.3-3.3 (torchvision's draws the
+    log of height / width uniformly instead), up to 10 tries."""
     _, height, width = chw.shape
-    log_ratio = (math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]))
     for _ in range(10):
         area = height * width * rng.uniform(*ERASE_SCALE)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        box_h, box_w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        aspect = rng.uniform(*ERASE_RATIO)  # width / height
+        box_h, box_w = int(round(math.sqrt(area / aspect))), int(round(math.sqrt(area * aspect)))
         if box_h < height and box_w < width:
             top, left = int(rng.integers(0, height - box_h + 1)), int(rng.integers(0, width - box_w + 1))
             chw[:, top:top + box_h, left:left + box_w] = 0.0
