@@ -244,8 +244,9 @@ EVALUATIONS = _by_settings(RECIPES, lambda loader: dataclasses.replace(loader.ev
 @pytest.mark.parametrize("recipe", list(EVALUATIONS.values()), ids=list(EVALUATIONS))
 def test_the_evaluation_transform_is_mindcvs(recipe, photo_files):
     """mindcv's Decode, Resize(size / crop_pct), CenterCrop, Normalize against ours, at the
-    recipe's interpolation and crop: within 2 grey levels anywhere (two resamplings, each rounded),
-    1/20 of a grey level on average."""
+    recipe's interpolation and crop: within 1 grey level anywhere when bilinear (measured: equal),
+    2 when bicubic (measured: 1 on an Intel Xeon with AVX-512; OpenCV's bicubic paths differ by
+    instruction set), 1/20 of a grey level on average."""
     loader = train_job(parse_config(["-c", os.path.join(REPO, "configs", recipe)])).loader
     ours = data.image_transform(loader, training=False)
     grey_level = 1 / (255 * min(loader.eval_transform.std))
@@ -256,5 +257,6 @@ def test_the_evaluation_transform_is_mindcvs(recipe, photo_files):
             expected = op(expected)
         got = ours(encoded, rng=None)
         assert got.shape == expected.shape
-        assert np.abs(got - expected).max() <= 2 * grey_level + 1e-6, recipe
+        levels = 1 if loader.eval_transform.interpolation == "bilinear" else 2
+        assert np.abs(got - expected).max() <= levels * grey_level + 1e-6, recipe
         assert np.abs(got - expected).mean() < 0.05 * grey_level, recipe
