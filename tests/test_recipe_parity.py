@@ -239,3 +239,28 @@ def test_our_resnet18_trains_as_mindcvs_resnet18():
     steps of a recipe: their BatchNorms, pools and shortcuts train alike."""
     assert _compare(_job("res2net/res2net50_ascend.yaml"), _our_resnet18, _mindcv_resnet18, steps=6, size=32) \
         <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_where_we_differ_an_overflowed_step_is_skipped_under_a_fixed_scale():
+    """The one deliberate difference in training: under a fixed loss scale without
+    ``drop_overflow_update`` (eight of the nine recipes) mindcv applies a step whose gradients are
+    not finite, which leaves NaN in every weight it reaches; ours skips it and counts it. (Both
+    sides' BatchNorms take the batch's statistics in the forward pass all the same.)"""
+    job = _job("res2net/res2net50_ascend.yaml")
+    ms.set_seed(0)
+    ours_net, their_net = TinyNet(), TinyNet()
+    for name, param in ours_net.parameters_dict().items():
+        param.set_data(ms.Tensor(their_net.parameters_dict()[name].asnumpy()))
+    run = _ours(job, ours_net)
+    _, their_cell = _mindcv(job, their_net)
+    images, labels, _, _ = next(_batches(job, 1, 16))
+    for cell in (run.train_cell, their_cell):  # a first step, then one with an infinite pixel
+        cell(ms.Tensor(images), ms.Tensor(labels))
+    before = {p.name: p.asnumpy().copy() for p in ours_net.trainable_params()}
+    images[0, 0, 0, 0] = np.inf
+    for cell in (run.train_cell, their_cell):
+        cell(ms.Tensor(images), ms.Tensor(labels))
+    assert all(np.array_equal(p.asnumpy(), before[p.name]) for p in ours_net.trainable_params())
+    assert int(run.train_cell.skipped_steps.asnumpy()) == 1
+    assert np.isnan(their_net.conv1.weight.asnumpy()).all()
