@@ -7,19 +7,15 @@ when it can be reached; ``timm:/path/to/weights.safetensors`` names a file inste
 converted once (:func:`models.torch_weights.save_converted`, which records PyTorch-style pool padding) into
 ``<weights cache>/timm/`` under the SHA-256 of the source file, and that checkpoint is loaded. Where torch
 and timm can be imported, the conversion is checked first: timm's own model with the same weights must
-give our logits on a fixed input (:func:`check_against_timm`), else nothing is cached.
+give our logits on a fixed input (:func:`models.torch_weights.check_against_timm`), else nothing is cached.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import logging
 import os
 import re
-from typing import Callable, Mapping
+from typing import Callable
 
-import mindspore as ms
-import numpy as np
 from mindspore import nn
 
 from .checkpoint import WeightsError
@@ -27,8 +23,6 @@ from .torch_weights import TORCH_BUILD, read_torch_weights, save_converted, sour
 
 PREFIX = "timm:"
 FILENAME = "model.safetensors"
-TOLERANCE = 1e-4  # of the logit scale: float32 summation order, not a wrong weight
-logger = logging.getLogger("resgarden")
 
 
 def is_timm_source(pretrained: object) -> bool:
@@ -76,35 +70,5 @@ def timm_checkpoint(source: str, model: str, timm_name: str, cache: str, build: 
     if not os.path.isfile(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
         state = read_torch_weights(path)
-        converted = build(num_classes=source_classes(state), **TORCH_BUILD)
-        save_converted(converted, model, state, out, path, check=lambda net: check_against_timm(net, timm_name, state))
+        save_converted(build(num_classes=source_classes(state), **TORCH_BUILD), model, state, out, path, timm_name)
     return out
-
-
-def check_against_timm(model: nn.Cell, timm_name: str, state: Mapping[str, np.ndarray]) -> str:
-    """``model`` (the converted weights loaded) against timm's ``timm_name`` holding ``state``: their
-    logits on a fixed input within :data:`TOLERANCE` of the logit scale, or a WeightsError; a line
-    for the log. Without torch and timm in this environment it says so and checks nothing."""
-    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("timm") is None:
-        return "not checked against timm (torch and timm are not installed here)"
-    import timm
-    import torch
-
-    reference = timm.create_model(timm_name, pretrained=False, num_classes=source_classes(state))
-    reference.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
-    reference.eval()
-    images = np.random.RandomState(0).randn(2, 3, 96, 96).astype(np.float32)
-    with torch.no_grad():
-        theirs = reference(torch.from_numpy(images)).numpy()
-    mode, training = ms.get_context("mode"), model.training
-    ms.set_context(mode=ms.PYNATIVE_MODE)  # one call: not worth a graph compile
-    try:
-        ours = model.set_train(False)(ms.Tensor(images)).asnumpy()
-    finally:
-        ms.set_context(mode=mode)
-        model.set_train(training)
-    error = float(np.max(np.abs(ours - theirs)) / max(1.0, float(np.max(np.abs(theirs)))))
-    if not error <= TOLERANCE:
-        raise WeightsError(f"the converted weights do not give timm's {timm_name} logits (difference {error:.2e} of "
-                           f"the logit scale, tolerance {TOLERANCE:g}): not cached")
-    return f"checked against timm's {timm_name}: logits equal within {error:.1e} of their scale"

@@ -1,5 +1,6 @@
 """PyTorch (timm / torchvision layout) weights as ours: reading them safely, renaming them to our
-parameter names, and writing them as a checkpoint that records how the model computes. Used by
+parameter names, checking them against timm's own model where timm is installed, and writing them as
+a checkpoint that records how the model computes. Used by
 ``python -m models.convert`` (:mod:`models.convert`) and timm's weights by name (:mod:`models.timm_hub`).
 
 ``.safetensors`` files are read without PyTorch; ``.pth``/``.pt``/``.bin`` only through
@@ -7,20 +8,23 @@ parameter names, and writing them as a checkpoint that records how the model com
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
-from typing import Callable, Mapping
+from typing import Mapping
 
+import mindspore as ms
 import numpy as np
 from mindspore import nn
 
 from resgarden.base.errors import UserError
 
-from .checkpoint import save_atomic
+from .checkpoint import WeightsError, save_atomic
 from .weights import load_weights
 
 logger = logging.getLogger("resgarden")
+TOLERANCE = 1e-4  # of the logit scale in check_against_timm: float32 summation order, not a wrong weight
 # PyTorch module names -> ours, then BN tensor names -> MindSpore's.
 TORCH_MODULE_MAP = ((r"^fc\.", "classifier."), (r"\.downsample\.", ".down_sample."))
 TORCH_BN_MAP = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
@@ -87,15 +91,43 @@ def source_classes(state: Mapping[str, np.ndarray]) -> int:
 
 
 def save_converted(model: nn.Cell, model_name: str, state: Mapping[str, np.ndarray], out: str, source: str,
-                   check: Callable[[nn.Cell], str] | None = None) -> str:
+                   timm_name: str) -> str:
     """Load ``state`` (PyTorch names) strictly into ``model`` (built with :data:`TORCH_BUILD` and the
-    source's classes), run ``check`` on it (it raises to refuse, else says what it found, logged), and
-    write it to ``out`` with the model, its classes, the source file and TORCH_BUILD recorded, so that
-    whoever loads it builds the model that way; returns the load report."""
+    source's classes), check it against timm's ``timm_name`` (:func:`check_against_timm`, logged; it
+    raises to refuse), and write it to ``out`` with the model, its classes, the source file and
+    TORCH_BUILD recorded, so that whoever loads it builds the model that way; returns the load report."""
     mapped = torch_to_ours(state, set(model.parameters_dict()))
     report = load_weights(model, mapped)  # strict: every parameter present with the right shape
-    if check is not None:
-        logger.info("%s from %s: %s", model_name, os.path.basename(source), check(model))
+    logger.info("%s from %s: %s", model_name, os.path.basename(source), check_against_timm(model, timm_name, state))
     save_atomic(model, out, meta=dict(model=model_name, num_classes=source_classes(state), build=dict(TORCH_BUILD),
                                       converted_from=os.path.basename(source)))
     return report.table()
+
+
+def check_against_timm(model: nn.Cell, timm_name: str, state: Mapping[str, np.ndarray]) -> str:
+    """``model`` (the converted weights loaded) against timm's ``timm_name`` holding ``state``: their
+    logits on a fixed input within :data:`TOLERANCE` of the logit scale, or a WeightsError; a line
+    for the log. Without torch and timm in this environment it says so and checks nothing."""
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("timm") is None:
+        return "not checked against timm (torch and timm are not installed here)"
+    import timm
+    import torch
+
+    reference = timm.create_model(timm_name, pretrained=False, num_classes=source_classes(state))
+    reference.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+    reference.eval()
+    images = np.random.RandomState(0).randn(2, 3, 96, 96).astype(np.float32)
+    with torch.no_grad():
+        theirs = reference(torch.from_numpy(images)).numpy()
+    mode, training = ms.get_context("mode"), model.training
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # one call: not worth a graph compile
+    try:
+        ours = model.set_train(False)(ms.Tensor(images)).asnumpy()
+    finally:
+        ms.set_context(mode=mode)
+        model.set_train(training)
+    error = float(np.max(np.abs(ours - theirs)) / max(1.0, float(np.max(np.abs(theirs)))))
+    if not error <= TOLERANCE:
+        raise WeightsError(f"the converted weights do not give timm's {timm_name} logits (difference {error:.2e} of "
+                           f"the logit scale, tolerance {TOLERANCE:g}): not cached")
+    return f"checked against timm's {timm_name}: logits equal within {error:.1e} of their scale"
