@@ -12,6 +12,7 @@ difference within 4 binomial standard errors; the seeds are fixed, so the outcom
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import io
 import math
@@ -35,7 +36,9 @@ DRAWS, SIZE, SOURCE = 2000, 64, 256
 LEVEL = 1e-3
 
 
+@functools.lru_cache(maxsize=None)
 def _loader(recipe: str):
+    """The recipe's loader spec (frozen; parsed once: the module's lists below ask for it often)."""
     return train_job(parse_config(["-c", os.path.join(REPO, "configs", recipe), f"--image_size={SIZE}"])).loader
 
 

@@ -136,15 +136,21 @@ def _state(net: nn.Cell, cell: nn.Cell) -> dict[str, np.ndarray]:
     return state
 
 
+def _twins(make_ours=TinyNet, make_theirs=TinyNet) -> tuple[nn.Cell, nn.Cell]:
+    """Our network and mindcv's side's, ours holding the other's initial weights."""
+    ms.set_seed(0)
+    ours_net, their_net = make_ours(), make_theirs()
+    for name, param in ours_net.parameters_dict().items():
+        param.set_data(ms.Tensor(their_net.parameters_dict()[name].asnumpy()))
+    return ours_net, their_net
+
+
 def _compare(job, make_ours=TinyNet, make_theirs=TinyNet, their_job=None, mutate=None, steps: int = STEPS,
              size: int = 16) -> float:
     """Train both sides from the same weights on the same batches (mindcv's from ``their_job``, by
     default the same recipe); the largest relative difference of the LR of every step of the recipe,
     the weights and the BN statistics after each step. ``mutate`` changes our network by hand."""
-    ms.set_seed(0)
-    ours_net, their_net = make_ours(), make_theirs()
-    for name, param in ours_net.parameters_dict().items():
-        param.set_data(ms.Tensor(their_net.parameters_dict()[name].asnumpy()))
+    ours_net, their_net = _twins(make_ours, make_theirs)
     if mutate is not None:
         mutate(ours_net)
     run = _ours(job, ours_net)
@@ -248,10 +254,7 @@ def test_where_we_differ_an_overflowed_step_is_skipped_under_a_fixed_scale():
     not finite, which leaves NaN in every weight it reaches; ours skips it and counts it. (Both
     sides' BatchNorms take the batch's statistics in the forward pass all the same.)"""
     job = _job("res2net/res2net50_ascend.yaml")
-    ms.set_seed(0)
-    ours_net, their_net = TinyNet(), TinyNet()
-    for name, param in ours_net.parameters_dict().items():
-        param.set_data(ms.Tensor(their_net.parameters_dict()[name].asnumpy()))
+    ours_net, their_net = _twins()
     run = _ours(job, ours_net)
     _, their_cell = _mindcv(job, their_net)
     images, labels, _, _ = next(_batches(job, 1, 16))
